@@ -1,0 +1,62 @@
+//! The trait a transport implements to carry the core's datagrams.
+//!
+//! A transport moves bytes and fds between processes and knows who the peers are. It makes no
+//! protocol decision: what to send, to whom, and what a received datagram means is the
+//! [`crate::Endpoint`]'s job. The Unix datagram transport (`memplane-unix`) and the in-process
+//! loopback used by tests both implement this.
+
+use core::fmt;
+use core::hash::Hash;
+
+use crate::message::Fds;
+use crate::time::Instant;
+
+/// Why a send did not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// The peer is gone: its socket is dead or removed (`ECONNREFUSED`, `ENOENT`). A request does
+    /// not count it as sent.
+    PeerGone,
+    /// The peer did not take the datagram before the deadline (its queue stayed full).
+    Timeout,
+    /// The transport cannot carry this many fds.
+    TooManyFds,
+    /// Any other failure, with the OS error code when there is one.
+    Os(i32),
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::PeerGone => f.write_str("peer is gone"),
+            SendError::Timeout => f.write_str("peer did not take the datagram before the deadline"),
+            SendError::TooManyFds => f.write_str("too many fds for this transport"),
+            SendError::Os(e) => write!(f, "send failed with OS error {e}"),
+        }
+    }
+}
+
+impl core::error::Error for SendError {}
+
+/// A carrier of datagrams between processes.
+pub trait Transport {
+    /// How a peer is addressed (a socket path, a process index...).
+    type Peer: Clone + Eq + Hash + fmt::Debug;
+    /// The fds attached to a message, owned; dropping them releases them.
+    type Fds: Fds;
+
+    /// Sends one datagram with `fds` to `to`. The transport may wait (or queue) until `deadline`
+    /// for a busy peer, but must never block past it; it must never block at all when called
+    /// from its own receiving thread with a deadline already past. The fds stay the caller's.
+    fn send(
+        &self,
+        to: &Self::Peer,
+        datagram: &[u8],
+        fds: &Self::Fds,
+        deadline: Instant,
+    ) -> Result<(), SendError>;
+
+    /// Calls `f` with every peer a broadcast goes to: from a primary, each live secondary; from a
+    /// secondary, the primary.
+    fn for_each_peer(&self, f: &mut dyn FnMut(&Self::Peer)) -> Result<(), SendError>;
+}
