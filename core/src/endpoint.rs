@@ -52,6 +52,19 @@ pub type PeerOf<X> = <<X as Host>::Transport as Transport>::Peer;
 pub type FdsOf<X> = <<X as Host>::Transport as Transport>::Fds;
 /// A completed async request of a host.
 pub type FinishedOf<X> = Finished<<X as Host>::Callback, <X as Host>::Replies>;
+/// What cancelling a request of a host hands back.
+pub type CancelledOf<X> =
+    Cancelled<<X as Host>::Notify, <X as Host>::Callback, <X as Host>::Replies>;
+type TrackerOf<X, const R: usize, const S: usize> = Tracker<
+    <X as Host>::RawMutex,
+    PeerOf<X>,
+    FdsOf<X>,
+    <X as Host>::Notify,
+    <X as Host>::Callback,
+    <X as Host>::Replies,
+    R,
+    S,
+>;
 
 /// Why an endpoint call failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +134,8 @@ pub enum Dropped {
 }
 
 /// What the host must do with a received datagram.
+// The message travels inline (no allocator to box it in); each dispatch is moved once.
+#[allow(clippy::large_enum_variant)]
 pub enum Dispatch<X: Host> {
     /// Run `handler` for this message or request from `from`. For a request, the handler (or
     /// whoever it hands the job to) answers with [`Endpoint::reply`].
@@ -173,7 +188,7 @@ pub struct Endpoint<
     abi: Abi,
     transport: X::Transport,
     actions: Mutex<X::RawMutex, ActionRegistry<X::Handler, A>>,
-    tracker: Tracker<X::RawMutex, PeerOf<X>, FdsOf<X>, X::Notify, X::Callback, X::Replies, R, S>,
+    tracker: TrackerOf<X, R, S>,
     stats: Stats,
     init_complete: AtomicBool,
 }
@@ -489,10 +504,7 @@ impl<X: Host, const A: usize, const R: usize, const S: usize> Endpoint<X, A, R, 
     }
 
     /// Cancels a pending request; what had not run comes back.
-    pub fn cancel(
-        &self,
-        id: RequestId,
-    ) -> Result<Cancelled<X::Notify, X::Callback, X::Replies>, EndpointError> {
+    pub fn cancel(&self, id: RequestId) -> Result<CancelledOf<X>, EndpointError> {
         Ok(self.tracker.cancel(id)?)
     }
 }

@@ -64,10 +64,12 @@ pub trait Notify {
 /// Where a request's replies are collected until it completes.
 pub trait ReplySink<P, F>: Default {
     /// Stores one reply from `from`. Returns it back if the sink cannot take more.
+    #[allow(clippy::result_large_err)] // handing the message back is the point: its fds close
     fn push(&mut self, from: P, msg: Message<F>) -> Result<(), Message<F>>;
 }
 
 impl<P, F, const N: usize> ReplySink<P, F> for heapless::Vec<(P, Message<F>), N> {
+    #[allow(clippy::result_large_err)]
     fn push(&mut self, from: P, msg: Message<F>) -> Result<(), Message<F>> {
         heapless::Vec::push(self, (from, msg)).map_err(|(_, m)| m)
     }
