@@ -89,9 +89,7 @@ pub fn exercise() -> u32 {
     if let Ok(n) = Name::new("nostd") {
         let _ = ep.register(n, 7);
     }
-    let msg = msg
-        .with_fds(FdCount(0))
-        .unwrap_or_else(|_| unreachable_message());
+    let msg: Message<FdCount> = Message::with_param(*msg.name(), *msg.param_block());
     if let Ok(d) = Datagram::encode(Abi::V25_11, MsgKind::Msg, &msg) {
         if let Dispatch::Action { handler, .. } = ep.receive(
             1,
