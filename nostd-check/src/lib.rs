@@ -73,10 +73,10 @@ pub fn exercise() -> u32 {
         Err(_) => return 0,
     };
     for abi in Abi::ALL {
-        if let Ok(d) = Datagram::encode(abi, MsgKind::Request, &msg) {
-            if let Ok((k, m)) = decode(abi, d.as_bytes(), FdCount(0), RecvFlags::default()) {
-                score += (k == MsgKind::Request) as u32 + m.param().len() as u32;
-            }
+        if let Ok(d) = Datagram::encode(abi, MsgKind::Request, &msg)
+            && let Ok((k, m)) = decode(abi, d.as_bytes(), FdCount(0), RecvFlags::default())
+        {
+            score += (k == MsgKind::Request) as u32 + m.param().len() as u32;
         }
     }
 
@@ -90,16 +90,16 @@ pub fn exercise() -> u32 {
         let _ = ep.register(n, 7);
     }
     let msg: Message<FdCount> = Message::with_param(*msg.name(), *msg.param_block());
-    if let Ok(d) = Datagram::encode(Abi::V25_11, MsgKind::Msg, &msg) {
-        if let Dispatch::Action { handler, .. } = ep.receive(
+    if let Ok(d) = Datagram::encode(Abi::V25_11, MsgKind::Msg, &msg)
+        && let Dispatch::Action { handler, .. } = ep.receive(
             1,
             d.as_bytes(),
             FdCount(0),
             RecvFlags::default(),
             Instant::ZERO,
-        ) {
-            score += handler as u32;
-        }
+        )
+    {
+        score += handler as u32;
     }
     if let Ok(r) = ep.request_sync(&msg, Instant::ZERO, Duration::from_millis(1), &Spin) {
         score += r.nb_sent + r.timed_out as u32;
