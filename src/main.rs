@@ -1,1 +1,2 @@
+//! The `memplane` command line (in progress).
 fn main() {}

@@ -1,0 +1,711 @@
+//! The channel: an [`Endpoint`] over the Unix transport, with its two threads.
+//!
+//! - The *receiving thread* reads datagrams, drops those from a sender with another uid, feeds
+//!   the rest to the core, and runs what the core dispatches: action handlers, and async
+//!   completions triggered by a reply.
+//! - The *service thread* keeps time: it expires requests at their deadlines (running async
+//!   completions that timed out), runs completions that finished during the call that started
+//!   them (DPDK's "dummy request"), and drains the outbox when busy peers have room again.
+//!
+//! A synchronous requester parks its own thread until its replies are in or its deadline passes.
+//! Handlers and callbacks run on the channel's threads and may send, reply and start async
+//! requests; a synchronous request from there is refused with [`Error::WouldDeadlock`].
+
+use std::cell::Cell;
+use std::os::fd::OwnedFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rustix::event::{PollFd, PollFlags};
+
+use memplane_core::endpoint::{Dispatch, Endpoint, FinishedOf, Host, SendReport};
+use memplane_core::message::{Message, MsgKind};
+use memplane_core::pending::{Notify, Reply, ReplySink, RequestId};
+use memplane_core::stats::StatsSnapshot;
+use memplane_core::time::Instant;
+use memplane_core::tracker::Waiter;
+use memplane_core::wire::RecvFlags;
+use memplane_core::{Abi, Name};
+
+use crate::clock::now;
+use crate::error::Error;
+use crate::rundir::{self, PrimaryLock};
+use crate::socket::{Fds, PeerAddr, RECV_BUF, Socket};
+use crate::transport::{OutboxStats, Role, UnixTransport};
+
+/// Which role to take, DPDK's `--proc-type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ProcType {
+    /// Be the primary; fail if one runs.
+    Primary,
+    /// Be a secondary; fail at once if no primary runs.
+    Secondary,
+    /// Secondary if a live primary holds the directory, else primary.
+    #[default]
+    Auto,
+}
+
+impl FromStr for ProcType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "primary" => Ok(ProcType::Primary),
+            "secondary" => Ok(ProcType::Secondary),
+            "auto" => Ok(ProcType::Auto),
+            _ => Err(format!(
+                "invalid --proc-type {s:?}: expected primary, secondary or auto"
+            )),
+        }
+    }
+}
+
+/// How to open a channel. Names follow DPDK's EAL options.
+#[derive(Clone, Debug)]
+pub struct ChannelConfig {
+    /// `--file-prefix`: names the deployment (default `rte`).
+    pub file_prefix: String,
+    /// `--runtime-dir`: overrides DPDK's runtime directory rules.
+    pub runtime_dir: Option<PathBuf>,
+    /// `--proc-type`.
+    pub proc_type: ProcType,
+    /// Wire ABI (default 25.11).
+    pub abi: Abi,
+    /// Accept datagrams from root as well as from our own uid.
+    pub allow_root: bool,
+    /// How long a one-way message or reply may wait for a busy peer.
+    pub send_timeout: Duration,
+    /// Mark initialisation complete at once (else call [`MpChannel::set_ready`]; until then a
+    /// request for an unregistered action is answered with "ignore").
+    pub ready: bool,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig {
+            file_prefix: rundir::DEFAULT_PREFIX.to_owned(),
+            runtime_dir: None,
+            proc_type: ProcType::Auto,
+            abi: Abi::default(),
+            allow_root: true,
+            send_timeout: Duration::from_secs(1),
+            ready: true,
+        }
+    }
+}
+
+impl ChannelConfig {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets `--file-prefix`.
+    pub fn file_prefix(mut self, p: impl Into<String>) -> Self {
+        self.file_prefix = p.into();
+        self
+    }
+    /// Sets `--runtime-dir`.
+    pub fn runtime_dir(mut self, d: impl Into<PathBuf>) -> Self {
+        self.runtime_dir = Some(d.into());
+        self
+    }
+    /// Sets `--proc-type`.
+    pub fn proc_type(mut self, t: ProcType) -> Self {
+        self.proc_type = t;
+        self
+    }
+    /// Sets the wire ABI.
+    pub fn abi(mut self, a: Abi) -> Self {
+        self.abi = a;
+        self
+    }
+    /// Accept root senders or not.
+    pub fn allow_root(mut self, yes: bool) -> Self {
+        self.allow_root = yes;
+        self
+    }
+    /// Mark ready at open or not.
+    pub fn ready(mut self, yes: bool) -> Self {
+        self.ready = yes;
+        self
+    }
+    /// The runtime directory these options name.
+    pub fn dir(&self) -> PathBuf {
+        self.runtime_dir
+            .clone()
+            .unwrap_or_else(|| rundir::default_dir(&self.file_prefix))
+    }
+}
+
+/// A received message or request, as an action sees it.
+#[derive(Debug)]
+pub struct Incoming {
+    /// [`MsgKind::Msg`] or [`MsgKind::Request`].
+    pub kind: MsgKind,
+    /// The message, with its fds.
+    pub msg: Message<Fds>,
+    /// Who sent it (reply here).
+    pub from: PeerAddr,
+}
+
+impl Incoming {
+    /// True for a request, which wants exactly one reply.
+    pub fn is_request(&self) -> bool {
+        self.kind == MsgKind::Request
+    }
+}
+
+/// One reply to a request.
+#[derive(Debug)]
+pub struct ReplyMsg {
+    /// Who answered.
+    pub from: PeerAddr,
+    /// The reply, with its fds.
+    pub msg: Message<Fds>,
+}
+
+/// The replies to a request, counted as DPDK's `rte_mp_reply`.
+#[derive(Debug)]
+pub struct Replies {
+    /// Peers the request reached, minus those that answered "ignore".
+    pub nb_sent: u32,
+    /// Replies received.
+    pub nb_received: u32,
+    /// The deadline passed before every peer answered.
+    pub timed_out: bool,
+    /// The replies.
+    pub msgs: Vec<ReplyMsg>,
+}
+
+/// The reply store of the core's pending table.
+#[derive(Default)]
+pub struct ReplyList(Vec<ReplyMsg>);
+
+impl ReplySink<PeerAddr, Fds> for ReplyList {
+    fn push(&mut self, from: PeerAddr, msg: Message<Fds>) -> Result<(), Message<Fds>> {
+        self.0.push(ReplyMsg { from, msg });
+        Ok(())
+    }
+}
+
+fn replies(r: Reply<ReplyList>) -> Replies {
+    Replies {
+        nb_sent: r.nb_sent,
+        nb_received: r.nb_received,
+        timed_out: r.timed_out,
+        msgs: r.replies.0,
+    }
+}
+
+/// An action: runs on the receiving thread for every message or request with its name.
+pub type Handler = Arc<dyn Fn(&MpChannel, Incoming) + Send + Sync>;
+/// An async completion: runs once, on a channel thread.
+pub type Callback = Box<dyn FnOnce(&MpChannel, Replies) + Send>;
+
+/// Wakes a parked requester.
+pub struct Unpark(thread::Thread);
+impl Notify for Unpark {
+    fn notify(&self) {
+        self.0.unpark();
+    }
+}
+
+struct Park;
+impl Waiter for Park {
+    type Notify = Unpark;
+    fn notifier(&self) -> Unpark {
+        Unpark(thread::current())
+    }
+    fn wait_until(&self, deadline: Instant) -> Instant {
+        let n = now();
+        if deadline > n {
+            thread::park_timeout(deadline.saturating_duration_since(n));
+        }
+        now()
+    }
+}
+
+/// The host types of the Unix channel.
+pub struct UnixHost;
+impl Host for UnixHost {
+    type Transport = UnixTransport;
+    type Handler = Handler;
+    type Notify = Unpark;
+    type Callback = Callback;
+    type Replies = ReplyList;
+    type RawMutex = parking_lot::RawMutex;
+}
+
+thread_local! {
+    static CHANNEL_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Counters of a channel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// The endpoint's counters.
+    pub endpoint: StatsSnapshot,
+    /// The outbox's counters.
+    pub outbox: OutboxStats,
+    /// Handlers or callbacks that panicked (the channel survives them).
+    pub panics: u64,
+}
+
+/// The channel's working part; [`Channel`] owns it. Handlers and callbacks get a reference.
+pub struct MpChannel {
+    ep: Endpoint<UnixHost>,
+    config: ChannelConfig,
+    lock: Option<PrimaryLock>,
+    uid: u32,
+    stop: AtomicBool,
+    stop_fd: OwnedFd,
+    deferred: Mutex<Vec<FinishedOf<UnixHost>>>,
+    /// When the service thread plans to wake (0: it is deciding right now).
+    sleep_until: AtomicU64,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    panics: AtomicU64,
+}
+
+impl MpChannel {
+    /// This process's role.
+    pub fn role(&self) -> Role {
+        self.ep.transport().role()
+    }
+
+    /// The runtime directory.
+    pub fn dir(&self) -> &Path {
+        self.ep.transport().dir()
+    }
+
+    /// This process's socket path.
+    pub fn socket_path(&self) -> &Path {
+        self.ep.transport().socket().path()
+    }
+
+    /// The wire ABI.
+    pub fn abi(&self) -> Abi {
+        self.ep.abi()
+    }
+
+    /// The options the channel was opened with.
+    pub fn config(&self) -> &ChannelConfig {
+        &self.config
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ChannelStats {
+        ChannelStats {
+            endpoint: self.ep.stats().snapshot(),
+            outbox: self.ep.transport().outbox_stats(),
+            panics: self.panics.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Marks initialisation complete (see [`ChannelConfig::ready`]).
+    pub fn set_ready(&self) {
+        self.ep.set_init_complete();
+    }
+
+    /// The primary lock (and memory-configuration file), in the primary.
+    pub fn primary_lock(&self) -> Option<&PrimaryLock> {
+        self.lock.as_ref()
+    }
+
+    /// Registers `f` as the action `name`.
+    pub fn register(
+        &self,
+        name: &str,
+        f: impl Fn(&MpChannel, Incoming) + Send + Sync + 'static,
+    ) -> Result<(), Error> {
+        Ok(self.ep.register(Name::new(name)?, Arc::new(f))?)
+    }
+
+    /// Unregisters the action `name`.
+    pub fn unregister(&self, name: &str) -> Result<(), Error> {
+        self.ep.unregister(&Name::new(name)?)?;
+        Ok(())
+    }
+
+    /// The peers a send or request goes to: every secondary from the primary, the primary from
+    /// a secondary.
+    pub fn peers(&self) -> Result<Vec<PeerAddr>, Error> {
+        let mut v = Vec::new();
+        memplane_core::Transport::for_each_peer(self.ep.transport(), &mut |p| v.push(p.clone()))?;
+        v.sort();
+        Ok(v)
+    }
+
+    fn send_deadline(&self) -> Instant {
+        now().saturating_add(self.config.send_timeout)
+    }
+
+    /// Sends a one-way message to every peer.
+    pub fn send(&self, msg: &Message<Fds>) -> Result<SendReport, Error> {
+        let r = self.ep.send(msg, self.send_deadline())?;
+        if self.role() == Role::Secondary && r.sent == 0 {
+            return Err(Error::PrimaryGone);
+        }
+        Ok(r)
+    }
+
+    /// Sends a one-way message to one peer.
+    pub fn send_to(&self, to: &PeerAddr, msg: &Message<Fds>) -> Result<(), Error> {
+        Ok(self
+            .ep
+            .send_to(to, MsgKind::Msg, msg, self.send_deadline())?)
+    }
+
+    /// Answers a request from `to`.
+    pub fn reply(&self, to: &PeerAddr, msg: &Message<Fds>) -> Result<(), Error> {
+        Ok(self.ep.reply(to, msg, self.send_deadline())?)
+    }
+
+    /// Sends a request to every peer and waits until all answered or `timeout` passed.
+    pub fn request(&self, msg: &Message<Fds>, timeout: Duration) -> Result<Replies, Error> {
+        let peers = self.peers()?;
+        self.request_to(&peers, msg, timeout)
+    }
+
+    /// [`MpChannel::request`] to the given peers.
+    pub fn request_to(
+        &self,
+        peers: &[PeerAddr],
+        msg: &Message<Fds>,
+        timeout: Duration,
+    ) -> Result<Replies, Error> {
+        if CHANNEL_THREAD.with(|c| c.get()) {
+            return Err(Error::WouldDeadlock);
+        }
+        let r = replies(self.ep.request_sync_to(peers, msg, now(), timeout, &Park)?);
+        if self.role() == Role::Secondary && r.nb_sent == 0 && !peers.is_empty() {
+            return Err(Error::PrimaryGone);
+        }
+        Ok(r)
+    }
+
+    /// Sends a request to every peer; `cb` runs exactly once, on a channel thread, when all
+    /// answered or `timeout` passed, also when no peer could be reached.
+    pub fn request_async(
+        &self,
+        msg: &Message<Fds>,
+        timeout: Duration,
+        cb: impl FnOnce(&MpChannel, Replies) + Send + 'static,
+    ) -> Result<RequestId, Error> {
+        let peers = self.peers()?;
+        self.request_async_to(&peers, msg, timeout, cb)
+    }
+
+    /// [`MpChannel::request_async`] to the given peers.
+    pub fn request_async_to(
+        &self,
+        peers: &[PeerAddr],
+        msg: &Message<Fds>,
+        timeout: Duration,
+        cb: impl FnOnce(&MpChannel, Replies) + Send + 'static,
+    ) -> Result<RequestId, Error> {
+        let t = now();
+        let s = self
+            .ep
+            .request_async_to(peers, msg, t, timeout, Box::new(cb))?;
+        match s.finished {
+            Some(f) => {
+                self.deferred.lock().push(f);
+                self.ep.transport().wake();
+            }
+            None => self.deadline_added(t.saturating_add(timeout)),
+        }
+        Ok(s.id)
+    }
+
+    /// Cancels an async request; its callback will not run. Returns false if it already ran (or
+    /// is running).
+    pub fn cancel(&self, id: RequestId) -> bool {
+        self.ep.cancel(id).is_ok()
+    }
+
+    /// Requests waiting for replies.
+    pub fn pending_requests(&self) -> usize {
+        self.ep.pending_requests()
+    }
+
+    fn deadline_added(&self, d: Instant) {
+        let planned = self.sleep_until.load(Ordering::SeqCst);
+        if planned == 0 || d.as_nanos() < planned {
+            self.ep.transport().wake();
+        }
+    }
+
+    fn run_callback(&self, f: FinishedOf<UnixHost>) {
+        let cb = f.callback;
+        let r = replies(f.reply);
+        if catch_unwind(AssertUnwindSafe(|| cb(self, r))).is_err() {
+            self.panics.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn receive_loop(self: &Arc<Self>) {
+        CHANNEL_THREAD.with(|c| c.set(true));
+        let mut buf = vec![0u8; RECV_BUF];
+        let sock = self.ep.transport().socket();
+        let sock_fd = sock.as_fd();
+        loop {
+            let mut fds = [
+                PollFd::new(&sock_fd, PollFlags::IN),
+                PollFd::new(&self.stop_fd, PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, None) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(_) => break,
+            }
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            loop {
+                let r = match sock.recv(&mut buf) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    // A receive error is never fatal: DPDK's thread exits here and the process
+                    // goes deaf. Count it and go on.
+                    Err(_) => {
+                        self.ep
+                            .stats()
+                            .count_decode_error(&memplane_core::DecodeError::Truncated);
+                        break;
+                    }
+                };
+                self.handle(r, &buf);
+            }
+        }
+    }
+
+    fn handle(&self, r: crate::socket::Received, buf: &[u8]) {
+        let trusted = match r.creds {
+            Some(c) => {
+                let uid = c.uid.as_raw();
+                uid == self.uid || (uid == 0 && self.config.allow_root)
+            }
+            None => false,
+        };
+        if !trusted {
+            self.ep.stats().count_rejected_sender();
+            return; // the fds close here
+        }
+        let from = PeerAddr::new(r.from.unwrap_or_default());
+        let flags = RecvFlags {
+            truncated: r.truncated,
+            control_truncated: r.control_truncated,
+        };
+        match self.ep.receive(from, &buf[..r.len], r.fds, flags, now()) {
+            Dispatch::Action {
+                handler,
+                kind,
+                msg,
+                from,
+            } => {
+                let inc = Incoming { kind, msg, from };
+                if catch_unwind(AssertUnwindSafe(|| handler(self, inc))).is_err() {
+                    self.panics.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Dispatch::Answered(Some(f)) => self.run_callback(f),
+            Dispatch::Answered(None) | Dispatch::Dropped(_) => {}
+        }
+    }
+
+    fn service_loop(self: &Arc<Self>) {
+        CHANNEL_THREAD.with(|c| c.set(true));
+        let tr = self.ep.transport();
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            self.sleep_until.store(0, Ordering::SeqCst);
+            tr.drain_wake();
+            let deferred = std::mem::take(&mut *self.deferred.lock());
+            for f in deferred {
+                self.run_callback(f);
+            }
+            let t = now();
+            self.ep.expire(t, |f| self.run_callback(f));
+            let ob = tr.flush(t);
+            let next = [self.ep.next_deadline(), ob.deadline]
+                .into_iter()
+                .flatten()
+                .min();
+            self.sleep_until.store(
+                next.map_or(u64::MAX, |d| d.as_nanos().max(1)),
+                Ordering::SeqCst,
+            );
+            let mut pfds = Vec::with_capacity(3 + ob.probes.len());
+            pfds.push(PollFd::new(&self.stop_fd, PollFlags::IN));
+            let wake = tr.wake_fd();
+            pfds.push(PollFd::new(&wake, PollFlags::IN));
+            let sock = tr.socket().as_fd();
+            if !ob.probes.is_empty() {
+                pfds.push(PollFd::new(&sock, PollFlags::OUT));
+            }
+            for (_, p) in &ob.probes {
+                pfds.push(PollFd::new(p, PollFlags::OUT));
+            }
+            let timeout = next.map(|d| {
+                let left = d.saturating_duration_since(now());
+                rustix::time::Timespec {
+                    tv_sec: left.as_secs() as i64,
+                    tv_nsec: left.subsec_nanos() as i64,
+                }
+            });
+            // A datagram still refused with both sides writable must not spin: poll at most
+            // every millisecond while the outbox waits.
+            let timeout = if ob.probes.is_empty() {
+                timeout
+            } else {
+                let cap = rustix::time::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 1_000_000,
+                };
+                Some(timeout.map_or(cap, |t| {
+                    if t.tv_sec > 0 || t.tv_nsec > cap.tv_nsec {
+                        cap
+                    } else {
+                        t
+                    }
+                }))
+            };
+            let _ = rustix::event::poll(&mut pfds, timeout.as_ref());
+        }
+    }
+
+    fn shutdown(&self) {
+        if self.stop.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = rustix::io::write(&self.stop_fd, &1u64.to_ne_bytes());
+        self.ep.transport().wake();
+        let me = thread::current().id();
+        for t in self.threads.lock().drain(..) {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+        self.ep.transport().socket().unlink();
+        if let Some(l) = &self.lock {
+            l.remove();
+        }
+    }
+}
+
+struct Guard(Arc<MpChannel>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+/// An open channel. Clones share it; when the last clone is dropped (or [`Channel::close`] is
+/// called) the threads stop and this process's socket file (and, for the primary, its lock
+/// file) is removed.
+#[derive(Clone)]
+pub struct Channel(Arc<Guard>);
+
+impl std::ops::Deref for Channel {
+    type Target = MpChannel;
+    fn deref(&self) -> &MpChannel {
+        &self.0.0
+    }
+}
+
+fn resolve_role(cfg: &ChannelConfig, dir: &Path) -> Result<(Role, Option<PrimaryLock>), Error> {
+    let primary_up = || {
+        rundir::live_primary(dir).is_some()
+            && rundir::socket_alive(&dir.join(rundir::PRIMARY_SOCKET))
+    };
+    match cfg.proc_type {
+        ProcType::Primary => Ok((Role::Primary, Some(PrimaryLock::acquire(dir)?))),
+        ProcType::Secondary => {
+            if primary_up() {
+                Ok((Role::Secondary, None))
+            } else {
+                Err(Error::NoPrimary {
+                    dir: dir.to_owned(),
+                })
+            }
+        }
+        ProcType::Auto => {
+            if primary_up() {
+                return Ok((Role::Secondary, None));
+            }
+            match PrimaryLock::acquire(dir) {
+                Ok(l) => Ok((Role::Primary, Some(l))),
+                // Lost a race with another starting primary.
+                Err(Error::PrimaryExists { .. }) if primary_up() => Ok((Role::Secondary, None)),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+impl Channel {
+    /// Opens the channel: resolves the role, binds the socket, starts the threads.
+    pub fn open(cfg: ChannelConfig) -> Result<Channel, Error> {
+        let dir = cfg.dir();
+        rundir::create(&dir)?;
+        // Hold the directory while our socket appears, as DPDK processes do, so a DPDK primary
+        // never broadcasts over a half-created peer.
+        let dir_fd = std::fs::File::open(&dir)
+            .map_err(|e| Error::io(format!("open {}", dir.display()), e))?;
+        rustix::fs::flock(&dir_fd, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| Error::io("lock runtime dir", e.into()))?;
+        let (role, lock) = resolve_role(&cfg, &dir)?;
+        let sock = match role {
+            Role::Primary => {
+                rundir::clean_stale(&dir);
+                Socket::bind(&dir.join(rundir::PRIMARY_SOCKET))?
+            }
+            Role::Secondary => Socket::bind(&rundir::secondary_socket(&dir))?,
+        };
+        drop(dir_fd);
+        let transport = UnixTransport::new(sock, role, dir)?;
+        let stop_fd = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| Error::io("eventfd", e.into()))?;
+        let inner = Arc::new(MpChannel {
+            ep: Endpoint::new(transport, cfg.abi),
+            config: cfg.clone(),
+            lock,
+            uid: rustix::process::getuid().as_raw(),
+            stop: AtomicBool::new(false),
+            stop_fd,
+            deferred: Mutex::new(Vec::new()),
+            sleep_until: AtomicU64::new(0),
+            threads: Mutex::new(Vec::new()),
+            panics: AtomicU64::new(0),
+        });
+        let spawn = |name: &str, f: fn(&Arc<MpChannel>)| {
+            let c = inner.clone();
+            thread::Builder::new()
+                .name(name.to_owned())
+                .spawn(move || f(&c))
+                .map_err(|e| Error::io("spawn channel thread", e))
+        };
+        let r = spawn("mp-recv", MpChannel::receive_loop)?;
+        let s = spawn("mp-service", MpChannel::service_loop)?;
+        inner.threads.lock().extend([r, s]);
+        if cfg.ready {
+            inner.ep.set_init_complete();
+        }
+        Ok(Channel(Arc::new(Guard(inner))))
+    }
+
+    /// Stops the channel now (also done when the last clone is dropped).
+    pub fn close(&self) {
+        self.0.0.shutdown();
+    }
+}

@@ -1,0 +1,266 @@
+//! The runtime directory: where a deployment's sockets and lock live, named as DPDK names them.
+//!
+//! `base/dpdk/<prefix>` with `base` = `$RUNTIME_DIRECTORY`, else `/var/run` for root, else
+//! `$XDG_RUNTIME_DIR`, else `/tmp`; created mode 0700. In it: the primary's socket `mp_socket`,
+//! each secondary's `mp_socket_<pid>_<stamp>`, and memplane's primary lock `memplane_config`,
+//! held with an open-file-description write lock for the primary's whole life. A DPDK primary in
+//! the same directory is recognised by the lock it holds on `config`.
+
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::Error;
+
+/// The primary's socket name.
+pub const PRIMARY_SOCKET: &str = "mp_socket";
+/// Prefix of every secondary's socket name.
+pub const SECONDARY_SOCKET_PREFIX: &str = "mp_socket_";
+/// memplane's primary lock (and, with the memory layer, its shared configuration).
+pub const MEMPLANE_CONFIG: &str = "memplane_config";
+/// DPDK's shared configuration, locked by a live DPDK primary.
+pub const DPDK_CONFIG: &str = "config";
+/// The default file prefix, as DPDK's.
+pub const DEFAULT_PREFIX: &str = "rte";
+/// Longest socket path the kernel accepts (108 bytes with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+const LOCK_MAGIC: &[u8; 8] = b"MPLNLOCK";
+
+/// The base directory DPDK would use for this process.
+pub fn default_base() -> PathBuf {
+    if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY") {
+        return PathBuf::from(d);
+    }
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/run");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from("/tmp"),
+    }
+}
+
+/// The runtime directory for `prefix`: `base/dpdk/<prefix>`.
+pub fn default_dir(prefix: &str) -> PathBuf {
+    default_base().join("dpdk").join(prefix)
+}
+
+/// Creates `dir` (and its parent) with mode 0700 if missing.
+pub fn create(dir: &Path) -> Result<(), Error> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true).mode(0o700);
+    b.create(dir)
+        .map_err(|e| Error::io(format!("create runtime dir {}", dir.display()), e))?;
+    Ok(())
+}
+
+/// Checks that a socket path fits `sun_path`.
+pub fn check_socket_path(p: &Path) -> Result<(), Error> {
+    let n = p.as_os_str().len();
+    if n > MAX_SOCKET_PATH {
+        return Err(Error::PathTooLong {
+            path: p.to_owned(),
+            len: n,
+        });
+    }
+    Ok(())
+}
+
+/// The socket path of a new secondary: `mp_socket_<pid>_<stamp>`.
+pub fn secondary_socket(dir: &Path) -> PathBuf {
+    let pid = std::process::id();
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let stamp = (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64);
+    dir.join(format!("{SECONDARY_SOCKET_PREFIX}{pid}_{stamp:x}"))
+}
+
+/// True for a secondary's socket file name.
+pub fn is_secondary_socket(name: &OsStr) -> bool {
+    name.to_str()
+        .is_some_and(|s| s.starts_with(SECONDARY_SOCKET_PREFIX))
+}
+
+/// Whether some process holds a lock on the file at `path` (the test DPDK's
+/// `rte_eal_primary_proc_alive` makes).
+pub fn locked_by_someone(path: &Path) -> bool {
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    let mut fl = flock_all(libc::F_WRLCK);
+    // SAFETY: `f` is an open file for the duration of the call and `fl` is a valid, initialised
+    // `struct flock` that fcntl may write into.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    r == 0 && fl.l_type != libc::F_UNLCK as i16
+}
+
+fn flock_all(kind: libc::c_int) -> libc::flock {
+    // SAFETY: `struct flock` is plain old data; all-zero is a valid value we then fill in.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = 0;
+    fl.l_len = 0;
+    fl
+}
+
+/// A live primary's pid, if one holds this directory (memplane's lock or DPDK's).
+pub fn live_primary(dir: &Path) -> Option<PrimaryInfo> {
+    let ours = dir.join(MEMPLANE_CONFIG);
+    if locked_by_someone(&ours) {
+        return Some(PrimaryInfo {
+            pid: read_lock_pid(&ours),
+            dpdk: false,
+        });
+    }
+    if locked_by_someone(&dir.join(DPDK_CONFIG)) {
+        return Some(PrimaryInfo {
+            pid: None,
+            dpdk: true,
+        });
+    }
+    None
+}
+
+/// Who the live primary is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrimaryInfo {
+    /// Its pid, when it recorded one.
+    pub pid: Option<u32>,
+    /// It is a DPDK primary (it holds DPDK's `config`).
+    pub dpdk: bool,
+}
+
+fn read_lock_pid(path: &Path) -> Option<u32> {
+    let mut b = [0u8; 16];
+    let mut f = File::open(path).ok()?;
+    f.read_exact(&mut b).ok()?;
+    (&b[..8] == LOCK_MAGIC).then(|| u32::from_le_bytes([b[8], b[9], b[10], b[11]]))
+}
+
+/// The primary's hold on a runtime directory: an open-file-description write lock on
+/// `memplane_config`, released when this is dropped (or the process dies).
+pub struct PrimaryLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl PrimaryLock {
+    /// Takes the lock, or says who holds it.
+    pub fn acquire(dir: &Path) -> Result<PrimaryLock, Error> {
+        if let Some(p) = live_primary(dir).filter(|p| p.dpdk) {
+            return Err(Error::PrimaryExists {
+                dir: dir.to_owned(),
+                pid: p.pid,
+                dpdk: true,
+            });
+        }
+        let path = dir.join(MEMPLANE_CONFIG);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        let fl = flock_all(libc::F_WRLCK);
+        // SAFETY: `file` is open and `fl` is a valid `struct flock` describing the whole file.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+                return Err(Error::PrimaryExists {
+                    dir: dir.to_owned(),
+                    pid: read_lock_pid(&path),
+                    dpdk: false,
+                });
+            }
+            return Err(Error::io(format!("lock {}", path.display()), e));
+        }
+        let mut lock = PrimaryLock { file, path };
+        lock.write_header()
+            .map_err(|e| Error::io(format!("write {}", lock.path.display()), e))?;
+        Ok(lock)
+    }
+
+    fn write_header(&mut self) -> io::Result<()> {
+        let mut h = [0u8; 16];
+        h[..8].copy_from_slice(LOCK_MAGIC);
+        h[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+        self.file.set_len(0)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.write_all(&h)?;
+        self.file.sync_data()
+    }
+
+    /// The lock file (also the file the memory layer keeps its shared configuration in).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the lock file; the lock itself goes with the file description on drop.
+    pub fn remove(&self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Sockets of secondaries in `dir`, in directory order.
+pub fn secondary_sockets(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut v = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        if is_secondary_socket(&e.file_name()) {
+            v.push(e.path());
+        }
+    }
+    Ok(v)
+}
+
+/// Whether a datagram socket is bound at `path` (a connect succeeds).
+pub fn socket_alive(path: &Path) -> bool {
+    let Ok(s) = rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::DGRAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    let Ok(addr) = rustix::net::SocketAddrUnix::new(path) else {
+        return false;
+    };
+    rustix::net::connect(&s, &addr).is_ok()
+}
+
+/// Removes secondary sockets nobody is bound to any more, and a stale primary socket; returns
+/// how many were removed. Only a process holding the primary lock may call this.
+pub fn clean_stale(dir: &Path) -> usize {
+    let mut n = 0;
+    let primary = dir.join(PRIMARY_SOCKET);
+    if primary.exists() && !socket_alive(&primary) && fs::remove_file(&primary).is_ok() {
+        n += 1;
+    }
+    for p in secondary_sockets(dir).unwrap_or_default() {
+        if !socket_alive(&p) && fs::remove_file(&p).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Makes a path world-accessible (tests of foreign senders use it on purpose).
+pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}

@@ -1,0 +1,306 @@
+//! The core's [`Transport`] over a Unix datagram socket, with an outbox for busy peers.
+//!
+//! A send is tried at once without blocking. If the peer's queue is full (`EAGAIN`), the datagram
+//! (with duplicates of its fds) goes to the outbox, and the send reports success: the service
+//! thread delivers it as soon as the peer reads, or drops it at its deadline. So no thread ever
+//! blocks on a peer: not the user's, not the receiving thread (DPDK 22.11's blocking sends
+//! deadlock two processes that fill each other's queues). Datagrams to one peer keep their order:
+//! while a peer has queued datagrams, new ones queue behind them.
+//!
+//! Dead peers: a socket file with nobody bound (`ECONNREFUSED`) or no file at all (`ENOENT`) is
+//! [`SendError::PeerGone`]; the primary removes such a secondary socket file, as DPDK does.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+use rustix::io::Errno;
+
+use memplane_core::time::Instant;
+use memplane_core::transport::{SendError, Transport};
+
+use crate::rundir;
+use crate::socket::{Fds, PeerAddr, Socket, probe};
+
+/// Most datagrams the outbox holds across all peers.
+pub const OUTBOX_LIMIT: usize = 16 * 1024;
+
+/// Process roles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Owns the runtime directory; talks to every secondary.
+    Primary,
+    /// Talks to the primary.
+    Secondary,
+}
+
+struct Queued {
+    bytes: Vec<u8>,
+    fds: Fds,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct PeerQueue {
+    items: VecDeque<Queued>,
+    probe: Option<OwnedFd>,
+}
+
+/// Counters of the outbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Datagrams that had to wait for a busy peer.
+    pub queued: u64,
+    /// Waiting datagrams delivered later.
+    pub delivered: u64,
+    /// Waiting datagrams dropped: deadline passed or peer gone.
+    pub dropped: u64,
+    /// Datagrams waiting now.
+    pub waiting: usize,
+}
+
+#[derive(Default)]
+struct Outbox {
+    peers: HashMap<PeerAddr, PeerQueue>,
+    total: usize,
+    stats: OutboxStats,
+}
+
+/// The Unix datagram transport of one process.
+pub struct UnixTransport {
+    sock: Socket,
+    role: Role,
+    dir: PathBuf,
+    primary: PeerAddr,
+    outbox: Mutex<Outbox>,
+    /// Wakes the service thread (an eventfd).
+    wake: OwnedFd,
+}
+
+/// What the service thread should poll for the outbox.
+pub struct OutboxPoll {
+    /// Probe sockets of the busy peers (poll for `POLLOUT`).
+    pub probes: Vec<(PeerAddr, OwnedFd)>,
+    /// The earliest deadline of a waiting datagram.
+    pub deadline: Option<Instant>,
+}
+
+impl UnixTransport {
+    pub(crate) fn new(sock: Socket, role: Role, dir: PathBuf) -> Result<Self, crate::Error> {
+        let primary = PeerAddr::new(dir.join(rundir::PRIMARY_SOCKET));
+        let wake = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| crate::Error::io("eventfd", e.into()))?;
+        Ok(UnixTransport {
+            sock,
+            role,
+            dir,
+            primary,
+            outbox: Mutex::new(Outbox::default()),
+            wake,
+        })
+    }
+
+    /// Wakes the service thread.
+    pub fn wake(&self) {
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    /// The service thread's wake-up fd, and clears it.
+    pub(crate) fn wake_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
+
+    /// Clears pending wake-ups.
+    pub(crate) fn drain_wake(&self) {
+        let mut b = [0u8; 8];
+        let _ = rustix::io::read(&self.wake, &mut b);
+    }
+
+    /// This process's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The runtime directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The bound socket.
+    pub fn socket(&self) -> &Socket {
+        &self.sock
+    }
+
+    /// The primary's address.
+    pub fn primary(&self) -> &PeerAddr {
+        &self.primary
+    }
+
+    /// Outbox counters.
+    pub fn outbox_stats(&self) -> OutboxStats {
+        let o = self.outbox.lock();
+        OutboxStats {
+            waiting: o.total,
+            ..o.stats
+        }
+    }
+
+    fn classify(&self, to: &PeerAddr, e: Errno) -> SendError {
+        match e {
+            Errno::CONNREFUSED | Errno::NOENT | Errno::NOTSOCK => {
+                // The peer died and left its socket file: the primary removes a secondary's.
+                if e == Errno::CONNREFUSED
+                    && self.role == Role::Primary
+                    && to.path().parent() == Some(self.dir.as_path())
+                    && rundir::is_secondary_socket(to.path().file_name().unwrap_or_default())
+                {
+                    let _ = std::fs::remove_file(to.path());
+                }
+                SendError::PeerGone
+            }
+            Errno::TOOMANYREFS => SendError::TooManyFds,
+            e => SendError::Os(e.raw_os_error()),
+        }
+    }
+
+    /// Delivers what the outbox holds for peers that have room, drops what is past its
+    /// deadline; returns what to poll for next.
+    pub fn flush(&self, now: Instant) -> OutboxPoll {
+        let mut o = self.outbox.lock();
+        let mut poll = OutboxPoll {
+            probes: Vec::new(),
+            deadline: None,
+        };
+        let Outbox {
+            peers,
+            total,
+            stats,
+        } = &mut *o;
+        peers.retain(|peer, q| {
+            while let Some(item) = q.items.front() {
+                if item.deadline <= now {
+                    q.items.pop_front();
+                    *total -= 1;
+                    stats.dropped += 1;
+                    continue;
+                }
+                match self
+                    .sock
+                    .send_to(peer.path(), &item.bytes, &item.fds.borrowed())
+                {
+                    Ok(()) => {
+                        q.items.pop_front();
+                        *total -= 1;
+                        stats.delivered += 1;
+                    }
+                    Err(Errno::AGAIN) => break,
+                    Err(e) => {
+                        // Gone, or refuses this datagram: drop it (a gone peer drops the rest
+                        // one by one on the next turns of this loop).
+                        let _ = self.classify(peer, e);
+                        q.items.pop_front();
+                        *total -= 1;
+                        stats.dropped += 1;
+                    }
+                }
+            }
+            if q.items.is_empty() {
+                return false;
+            }
+            if q.probe.is_none() {
+                match probe(peer.path()) {
+                    Ok(p) => q.probe = Some(p),
+                    Err(_) => {
+                        *total -= q.items.len();
+                        stats.dropped += q.items.len() as u64;
+                        return false;
+                    }
+                }
+            }
+            if let Some(p) = q.probe.as_ref().and_then(|p| p.try_clone().ok()) {
+                poll.probes.push((peer.clone(), p));
+            }
+            let d = q.items.front().map(|i| i.deadline);
+            poll.deadline = match (poll.deadline, d) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            true
+        });
+        poll
+    }
+
+    /// Whether anything waits in the outbox.
+    pub fn outbox_waiting(&self) -> bool {
+        self.outbox.lock().total > 0
+    }
+}
+
+impl Transport for UnixTransport {
+    type Peer = PeerAddr;
+    type Fds = Fds;
+
+    fn send(
+        &self,
+        to: &PeerAddr,
+        datagram: &[u8],
+        fds: &Fds,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        let mut o = self.outbox.lock();
+        if !o.peers.contains_key(to) {
+            match self.sock.send_to(to.path(), datagram, &fds.borrowed()) {
+                Ok(()) => return Ok(()),
+                Err(Errno::AGAIN) => {}
+                Err(e) => return Err(self.classify(to, e)),
+            }
+        }
+        // The peer is busy (or has datagrams waiting already): queue behind them.
+        if deadline <= crate::clock::now() {
+            return Err(SendError::Timeout);
+        }
+        if o.total >= OUTBOX_LIMIT {
+            return Err(SendError::Os(libc::ENOBUFS));
+        }
+        let fds = fds
+            .try_clone()
+            .map_err(|e| SendError::Os(e.raw_os_error().unwrap_or(0)))?;
+        o.peers
+            .entry(to.clone())
+            .or_default()
+            .items
+            .push_back(Queued {
+                bytes: datagram.to_vec(),
+                fds,
+                deadline,
+            });
+        o.total += 1;
+        o.stats.queued += 1;
+        drop(o);
+        self.wake();
+        Ok(())
+    }
+
+    fn for_each_peer(&self, f: &mut dyn FnMut(&PeerAddr)) -> Result<(), SendError> {
+        match self.role {
+            Role::Secondary => {
+                f(&self.primary);
+                Ok(())
+            }
+            Role::Primary => {
+                let dir = std::fs::read_dir(&self.dir)
+                    .map_err(|e| SendError::Os(e.raw_os_error().unwrap_or(0)))?;
+                for e in dir.flatten() {
+                    if rundir::is_secondary_socket(&e.file_name()) {
+                        f(&PeerAddr::new(e.path()));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
