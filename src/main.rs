@@ -1,2 +1,7 @@
-//! The `memplane` command line (in progress).
-fn main() {}
+//! The `memplane` command line. See `memplane --help`.
+use clap::Parser;
+
+fn main() {
+    let cli = memplane::cli::Cli::parse();
+    std::process::exit(memplane::cli::run(cli));
+}

@@ -254,6 +254,8 @@ pub struct ChannelStats {
     pub outbox: OutboxStats,
     /// Handlers or callbacks that panicked (the channel survives them).
     pub panics: u64,
+    /// Failed receives (the receiving thread goes on).
+    pub receive_errors: u64,
 }
 
 /// The channel's working part; [`Channel`] owns it. Handlers and callbacks get a reference.
@@ -269,6 +271,7 @@ pub struct MpChannel {
     sleep_until: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
     panics: AtomicU64,
+    receive_errors: AtomicU64,
 }
 
 impl MpChannel {
@@ -303,6 +306,7 @@ impl MpChannel {
             endpoint: self.ep.stats().snapshot(),
             outbox: self.ep.transport().outbox_stats(),
             panics: self.panics.load(Ordering::Relaxed),
+            receive_errors: self.receive_errors.load(Ordering::Relaxed),
         }
     }
 
@@ -452,33 +456,21 @@ impl MpChannel {
         CHANNEL_THREAD.with(|c| c.set(true));
         let mut buf = vec![0u8; RECV_BUF];
         let sock = self.ep.transport().socket();
-        let sock_fd = sock.as_fd();
-        loop {
-            let mut fds = [
-                PollFd::new(&sock_fd, PollFlags::IN),
-                PollFd::new(&self.stop_fd, PollFlags::IN),
-            ];
-            match rustix::event::poll(&mut fds, None) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(_) => break,
-            }
-            if self.stop.load(Ordering::Acquire) {
-                break;
-            }
-            loop {
-                let r = match sock.recv(&mut buf) {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    // A receive error is never fatal: DPDK's thread exits here and the process
-                    // goes deaf. Count it and go on.
-                    Err(_) => {
-                        self.ep
-                            .stats()
-                            .count_decode_error(&memplane_core::DecodeError::Truncated);
+        // One blocking recvmsg per datagram; `shutdown` wakes us with a datagram to ourselves.
+        while !self.stop.load(Ordering::Acquire) {
+            match sock.recv(&mut buf, true) {
+                Ok(Some(r)) => {
+                    if self.stop.load(Ordering::Acquire) {
                         break;
                     }
-                };
-                self.handle(r, &buf);
+                    self.handle(r, &buf);
+                }
+                Ok(None) => {}
+                // A receive error is never fatal: DPDK's thread exits here and the process
+                // goes deaf. Count it and go on.
+                Err(_) => {
+                    self.receive_errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -586,6 +578,9 @@ impl MpChannel {
         }
         let _ = rustix::io::write(&self.stop_fd, &1u64.to_ne_bytes());
         self.ep.transport().wake();
+        // Wake the receiving thread out of its recvmsg.
+        let sock = self.ep.transport().socket();
+        let _ = sock.send_to(sock.path(), &[], &[]);
         let me = thread::current().id();
         for t in self.threads.lock().drain(..) {
             if t.thread().id() != me {
@@ -687,6 +682,7 @@ impl Channel {
             sleep_until: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
             panics: AtomicU64::new(0),
+            receive_errors: AtomicU64::new(0),
         });
         let spawn = |name: &str, f: fn(&Arc<MpChannel>)| {
             let c = inner.clone();

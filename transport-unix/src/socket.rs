@@ -132,14 +132,15 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Creates a non-blocking socket bound at `path`, replacing a leftover file there, and asks
-    /// for the senders' credentials on every datagram.
+    /// Creates a socket bound at `path`, replacing a leftover file there, and asks for the
+    /// senders' credentials on every datagram. The socket itself blocks (so the receiving thread
+    /// sleeps in `recvmsg`, one syscall per datagram); every send passes `MSG_DONTWAIT`.
     pub fn bind(path: &Path) -> Result<Socket, Error> {
         crate::rundir::check_socket_path(path)?;
         let fd = net::socket_with(
             AddressFamily::UNIX,
             SocketType::DGRAM,
-            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            SocketFlags::CLOEXEC,
             None,
         )
         .map_err(|e| Error::io("create socket", e.into()))?;
@@ -192,8 +193,14 @@ impl Socket {
         }
     }
 
-    /// Receives one datagram into `buf`, or `None` when nothing is waiting.
-    pub fn recv(&self, buf: &mut [u8]) -> Result<Option<Received>, Errno> {
+    /// Receives one datagram into `buf`, waiting for one if `wait`; `None` when nothing is
+    /// waiting and `wait` is false.
+    pub fn recv(&self, buf: &mut [u8], wait: bool) -> Result<Option<Received>, Errno> {
+        let mode = if wait {
+            RecvFlags::empty()
+        } else {
+            RecvFlags::DONTWAIT
+        };
         let mut space = [MaybeUninit::<u8>::uninit(); CMSG_BUF];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let r = loop {
@@ -201,7 +208,7 @@ impl Socket {
                 &self.fd,
                 &mut [io::IoSliceMut::new(buf)],
                 &mut control,
-                RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC,
+                mode | RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC,
             ) {
                 Err(Errno::INTR) => continue,
                 Err(Errno::AGAIN) => return Ok(None),

@@ -1,0 +1,135 @@
+//! The `memplane` command line: DPDK EAL option names, one subcommand per job.
+//!
+//! - `memplane primary`: run a primary that answers `memplane_ping` until SIGINT/SIGTERM;
+//! - `memplane mp listen|send|request|ping|peers`: poke a running DPDK or memplane channel.
+
+pub mod mp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use memplane_unix::{Abi, ChannelConfig, ProcType};
+
+/// The built-in action a `memplane primary` answers: it replies with the request's parameter.
+pub const PING_ACTION: &str = "memplane_ping";
+
+/// memplane: DPDK-style multi-process IPC for Rust dataplanes.
+#[derive(Parser, Debug)]
+#[command(name = "memplane", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a primary that answers `memplane_ping` until SIGINT or SIGTERM.
+    Primary(ChannelOpts),
+    /// Talk to a running channel (DPDK's or memplane's).
+    #[command(subcommand)]
+    Mp(mp::MpCommand),
+}
+
+/// Options that pick the channel, with DPDK's EAL names.
+#[derive(Args, Debug, Clone)]
+pub struct ChannelOpts {
+    /// Prefix naming the deployment (its runtime directory).
+    #[arg(long = "file-prefix", default_value = "rte")]
+    pub file_prefix: String,
+    /// Runtime directory (default: DPDK's rules, e.g. /var/run/dpdk/<prefix> for root).
+    #[arg(long = "runtime-dir")]
+    pub runtime_dir: Option<PathBuf>,
+    /// Wire ABI: 22.11, 24.11 or 25.11.
+    #[arg(long, default_value = "25.11", value_parser = parse_abi)]
+    pub abi: Abi,
+    /// primary, secondary or auto.
+    #[arg(long = "proc-type", default_value = "auto")]
+    pub proc_type: ProcType,
+}
+
+fn parse_abi(s: &str) -> Result<Abi, String> {
+    Abi::parse(s).ok_or_else(|| format!("unknown ABI {s:?}: expected 22.11, 24.11 or 25.11"))
+}
+
+impl ChannelOpts {
+    /// The channel configuration these options name.
+    pub fn config(&self) -> ChannelConfig {
+        let mut c = ChannelConfig::new()
+            .file_prefix(self.file_prefix.clone())
+            .proc_type(self.proc_type)
+            .abi(self.abi);
+        if let Some(d) = &self.runtime_dir {
+            c = c.runtime_dir(d.clone());
+        }
+        c
+    }
+}
+
+/// Bytes given in hex on the command line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HexBytes(pub Vec<u8>);
+
+/// Parses a hex argument.
+pub fn parse_hex_arg(s: &str) -> Result<HexBytes, String> {
+    parse_hex(s).map(HexBytes)
+}
+
+/// Parses a hex string (`0a1b`, also with spaces or a `0x` prefix) into bytes.
+pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
+    let t: String = s
+        .trim_start_matches("0x")
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != ':')
+        .collect();
+    if t.len() % 2 != 0 {
+        return Err(format!("hex string {s:?} has an odd number of digits"));
+    }
+    (0..t.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&t[i..i + 2], 16).map_err(|e| format!("bad hex {s:?}: {e}")))
+        .collect()
+}
+
+/// Bytes as lowercase hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Parses a duration in milliseconds.
+pub fn parse_ms(s: &str) -> Result<Duration, String> {
+    s.parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("bad milliseconds {s:?}: {e}"))
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let r = match cli.command {
+        Command::Primary(o) => mp::primary(&o),
+        Command::Mp(c) => mp::run(c),
+    };
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("memplane: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        assert_eq!(parse_hex("0x0a1B ff").unwrap(), vec![0x0a, 0x1b, 0xff]);
+        assert!(parse_hex("abc").is_err());
+        assert!(parse_hex("zz").is_err());
+        assert_eq!(hex(&[1, 0xab]), "01ab");
+    }
+}
