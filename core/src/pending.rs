@@ -555,9 +555,13 @@ where
     }
 
     /// Withdraws the slot of `peer` in request `id` because sending to it failed: that peer is
-    /// not counted in `nb_sent`. Returns false if the slot was already answered or `id` is stale.
+    /// not counted in `nb_sent`. Returns false if the slot was already answered, `id` is stale,
+    /// or its sending phase has ended ([`PendingTable::sending_done`]): a failure reported that
+    /// late is ignored, the peer stays owed until it answers or the deadline passes.
     pub fn send_failed(&mut self, id: RequestId, peer: &P) -> bool {
-        let Some(name) = self.record(id).and_then(|r| r.name) else {
+        // Only while sending: withdrawing the last owed slot later would leave the request open
+        // with nothing owed, completing only at its deadline (never with `Instant::NEVER`).
+        let Some(name) = self.record(id).filter(|r| r.sending).and_then(|r| r.name) else {
             return false;
         };
         match self.find_slot(peer, &name) {
@@ -661,8 +665,14 @@ where
 
     /// For a synchronous waiter: if `id` is complete, or its deadline has passed by `now`, takes
     /// its reply and frees the request. `Ok(None)` means: still waiting.
+    /// An async request is left alone (`Unknown`): its completion is not the poller's to take.
     pub fn poll(&mut self, id: RequestId, now: Instant) -> Result<Option<Reply<K>>, PendingError> {
-        let state = self.record(id).ok_or(PendingError::Unknown)?.state;
+        let r = self.record(id).ok_or(PendingError::Unknown)?;
+        if matches!(r.waiting, Some(Waiting::Async(_))) {
+            // Completing it here would drop its callback unrun.
+            return Err(PendingError::Unknown);
+        }
+        let state = r.state;
         if state == State::Open {
             if !self.finished(id.index, now) {
                 return Ok(None);
