@@ -16,7 +16,7 @@
 use core::fmt;
 use core::time::Duration;
 
-use crate::limits::{DEFAULT_ACTIONS, DEFAULT_REQUESTS, DEFAULT_SLOTS, MAX_PEERS};
+use crate::limits::{DEFAULT_ACTIONS, MAX_PEERS};
 use crate::message::{Message, MsgKind, Param};
 use crate::name::Name;
 use crate::pending::{
@@ -44,6 +44,9 @@ pub trait Host {
     type Replies: ReplySink<PeerOf<Self>, FdsOf<Self>>;
     /// The raw lock of the registry and the pending table.
     type RawMutex: RawMutex;
+    /// Where the pending table lives, and so how many requests and (request, peer) slots it
+    /// holds: [`crate::pending::Inline`] arrays, or host-allocated storage.
+    type Storage: crate::pending::Storage<PeerOf<Self>, Self::Notify, Self::Callback, Self::Replies>;
 }
 
 /// The peer address type of a host.
@@ -55,15 +58,14 @@ pub type FinishedOf<X> = Finished<<X as Host>::Callback, <X as Host>::Replies>;
 /// What cancelling a request of a host hands back.
 pub type CancelledOf<X> =
     Cancelled<<X as Host>::Notify, <X as Host>::Callback, <X as Host>::Replies>;
-type TrackerOf<X, const R: usize, const S: usize> = Tracker<
+type TrackerOf<X> = Tracker<
     <X as Host>::RawMutex,
     PeerOf<X>,
     FdsOf<X>,
     <X as Host>::Notify,
     <X as Host>::Callback,
     <X as Host>::Replies,
-    R,
-    S,
+    <X as Host>::Storage,
 >;
 
 /// Why an endpoint call failed.
@@ -179,23 +181,18 @@ pub struct Started<C, K> {
 }
 
 /// One process's end of the channel. See the module documentation.
-pub struct Endpoint<
-    X: Host,
-    const A: usize = DEFAULT_ACTIONS,
-    const R: usize = DEFAULT_REQUESTS,
-    const S: usize = DEFAULT_SLOTS,
-> {
+pub struct Endpoint<X: Host, const A: usize = DEFAULT_ACTIONS> {
     abi: Abi,
     transport: X::Transport,
     actions: Mutex<X::RawMutex, ActionRegistry<X::Handler, A>>,
-    tracker: TrackerOf<X, R, S>,
+    tracker: TrackerOf<X>,
     stats: Stats,
     init_complete: AtomicBool,
 }
 
 type PeerList<P> = heapless::Vec<P, MAX_PEERS>;
 
-impl<X: Host, const A: usize, const R: usize, const S: usize> Endpoint<X, A, R, S> {
+impl<X: Host, const A: usize> Endpoint<X, A> {
     /// An endpoint speaking `abi` over `transport`.
     pub fn new(transport: X::Transport, abi: Abi) -> Self {
         Endpoint {

@@ -28,6 +28,8 @@
 
 use core::fmt;
 use core::hash::{Hash, Hasher};
+use core::marker::PhantomData;
+use core::ops::{Deref, DerefMut};
 
 use crate::message::{Fds, Message};
 use crate::name::Name;
@@ -202,7 +204,8 @@ enum State {
     Done,
 }
 
-struct Record<N, C, K> {
+/// One request record (opaque; storage only creates vacant ones).
+pub struct Record<N, C, K> {
     generation: u32,
     state: State,
     name: Option<Name>,
@@ -218,12 +221,47 @@ struct Record<N, C, K> {
     next_free: u32,
 }
 
-struct Slot<P> {
+/// One (request, peer) slot (opaque; storage only creates vacant ones).
+pub struct Slot<P> {
     peer: Option<P>,
     record: u32,
     next_in_record: u32,
     next_in_bucket: u32,
     hash: u64,
+}
+
+impl<N, C, K: Default> Record<N, C, K> {
+    /// A vacant record.
+    pub fn vacant() -> Self {
+        Record {
+            generation: 0,
+            state: State::Free,
+            name: None,
+            deadline: Instant::NEVER,
+            sending: false,
+            nb_sent: 0,
+            nb_received: 0,
+            outstanding: 0,
+            timed_out: false,
+            first_slot: NIL,
+            waiting: None,
+            replies: K::default(),
+            next_free: NIL,
+        }
+    }
+}
+
+impl<P> Slot<P> {
+    /// A vacant slot.
+    pub fn vacant() -> Self {
+        Slot {
+            peer: None,
+            record: NIL,
+            next_in_record: NIL,
+            next_in_bucket: NIL,
+            hash: 0,
+        }
+    }
 }
 
 /// FNV-1a, enough to spread (peer, name) keys over the buckets.
@@ -248,79 +286,128 @@ fn key_hash<P: Hash>(peer: &P, name: &Name) -> u64 {
     h.finish()
 }
 
-/// The table. `R` request records, `S` (request, peer) slots; both fixed.
+/// A fixed-size array the table keeps its parts in, seen as a slice: an array inline, or a
+/// boxed slice the host allocated.
+pub struct Slab<T, B>(B, PhantomData<fn() -> T>);
+
+impl<T, B: AsRef<[T]>> Deref for Slab<T, B> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.0.as_ref()
+    }
+}
+
+impl<T, B: AsRef<[T]> + AsMut<[T]>> DerefMut for Slab<T, B> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        self.0.as_mut()
+    }
+}
+
+/// Where a table's records, slots and hash buckets live. The capacities are the lengths the
+/// storage hands out; they never change. [`Inline`] keeps them in arrays (`no_std`, no
+/// allocator: the table is one big value); a std host can box them so that no stack ever holds
+/// the whole table.
+pub trait Storage<P, N, C, K> {
+    /// The request records.
+    type Records: AsRef<[Record<N, C, K>]> + AsMut<[Record<N, C, K>]>;
+    /// The (request, peer) slots.
+    type Slots: AsRef<[Slot<P>]> + AsMut<[Slot<P>]>;
+    /// Hash buckets over the slots (any length from 1; the slot count is a good choice).
+    type Buckets: AsRef<[u32]> + AsMut<[u32]>;
+    /// Fresh, vacant parts (see [`Record::vacant`], [`Slot::vacant`]; buckets any value).
+    fn allocate() -> (Self::Records, Self::Slots, Self::Buckets);
+}
+
+/// Inline storage: `R` records and `S` slots in arrays.
+pub struct Inline<const R: usize, const S: usize>;
+
+impl<P, N, C, K: Default, const R: usize, const S: usize> Storage<P, N, C, K> for Inline<R, S> {
+    type Records = [Record<N, C, K>; R];
+    type Slots = [Slot<P>; S];
+    type Buckets = [u32; S];
+    fn allocate() -> (Self::Records, Self::Slots, Self::Buckets) {
+        (
+            core::array::from_fn(|_| Record::vacant()),
+            core::array::from_fn(|_| Slot::vacant()),
+            [NIL; S],
+        )
+    }
+}
+
+/// The table, with its parts in storage `St`.
 ///
 /// Type parameters: `P` the peer address, `F` the fd set, `N` the sync waiter's [`Notify`]
-/// handle, `C` the async completion, `K` the [`ReplySink`].
-pub struct PendingTable<P, F, N, C, K, const R: usize, const S: usize> {
-    records: [Record<N, C, K>; R],
-    slots: [Slot<P>; S],
-    buckets: [u32; S],
+/// handle, `C` the async completion, `K` the [`ReplySink`], `St` the [`Storage`].
+pub struct PendingTable<P, F, N, C, K, St: Storage<P, N, C, K>> {
+    records: Slab<Record<N, C, K>, St::Records>,
+    slots: Slab<Slot<P>, St::Slots>,
+    buckets: Slab<u32, St::Buckets>,
     free_record: u32,
     free_slot: u32,
     free_slots: usize,
     open: usize,
-    _fds: core::marker::PhantomData<fn() -> F>,
+    _fds: PhantomData<fn() -> F>,
 }
 
-impl<P, F, N, C, K, const R: usize, const S: usize> Default for PendingTable<P, F, N, C, K, R, S>
+impl<P, F, N, C, K, St> Default for PendingTable<P, F, N, C, K, St>
 where
     P: Clone + Eq + Hash,
     F: Fds,
     N: Notify,
     K: ReplySink<P, F>,
+    St: Storage<P, N, C, K>,
 {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<P, F, N, C, K, const R: usize, const S: usize> PendingTable<P, F, N, C, K, R, S>
+impl<P, F, N, C, K, St> PendingTable<P, F, N, C, K, St>
 where
     P: Clone + Eq + Hash,
     F: Fds,
     N: Notify,
     K: ReplySink<P, F>,
+    St: Storage<P, N, C, K>,
 {
-    const CHECK: () = assert!(
-        R > 0 && S > 0 && R < NIL as usize && S < NIL as usize,
-        "table capacities must be in 1..u32::MAX"
-    );
-
-    /// An empty table.
+    /// An empty table over freshly allocated storage.
+    ///
+    /// # Panics
+    /// If the storage hands out no record, no slot or no bucket, or more than `u32::MAX - 1`
+    /// of either: a configuration error caught at construction.
     pub fn new() -> Self {
-        #[allow(clippy::let_unit_value)]
-        let () = Self::CHECK;
-        PendingTable {
-            records: core::array::from_fn(|i| Record {
-                generation: 0,
-                state: State::Free,
-                name: None,
-                deadline: Instant::NEVER,
-                sending: false,
-                nb_sent: 0,
-                nb_received: 0,
-                outstanding: 0,
-                timed_out: false,
-                first_slot: NIL,
-                waiting: None,
-                replies: K::default(),
-                next_free: if i + 1 < R { (i + 1) as u32 } else { NIL },
-            }),
-            slots: core::array::from_fn(|i| Slot {
-                peer: None,
-                record: NIL,
-                next_in_record: if i + 1 < S { (i + 1) as u32 } else { NIL },
-                next_in_bucket: NIL,
-                hash: 0,
-            }),
-            buckets: [NIL; S],
+        let (records, slots, buckets) = St::allocate();
+        let mut t = PendingTable {
+            records: Slab(records, PhantomData),
+            slots: Slab(slots, PhantomData),
+            buckets: Slab(buckets, PhantomData),
             free_record: 0,
             free_slot: 0,
-            free_slots: S,
+            free_slots: 0,
             open: 0,
-            _fds: core::marker::PhantomData,
+            _fds: PhantomData,
+        };
+        let (r, s) = (t.records.len(), t.slots.len());
+        assert!(
+            r > 0 && s > 0 && !t.buckets.is_empty() && r < NIL as usize && s < NIL as usize,
+            "pending table storage must hold 1..u32::MAX records, slots and buckets"
+        );
+        for (i, rec) in t.records.iter_mut().enumerate() {
+            *rec = Record::vacant();
+            rec.next_free = if i + 1 < r { (i + 1) as u32 } else { NIL };
         }
+        for (i, slot) in t.slots.iter_mut().enumerate() {
+            *slot = Slot::vacant();
+            slot.next_in_record = if i + 1 < s { (i + 1) as u32 } else { NIL };
+        }
+        t.buckets.fill(NIL);
+        t.free_slots = s;
+        t
+    }
+
+    /// How many requests the table holds at most.
+    pub fn capacity(&self) -> usize {
+        self.records.len()
     }
 
     /// Requests currently in the table (open or completed but not yet taken).
@@ -340,7 +427,7 @@ where
 
     fn find_slot(&self, peer: &P, name: &Name) -> Option<u32> {
         let h = key_hash(peer, name);
-        let mut i = self.buckets[(h % S as u64) as usize];
+        let mut i = self.buckets[(h % self.buckets.len() as u64) as usize];
         while i != NIL {
             let s = &self.slots[i as usize];
             if s.hash == h
@@ -376,7 +463,8 @@ where
         waiting: Waiting<N, C>,
     ) -> Result<RequestId, (PendingError, Waiting<N, C>)> {
         if self.free_record == NIL {
-            return Err((PendingError::TableFull { capacity: R }, waiting));
+            let capacity = self.records.len();
+            return Err((PendingError::TableFull { capacity }, waiting));
         }
         if peers.len() > self.free_slots {
             return Err((
@@ -416,7 +504,7 @@ where
         for p in peers {
             let si = self.free_slot;
             let h = key_hash(p, &name);
-            let bucket = (h % S as u64) as usize;
+            let bucket = (h % self.buckets.len() as u64) as usize;
             let first = self.records[ri as usize].first_slot;
             let s = &mut self.slots[si as usize];
             self.free_slot = s.next_in_record;
@@ -442,7 +530,7 @@ where
             let s = &self.slots[si as usize];
             (s.hash, s.record)
         };
-        let bucket = (h % S as u64) as usize;
+        let bucket = (h % self.buckets.len() as u64) as usize;
         // Bucket chain.
         let mut prev = NIL;
         let mut i = self.buckets[bucket];
@@ -635,7 +723,7 @@ where
         mut out: impl FnMut(Completion<N, C, K>),
     ) -> usize {
         let mut n = 0;
-        for ri in 0..R as u32 {
+        for ri in 0..self.records.len() as u32 {
             if n == limit {
                 break;
             }
@@ -748,7 +836,7 @@ mod tests {
     }
 
     type Sink = heapless::Vec<(u32, Message<NoFds>), 8>;
-    type T<'a> = PendingTable<u32, NoFds, Flag<'a>, u8, Sink, 4, 8>;
+    type T<'a> = PendingTable<u32, NoFds, Flag<'a>, u8, Sink, Inline<4, 8>>;
 
     fn name(s: &str) -> Name {
         Name::new(s).unwrap()

@@ -13,6 +13,7 @@
 
 use crate::message::{Fds, Message};
 use crate::name::Name;
+use crate::pending::Storage;
 use crate::pending::{
     Answer, Cancelled, Completion, Finished, Notify, PendingError, PendingTable, Reply, ReplySink,
     RequestId, Waiting,
@@ -49,18 +50,18 @@ pub enum AnswerOutcome<C, K, F> {
 }
 
 /// A thread-safe pending table. See the module documentation.
-pub struct Tracker<Raw, P, F, N, C, K, const R: usize, const S: usize> {
-    table: Mutex<Raw, PendingTable<P, F, N, C, K, R, S>>,
+pub struct Tracker<Raw, P, F, N, C, K, St: Storage<P, N, C, K>> {
+    table: Mutex<Raw, PendingTable<P, F, N, C, K, St>>,
 }
 
-impl<Raw, P, F, N, C, K, const R: usize, const S: usize> Default
-    for Tracker<Raw, P, F, N, C, K, R, S>
+impl<Raw, P, F, N, C, K, St> Default for Tracker<Raw, P, F, N, C, K, St>
 where
     Raw: RawMutex,
     P: Clone + Eq + Hash,
     F: Fds,
     N: Notify,
     K: ReplySink<P, F>,
+    St: Storage<P, N, C, K>,
 {
     fn default() -> Self {
         Self::new()
@@ -78,13 +79,14 @@ fn deliver<N: Notify, C, K>(c: Completion<N, C, K>) -> Option<Finished<C, K>> {
     }
 }
 
-impl<Raw, P, F, N, C, K, const R: usize, const S: usize> Tracker<Raw, P, F, N, C, K, R, S>
+impl<Raw, P, F, N, C, K, St> Tracker<Raw, P, F, N, C, K, St>
 where
     Raw: RawMutex,
     P: Clone + Eq + Hash,
     F: Fds,
     N: Notify,
     K: ReplySink<P, F>,
+    St: Storage<P, N, C, K>,
 {
     /// An empty tracker.
     pub fn new() -> Self {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use memplane_core::endpoint::{Dispatch, Endpoint, Host};
 use memplane_core::message::{Fds, Message, MsgKind};
-use memplane_core::pending::{Finished, Notify, Reply, ReplySink};
+use memplane_core::pending::{Finished, Inline, Notify, Reply, ReplySink};
 use memplane_core::sync::SpinRawMutex;
 use memplane_core::time::Instant;
 use memplane_core::tracker::Waiter;
@@ -141,9 +141,10 @@ impl Host for Test {
     type Callback = Callback;
     type Replies = Replies;
     type RawMutex = SpinRawMutex;
+    type Storage = Inline<256, 1024>;
 }
 
-type Ep = Endpoint<Test, 16, 256, 1024>;
+type Ep = Endpoint<Test, 16>;
 
 struct Node {
     ep: Ep,

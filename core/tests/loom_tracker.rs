@@ -24,13 +24,13 @@ use loom::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
 
-use memplane_core::pending::{Cancelled, Finished, Notify, PendingError, Reply, Waiting};
+use memplane_core::pending::{Cancelled, Finished, Inline, Notify, PendingError, Reply, Waiting};
 use memplane_core::sync::SpinRawMutex;
 use memplane_core::tracker::{AnswerOutcome, Tracker, Waiter};
 use memplane_core::{Instant, Message, Name, NoFds, RequestId};
 
 type Replies = heapless::Vec<(u32, Message<NoFds>), 2>;
-type Tr<C> = Tracker<SpinRawMutex, u32, NoFds, Wake, C, Replies, 4, 8>;
+type Tr<C> = Tracker<SpinRawMutex, u32, NoFds, Wake, C, Replies, Inline<4, 8>>;
 
 /// The time every thread but the timer believes it is: before any deadline.
 const BEFORE: Instant = Instant::from_nanos(0);

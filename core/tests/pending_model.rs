@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use memplane_core::pending::Inline;
 use memplane_core::pending::{
     Answer, Cancelled, Completion, Finished, Notify, PendingError, PendingTable, Reply, Waiting,
 };
@@ -44,7 +45,7 @@ impl Notify for Tag {
 
 type Sink = heapless::Vec<(u32, Message<NoFds>), SINK>;
 /// Async completions are the request's model token.
-type Table = PendingTable<u32, NoFds, Tag, usize, Sink, R, S>;
+type Table = PendingTable<u32, NoFds, Tag, usize, Sink, Inline<R, S>>;
 
 fn name(i: usize) -> Name {
     Name::new(NAMES[i]).unwrap()
@@ -684,7 +685,7 @@ fn reply_overtakes_sender() {
 /// operation, and using it does not disturb the new request.
 #[test]
 fn stale_id_after_record_reuse() {
-    type One = PendingTable<u32, NoFds, Tag, usize, Sink, 1, 4>;
+    type One = PendingTable<u32, NoFds, Tag, usize, Sink, Inline<1, 4>>;
     let mut tb = One::new();
     let mut stale = Vec::new();
     for round in 0..3 {

@@ -15,7 +15,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use memplane_core::message::{Message, NoFds};
-use memplane_core::pending::{Answer, Completion, Finished, Notify, PendingTable, Waiting};
+use memplane_core::pending::{Answer, Completion, Finished, Inline, Notify, PendingTable, Waiting};
 use memplane_core::time::Instant;
 use memplane_core::txn::{
     ACTION_ROLLBACK, ACTION_SYNC, Action, AllocFlags, AllocRequest, Coordinator, FreeRequest,
@@ -37,7 +37,7 @@ impl Notify for NoWake {
 /// The broadcast a pending request belongs to: (transaction, is it a rollback).
 type Bcast = (TxnId, bool);
 type Sink = heapless::Vec<(u32, Message<NoFds>), 8>;
-type Table = PendingTable<u32, NoFds, NoWake, Bcast, Sink, 16, 64>;
+type Table = PendingTable<u32, NoFds, NoWake, Bcast, Sink, Inline<16, 64>>;
 
 #[derive(Clone, Debug)]
 enum Net {

@@ -10,7 +10,7 @@ use core::time::Duration;
 
 use memplane_core::endpoint::{Dispatch, Endpoint, Host};
 use memplane_core::message::{FdCount, Message, MsgKind};
-use memplane_core::pending::{Notify, Waiting};
+use memplane_core::pending::{Inline, Notify, Waiting};
 use memplane_core::sync::SpinRawMutex;
 use memplane_core::time::Instant;
 use memplane_core::tracker::Waiter;
@@ -63,6 +63,7 @@ impl Host for Bare {
     type Callback = u8;
     type Replies = heapless::Vec<(u32, Message<FdCount>), 4>;
     type RawMutex = SpinRawMutex;
+    type Storage = Inline<4, 8>;
 }
 
 /// Runs one pass over the core; returns a value that depends on every part.
@@ -85,7 +86,7 @@ pub fn exercise() -> u32 {
         score += reg.register(n, 1).is_ok() as u32;
     }
 
-    let ep: Endpoint<Bare, 4, 4, 8> = Endpoint::new(Sink, Abi::V25_11);
+    let ep: Endpoint<Bare, 4> = Endpoint::new(Sink, Abi::V25_11);
     if let Ok(n) = Name::new("nostd") {
         let _ = ep.register(n, 7);
     }

@@ -54,6 +54,9 @@ pub struct ListenArgs {
     /// Print the first bytes of every received fd.
     #[arg(long = "show-fds")]
     show_fds: bool,
+    /// Never answer requests (to see how requesters cope with a silent peer).
+    #[arg(long = "no-reply")]
+    no_reply: bool,
 }
 
 /// `mp send`.
@@ -170,13 +173,16 @@ fn open(o: &ChannelOpts) -> Result<Channel> {
 }
 
 fn listen(a: ListenArgs) -> Result<()> {
-    let ch = open(&a.opts)?;
+    // Not ready until every action is registered: a request that arrives in between is
+    // answered with "ignore" rather than left to time out.
+    let ch = Channel::open(a.opts.config().ready(false))?;
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let seen = Arc::new(AtomicU64::new(0));
     let count = a.count;
     let reply = a.reply.clone();
     let reply_memfds = a.reply_memfds.clone();
     let show = a.show_fds;
+    let no_reply = a.no_reply;
     for name in &a.actions {
         let seen = seen.clone();
         let done_tx = done_tx.clone();
@@ -191,7 +197,7 @@ fn listen(a: ListenArgs) -> Result<()> {
                 hex(m.msg.param()),
                 fds_line(m.msg.fds(), show)
             ));
-            if m.is_request() {
+            if m.is_request() && !no_reply {
                 let param = reply
                     .clone()
                     .map_or_else(|| m.msg.param().to_vec(), |h| h.0);
@@ -208,6 +214,7 @@ fn listen(a: ListenArgs) -> Result<()> {
             }
         })?;
     }
+    ch.set_ready();
     out(format!(
         "ready role={:?} socket={} abi={}",
         ch.role(),
@@ -344,7 +351,7 @@ pub fn primary(o: &ChannelOpts) -> Result<()> {
     }
     let (tx, stop) = mpsc::channel();
     on_signal(tx)?;
-    let ch = open(&o)?;
+    let ch = Channel::open(o.config().ready(false))?;
     ch.register(PING_ACTION, |ch: &MpChannel, m: Incoming| {
         if m.is_request() {
             let (name, param, fds) = m.msg.into_parts();
@@ -353,6 +360,7 @@ pub fn primary(o: &ChannelOpts) -> Result<()> {
             }
         }
     })?;
+    ch.set_ready();
     out(format!(
         "primary ready dir={} socket={} abi={}",
         ch.dir().display(),

@@ -26,7 +26,7 @@ use rustix::event::{PollFd, PollFlags};
 
 use memplane_core::endpoint::{Dispatch, Endpoint, FinishedOf, Host, SendReport};
 use memplane_core::message::{Message, MsgKind};
-use memplane_core::pending::{Notify, Reply, ReplySink, RequestId};
+use memplane_core::pending::{Notify, Record, Reply, ReplySink, RequestId, Slot, Storage};
 use memplane_core::stats::StatsSnapshot;
 use memplane_core::time::Instant;
 use memplane_core::tracker::Waiter;
@@ -230,6 +230,28 @@ impl Waiter for Park {
     }
 }
 
+/// How many requests may wait for replies at once.
+pub const REQUESTS: usize = 2048;
+/// How many (request, peer) slots: a broadcast to n secondaries takes n.
+pub const SLOTS: usize = 8192;
+
+/// The pending table's storage: boxed slices, built element by element so the table never sits
+/// whole on a stack (it is hundreds of kilobytes).
+pub struct HeapStorage;
+
+impl Storage<PeerAddr, Unpark, Callback, ReplyList> for HeapStorage {
+    type Records = Box<[Record<Unpark, Callback, ReplyList>]>;
+    type Slots = Box<[Slot<PeerAddr>]>;
+    type Buckets = Box<[u32]>;
+    fn allocate() -> (Self::Records, Self::Slots, Self::Buckets) {
+        (
+            (0..REQUESTS).map(|_| Record::vacant()).collect(),
+            (0..SLOTS).map(|_| Slot::vacant()).collect(),
+            vec![0; SLOTS].into_boxed_slice(),
+        )
+    }
+}
+
 /// The host types of the Unix channel.
 pub struct UnixHost;
 impl Host for UnixHost {
@@ -239,7 +261,12 @@ impl Host for UnixHost {
     type Callback = Callback;
     type Replies = ReplyList;
     type RawMutex = parking_lot::RawMutex;
+    type Storage = HeapStorage;
 }
+
+/// How many actions one channel can register (DPDK has no limit; memplane's registry is a
+/// fixed hash table, so it has one, and says so when it is reached).
+pub const ACTIONS: usize = 1024;
 
 thread_local! {
     static CHANNEL_THREAD: Cell<bool> = const { Cell::new(false) };
@@ -260,7 +287,7 @@ pub struct ChannelStats {
 
 /// The channel's working part; [`Channel`] owns it. Handlers and callbacks get a reference.
 pub struct MpChannel {
-    ep: Endpoint<UnixHost>,
+    ep: Endpoint<UnixHost, ACTIONS>,
     config: ChannelConfig,
     lock: Option<PrimaryLock>,
     uid: u32,

@@ -1,0 +1,770 @@
+//! Interop with real DPDK 22.11: the C peer `interop/dpdk_peer.c`, built here with cc and
+//! pkg-config, runs as the DPDK primary and the `memplane` binary talks to it as a secondary over
+//! DPDK's own `rte_mp` channel: requests (sync and async) with fds both ways, a DPDK broadcast
+//! answered by `memplane mp listen`, one-way messages, role detection, and the 22.11 ABI's
+//! 8-fd limit.
+//!
+//! Every test is skipped (it passes and prints a `SKIPPED:` line to stderr) when DPDK 22.11's
+//! development files (libdpdk-dev) or a C compiler are missing, or when not running as root
+//! (DPDK's runtime directory is /var/run/dpdk). Each test uses its own `--file-prefix`, kills
+//! and reaps every process it starts, and removes its runtime directory.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+const MEMPLANE: &str = env!("CARGO_BIN_EXE_memplane");
+const PEER_SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/dpdk_peer.c");
+/// The DPDK version these tests speak (and the `--abi` memplane is given).
+const DPDK_ABI: &str = "22.11";
+
+/// How long a DPDK process may take to initialise.
+const INIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a one-shot memplane command or an expected line may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---- environment and the C peer -------------------------------------------------------------
+
+/// Says why a test is skipped, straight to stderr so that libtest's capture does not hide it.
+fn skip(reason: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
+}
+
+fn tool_runs(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Builds the C peer once per test binary; `Err` says why the tests must be skipped.
+fn build_peer() -> Result<PathBuf, String> {
+    if !rustix::process::geteuid().is_root() {
+        return Err("not root: DPDK's runtime directory /var/run/dpdk needs root".into());
+    }
+    if !tool_runs(Command::new("cc").arg("--version")) {
+        return Err("no C compiler (cc) on PATH".into());
+    }
+    if !tool_runs(Command::new("pkg-config").args(["--exists", "libdpdk"])) {
+        return Err(
+            "DPDK 22.11 (libdpdk-dev) not installed: pkg-config --exists libdpdk failed".into(),
+        );
+    }
+    let version = Command::new("pkg-config")
+        .args(["--modversion", "libdpdk"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if version != DPDK_ABI && !version.starts_with(&format!("{DPDK_ABI}.")) {
+        return Err(format!(
+            "DPDK {DPDK_ABI} (libdpdk-dev) not installed: pkg-config finds libdpdk {version:?}"
+        ));
+    }
+    let flags = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "libdpdk"])
+        .output()
+        .map_err(|e| format!("pkg-config: {e}"))?;
+    if !flags.status.success() {
+        return Err(format!(
+            "pkg-config --cflags --libs libdpdk failed: {}",
+            String::from_utf8_lossy(&flags.stderr)
+        ));
+    }
+    let flags = String::from_utf8_lossy(&flags.stdout).into_owned();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dpdk_interop");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let out = dir.join("dpdk_peer");
+    // Build under a private name and rename, so concurrent test runs never see a half-written
+    // binary.
+    let tmp = dir.join(format!("dpdk_peer.{}", std::process::id()));
+    let cc = Command::new("cc")
+        .args(["-O2", "-Wall", "-o"])
+        .arg(&tmp)
+        .arg(PEER_SOURCE)
+        .args(flags.split_whitespace())
+        .output()
+        .map_err(|e| format!("run cc: {e}"))?;
+    // DPDK is installed and cc runs, so a failed build is a real failure, not a skip.
+    assert!(
+        cc.status.success(),
+        "building {PEER_SOURCE} failed:\n{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    std::fs::rename(&tmp, &out).map_err(|e| format!("rename to {}: {e}", out.display()))?;
+    Ok(out)
+}
+
+/// The C peer, or `None` (after printing why) when this test must be skipped.
+fn peer_binary() -> Option<&'static Path> {
+    static PEER: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match PEER.get_or_init(build_peer) {
+        Ok(p) => Some(p),
+        Err(reason) => {
+            skip(reason);
+            None
+        }
+    }
+}
+
+/// A unique DPDK `--file-prefix`; its runtime directory is removed on drop.
+struct Prefix {
+    name: String,
+    dir: PathBuf,
+}
+
+impl Prefix {
+    fn new() -> Prefix {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "mpint-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = Path::new("/var/run/dpdk").join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        Prefix { name, dir }
+    }
+
+    fn dir(&self) -> &str {
+        self.dir.to_str().expect("utf-8 runtime dir")
+    }
+
+    /// The EAL arguments of a DPDK process in this deployment (no hugepages, no devices).
+    fn eal_args(&self) -> Vec<String> {
+        ["--no-huge", "-m", "64", "--no-pci", "-l", "0-1"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([format!("--file-prefix={}", self.name), "--".to_owned()])
+            .collect()
+    }
+
+    /// memplane's channel options for a secondary in this deployment.
+    fn memplane_secondary(&self) -> Vec<String> {
+        [
+            "--abi",
+            DPDK_ABI,
+            "--proc-type",
+            "secondary",
+            "--runtime-dir",
+            self.dir(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---- child processes ------------------------------------------------------------------------
+
+/// A child process whose stdout is read line by line on a thread (so every wait has a timeout)
+/// and whose stderr is collected for failure messages. Dropping it kills it (by pid) and reaps
+/// it, whatever happened in the test.
+struct Proc {
+    what: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
+    reaped: Option<ExitStatus>,
+}
+
+impl Proc {
+    fn start(what: &str, program: impl AsRef<std::ffi::OsStr>, args: &[String]) -> Proc {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr_pipe = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::channel();
+        let tag = what.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{tag}] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let stderr_reader = std::thread::spawn(move || {
+            let mut r = BufReader::new(stderr_pipe);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Proc {
+            what: what.to_owned(),
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+            stderr_reader: Some(stderr_reader),
+            reaped: None,
+        }
+    }
+
+    fn pid(&self) -> rustix::process::Pid {
+        rustix::process::Pid::from_raw(self.child.id() as i32).expect("child pid")
+    }
+
+    fn report(&self) -> String {
+        format!(
+            "{} stdout:\n{}\n{} stderr:\n{}",
+            self.what,
+            self.seen.join("\n"),
+            self.what,
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    /// Waits for a stdout line for which `want` holds and returns it; panics on timeout or exit.
+    fn expect_line(&mut self, timeout: Duration, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if want(&line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "timed out after {timeout:?} waiting for a line\n{}",
+                    self.report()
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "{} closed its stdout before the expected line\n{}",
+                        self.what,
+                        self.report()
+                    )
+                }
+            }
+        }
+    }
+
+    /// Waits for the `ready` line.
+    fn ready(&mut self, timeout: Duration) -> String {
+        self.expect_line(timeout, |l| l.starts_with("ready"))
+    }
+
+    /// Writes one line to the child's stdin.
+    fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to child stdin");
+        stdin.flush().expect("flush child stdin");
+    }
+
+    /// Reads stdout to its end and reaps the child; panics if that takes longer than `timeout`
+    /// (the drop then kills it).
+    fn finish(&mut self, timeout: Duration) -> ExitStatus {
+        self.stdin = None;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{} did not exit within {timeout:?}\n{}",
+                    self.what,
+                    self.report()
+                ),
+            }
+        }
+        // Stdout is closed: the process has exited (or closed it on purpose; then wait blocks
+        // no longer than its exit).
+        let st = self.child.wait().expect("wait for child");
+        self.reaped = Some(st);
+        // The child is gone, so its stderr is at EOF: collect the rest of it.
+        if let Some(t) = self.stderr_reader.take() {
+            let _ = t.join();
+        }
+        st
+    }
+
+    /// Asks the child to stop (SIGTERM), then [`Proc::finish`]es it.
+    fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let _ = rustix::process::kill_process(self.pid(), rustix::process::Signal::TERM);
+        self.finish(timeout)
+    }
+
+    /// Everything the child printed on stdout so far, one line per entry.
+    fn output(&self) -> String {
+        self.seen.join("\n")
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.reaped.is_none() {
+            if let Ok(None) = self.child.try_wait() {
+                let _ = rustix::process::kill_process(self.pid(), rustix::process::Signal::KILL);
+            }
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs a one-shot `memplane` command to completion.
+fn memplane(what: &str, args: &[String]) -> (ExitStatus, Proc) {
+    let mut p = Proc::start(what, MEMPLANE, args);
+    let st = p.finish(STEP_TIMEOUT);
+    (st, p)
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Starts the C peer as the DPDK primary in `serve` mode and waits until it is ready.
+fn start_dpdk_server(peer: &Path, prefix: &Prefix) -> Proc {
+    let mut args = prefix.eal_args();
+    args.push("serve".into());
+    let mut p = Proc::start("dpdk-serve", peer, &args);
+    let ready = p.ready(INIT_TIMEOUT);
+    assert!(ready.contains("role=primary"), "{ready}");
+    p
+}
+
+/// Stops the serving DPDK peer and checks it shut down cleanly.
+fn stop_dpdk_server(mut p: Proc) {
+    let st = p.terminate(STEP_TIMEOUT);
+    assert!(st.success(), "DPDK peer exited with {st}\n{}", p.report());
+    assert!(p.output().contains("stopping signal=15"), "{}", p.report());
+}
+
+fn request_args(prefix: &Prefix, asynchronous: bool) -> Vec<String> {
+    let mut a = strings(&[
+        "mp",
+        "request",
+        "dpdk_echo",
+        "--param",
+        "68656c6c6f",
+        "--memfd",
+        "hello",
+        "--show-fds",
+    ]);
+    a.extend(prefix.memplane_secondary());
+    if asynchronous {
+        a.push("--async".into());
+    }
+    a
+}
+
+fn check_request_round_trip(peer: &Path, asynchronous: bool) {
+    let t0 = Instant::now();
+    let prefix = Prefix::new();
+    let mut dpdk = start_dpdk_server(peer, &prefix);
+
+    let (st, mp) = memplane("memplane-request", &request_args(&prefix, asynchronous));
+    assert!(
+        st.success(),
+        "memplane mp request failed: {st}\n{}",
+        mp.report()
+    );
+    let want_reply = format!(
+        "reply from={}/mp_socket name=dpdk_echo param=68656c6c6f fds=1 fd0=\"from-dpdk\"",
+        prefix.dir()
+    );
+    let out = mp.output();
+    assert!(
+        out.lines().any(|l| l == want_reply),
+        "no line {want_reply:?}\n{}",
+        mp.report()
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("nb_sent=1 nb_received=1") && l.contains("timed_out=false")),
+        "{}",
+        mp.report()
+    );
+
+    dpdk.expect_line(STEP_TIMEOUT, |l| {
+        l == "recv name=dpdk_echo param=68656c6c6f fds=1"
+    });
+    dpdk.expect_line(STEP_TIMEOUT, |l| l == "got fd0=\"hello\"");
+    dpdk.expect_line(STEP_TIMEOUT, |l| l == "replied rc=0");
+    stop_dpdk_server(dpdk);
+    eprintln!(
+        "request (async={asynchronous}) round trip checked in {:?}",
+        t0.elapsed()
+    );
+}
+
+/// Starts the C peer as the DPDK primary in `mode` (`broadcast ...` or `send ...`), waiting for
+/// one secondary and a go line, then `memplane mp listen` (`listen_args`, `--show-fds --count 1`)
+/// as that secondary; once memplane is ready (its actions registered) and DPDK has seen its
+/// socket, tells DPDK to go. Returns both processes.
+fn dpdk_primary_to_memplane_listen(
+    peer: &Path,
+    prefix: &Prefix,
+    mode: &[&str],
+    listen_args: &[&str],
+) -> (Proc, Proc) {
+    let mut args = prefix.eal_args();
+    args.extend(strings(mode));
+    args.extend(strings(&["--wait-peers", "1", "--wait-stdin"]));
+    let mut dpdk = Proc::start(&format!("dpdk-{}", mode[0]), peer, &args);
+    dpdk.ready(INIT_TIMEOUT);
+
+    let mut args = strings(&["mp", "listen", "--show-fds", "--count", "1"]);
+    args.extend(strings(listen_args));
+    args.extend(prefix.memplane_secondary());
+    let mut listen = Proc::start("memplane-listen", MEMPLANE, &args);
+    let ready = listen.ready(STEP_TIMEOUT);
+    assert!(ready.contains("role=Secondary"), "{ready}");
+    assert!(
+        ready.contains(&format!("socket={}/mp_socket_", prefix.dir())),
+        "{ready}"
+    );
+
+    // The DPDK peer sees memplane's socket with its own glob ...
+    dpdk.expect_line(STEP_TIMEOUT, |l| l == "peers=1");
+    // ... and sends once memplane's action is registered (its `ready` line comes after that).
+    dpdk.say("go");
+    (dpdk, listen)
+}
+
+// ---- the tests ------------------------------------------------------------------------------
+
+/// a. memplane (secondary) sends a sync request with a memfd to the DPDK primary; the DPDK
+/// action sees the fd's contents and replies with its own memfd.
+#[test]
+fn memplane_requests_dpdk_primary() {
+    let Some(peer) = peer_binary() else { return };
+    check_request_round_trip(peer, false);
+}
+
+/// a'. The same with an async request (the callback prints the same lines).
+#[test]
+fn memplane_requests_dpdk_primary_async() {
+    let Some(peer) = peer_binary() else { return };
+    check_request_round_trip(peer, true);
+}
+
+/// memplane's `--proc-type auto` recognises a DPDK primary (by the lock it holds on `config`)
+/// and becomes a secondary whose only peer is DPDK's `mp_socket`.
+#[test]
+fn memplane_auto_role_finds_dpdk_primary() {
+    let Some(peer) = peer_binary() else { return };
+    let t0 = Instant::now();
+    let prefix = Prefix::new();
+    let dpdk = start_dpdk_server(peer, &prefix);
+    let mut args = strings(&["mp", "peers", "--abi", DPDK_ABI, "--runtime-dir"]);
+    args.push(prefix.dir().into());
+    let (st, mp) = memplane("memplane-peers", &args);
+    assert!(
+        st.success(),
+        "memplane mp peers failed: {st}\n{}",
+        mp.report()
+    );
+    let out = mp.output();
+    assert!(
+        out.lines().any(|l| l.starts_with("role=Secondary ")),
+        "{}",
+        mp.report()
+    );
+    let want = format!("peer {}/mp_socket alive=true", prefix.dir());
+    assert!(out.lines().any(|l| l == want), "{}", mp.report());
+    // A memplane primary must refuse the directory a DPDK primary holds.
+    let mut args = strings(&["mp", "peers", "--proc-type", "primary", "--runtime-dir"]);
+    args.push(prefix.dir().into());
+    let (st, mp) = memplane("memplane-primary", &args);
+    assert!(!st.success(), "{}", mp.report());
+    assert!(
+        mp.stderr_text().contains("a DPDK primary"),
+        "{}",
+        mp.report()
+    );
+    stop_dpdk_server(dpdk);
+    eprintln!("auto role checked in {:?}", t0.elapsed());
+}
+
+/// b. The DPDK primary broadcasts a request with a memfd (`rte_mp_request_sync` to every
+/// `mp_socket_*`); `memplane mp listen` receives it and replies with its own memfd.
+#[test]
+fn dpdk_primary_broadcast_reaches_memplane() {
+    let Some(peer) = peer_binary() else { return };
+    let t0 = Instant::now();
+    let prefix = Prefix::new();
+    let (mut dpdk, mut listen) = dpdk_primary_to_memplane_listen(
+        peer,
+        &prefix,
+        &["broadcast", "memplane_echo", "hello-memplane"],
+        &[
+            "--action",
+            "memplane_echo",
+            "--reply-memfd",
+            "from-memplane",
+        ],
+    );
+    let st = dpdk.finish(STEP_TIMEOUT);
+    assert!(
+        st.success(),
+        "DPDK broadcast failed: {st}\n{}",
+        dpdk.report()
+    );
+    let out = dpdk.output();
+    assert!(
+        out.lines().any(|l| l == "nb_sent=1 nb_received=1"),
+        "{}",
+        dpdk.report()
+    );
+    assert!(
+        out.lines()
+            .any(|l| l == "reply name=memplane_echo param=70696e67 fds=1 fd0=\"from-memplane\""),
+        "{}",
+        dpdk.report()
+    );
+
+    let st = listen.finish(STEP_TIMEOUT);
+    assert!(
+        st.success(),
+        "memplane listen failed: {st}\n{}",
+        listen.report()
+    );
+    let want = format!(
+        "request from={}/mp_socket name=memplane_echo param=70696e67 fds=1 fd0=\"hello-memplane\"",
+        prefix.dir()
+    );
+    assert!(
+        listen.output().lines().any(|l| l == want),
+        "no line {want:?}\n{}",
+        listen.report()
+    );
+    eprintln!("DPDK broadcast checked in {:?}", t0.elapsed());
+}
+
+/// c. A one-way message from memplane reaches the DPDK action with its fd.
+#[test]
+fn memplane_message_reaches_dpdk() {
+    let Some(peer) = peer_binary() else { return };
+    let t0 = Instant::now();
+    let prefix = Prefix::new();
+    let mut dpdk = start_dpdk_server(peer, &prefix);
+    let mut args = strings(&[
+        "mp",
+        "send",
+        "dpdk_echo",
+        "--param",
+        "6f6e65776179",
+        "--memfd",
+        "one-way",
+    ]);
+    args.extend(prefix.memplane_secondary());
+    let (st, mp) = memplane("memplane-send", &args);
+    assert!(
+        st.success(),
+        "memplane mp send failed: {st}\n{}",
+        mp.report()
+    );
+    assert!(
+        mp.output()
+            .lines()
+            .any(|l| l == "sent name=dpdk_echo peers=1 gone=0 failed=0"),
+        "{}",
+        mp.report()
+    );
+    dpdk.expect_line(STEP_TIMEOUT, |l| {
+        l == "recv name=dpdk_echo param=6f6e65776179 fds=1"
+    });
+    dpdk.expect_line(STEP_TIMEOUT, |l| l == "got fd0=\"one-way\"");
+    stop_dpdk_server(dpdk);
+    eprintln!("one-way message checked in {:?}", t0.elapsed());
+}
+
+/// c'. The 22.11 ABI carries at most 8 fds: 8 memfds reach DPDK, 9 are refused by memplane
+/// before anything is sent.
+#[test]
+fn abi_22_11_fd_limit_against_dpdk() {
+    let Some(peer) = peer_binary() else { return };
+    let t0 = Instant::now();
+    let prefix = Prefix::new();
+    let mut dpdk = start_dpdk_server(peer, &prefix);
+    let send = |param: &str, fds: usize| {
+        let mut a = strings(&["mp", "send", "dpdk_echo", "--param", param]);
+        for i in 1..=fds {
+            a.push("--memfd".into());
+            a.push(format!("m{i}"));
+        }
+        a.extend(prefix.memplane_secondary());
+        a
+    };
+
+    let (st, mp) = memplane("memplane-send-8", &send("08", 8));
+    assert!(st.success(), "8 fds refused: {st}\n{}", mp.report());
+    dpdk.expect_line(STEP_TIMEOUT, |l| l == "recv name=dpdk_echo param=08 fds=8");
+    for i in 0..8 {
+        let want = format!("got fd{i}=\"m{}\"", i + 1);
+        dpdk.expect_line(STEP_TIMEOUT, |l| l == want);
+    }
+
+    let (st, mp) = memplane("memplane-send-9", &send("09", 9));
+    assert!(!st.success(), "9 fds accepted on 22.11\n{}", mp.report());
+    let err = mp.stderr_text();
+    assert!(
+        err.contains("9 fds attached, the 22.11 ABI carries at most 8"),
+        "unclear error: {err:?}"
+    );
+    assert!(!mp.output().contains("sent "), "{}", mp.report());
+
+    // Nothing of the refused message reached DPDK: the next thing it receives is this marker.
+    let (st, mp) = memplane("memplane-send-marker", &send("ff", 1));
+    assert!(st.success(), "{}", mp.report());
+    let next = dpdk.expect_line(STEP_TIMEOUT, |l| l.starts_with("recv "));
+    assert_eq!(
+        next,
+        "recv name=dpdk_echo param=ff fds=1",
+        "{}",
+        dpdk.report()
+    );
+    stop_dpdk_server(dpdk);
+    eprintln!("22.11 fd limit checked in {:?}", t0.elapsed());
+}
+
+/// c''. The DPDK primary's one-way message (`rte_mp_sendmsg` to every `mp_socket_*`) with a
+/// memfd reaches `memplane mp listen`.
+#[test]
+fn dpdk_primary_message_reaches_memplane() {
+    let Some(peer) = peer_binary() else { return };
+    let t0 = Instant::now();
+    let prefix = Prefix::new();
+    let (mut dpdk, mut listen) = dpdk_primary_to_memplane_listen(
+        peer,
+        &prefix,
+        &["send", "memplane_note", "hello-note"],
+        &["--action", "memplane_note"],
+    );
+    let st = dpdk.finish(STEP_TIMEOUT);
+    assert!(st.success(), "DPDK sendmsg failed: {st}\n{}", dpdk.report());
+    assert!(
+        dpdk.output().lines().any(|l| l == "sendmsg rc=0"),
+        "{}",
+        dpdk.report()
+    );
+    let st = listen.finish(STEP_TIMEOUT);
+    assert!(
+        st.success(),
+        "memplane listen failed: {st}\n{}",
+        listen.report()
+    );
+    let want = format!(
+        "message from={}/mp_socket name=memplane_note param=6e6f7465 fds=1 fd0=\"hello-note\"",
+        prefix.dir()
+    );
+    assert!(
+        listen.output().lines().any(|l| l == want),
+        "no line {want:?}\n{}",
+        listen.report()
+    );
+    eprintln!("DPDK one-way message checked in {:?}", t0.elapsed());
+}
+
+/// An in-process memplane secondary that is not ready yet (its actions are not all registered)
+/// answers the DPDK primary's request for an unknown action with "ignore" (`MP_IGN`), so DPDK
+/// stops waiting at once and does not count it (`nb_sent=0`), as it does for its own
+/// secondaries during `rte_eal_init`; once ready and registered, the same broadcast is answered.
+#[test]
+fn memplane_not_ready_is_ignored_by_dpdk() {
+    use memplane::unix::{Abi, Channel, ChannelConfig, Fds, Incoming, MpChannel, ProcType};
+    let Some(peer) = peer_binary() else { return };
+    let t0 = Instant::now();
+    let prefix = Prefix::new();
+    let broadcast = |what: &str| {
+        let mut args = prefix.eal_args();
+        args.extend(strings(&[
+            "broadcast",
+            "memplane_late",
+            "too-early",
+            "--wait-peers",
+            "1",
+            "--wait-stdin",
+        ]));
+        let mut dpdk = Proc::start(what, peer, &args);
+        dpdk.ready(INIT_TIMEOUT);
+        dpdk
+    };
+
+    let mut dpdk = broadcast("dpdk-broadcast-early");
+    let cfg = ChannelConfig::new()
+        .runtime_dir(prefix.dir())
+        .proc_type(ProcType::Secondary)
+        .abi(Abi::V22_11)
+        .ready(false);
+    let ch = Channel::open(cfg).expect("open memplane secondary");
+    dpdk.expect_line(STEP_TIMEOUT, |l| l == "peers=1");
+    dpdk.say("go");
+    // The request timeout is 5 s: an ignore ends it long before.
+    let sent = Instant::now();
+    let st = dpdk.finish(STEP_TIMEOUT);
+    let took = sent.elapsed();
+    assert!(!st.success(), "nothing answered, yet: {}", dpdk.report());
+    let out = dpdk.output();
+    assert!(
+        out.lines().any(|l| l == "nb_sent=0 nb_received=0"),
+        "{}",
+        dpdk.report()
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "DPDK waited {took:?}: the ignore did not reach it\n{}",
+        dpdk.report()
+    );
+    drop(dpdk);
+
+    // Register and become ready: the next DPDK primary's broadcast is answered.
+    ch.register("memplane_late", |ch: &MpChannel, m: Incoming| {
+        if m.is_request() {
+            let reply = memplane::unix::message(m.msg.name().as_str(), b"late", Fds::none())
+                .expect("reply message");
+            let _ = ch.reply(&m.from, &reply);
+        }
+    })
+    .expect("register");
+    ch.set_ready();
+    let mut dpdk = broadcast("dpdk-broadcast-ready");
+    dpdk.expect_line(STEP_TIMEOUT, |l| l == "peers=1");
+    dpdk.say("go");
+    let st = dpdk.finish(STEP_TIMEOUT);
+    assert!(st.success(), "{}", dpdk.report());
+    assert!(
+        dpdk.output()
+            .lines()
+            .any(|l| l == "reply name=memplane_late param=6c617465 fds=0"),
+        "{}",
+        dpdk.report()
+    );
+    ch.close();
+    eprintln!("not-ready ignore checked in {:?}", t0.elapsed());
+}

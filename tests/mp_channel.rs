@@ -1,0 +1,621 @@
+//! The Unix channel between real processes.
+//!
+//! The test process plays one role through the library (`memplane::unix`), and `memplane`
+//! child processes play the others. Checked here: a primary with four secondaries exchanging
+//! one-way messages, sync, async and broadcast requests in both directions; fds (memfds whose
+//! contents the receiver reads) both ways; a secondary killed with SIGKILL mid-request; stale
+//! socket files; a second primary refused and a secondary without primary failing at once;
+//! malformed datagrams (the primary survives, leaks no fd, counts each rejection); a sender with
+//! another uid rejected; 1,000 async requests in flight; many threads sharing one receiving
+//! thread; every ABI on the wire. Each test has its own runtime directory and reaps its children.
+
+mod common;
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{LONG, Proc, TestDir, primary, run};
+use memplane::unix::socket::Socket;
+use memplane::unix::{
+    Abi, Channel, ChannelConfig, Fds, Incoming, MpChannel, ProcType, Replies, message,
+};
+
+fn lib(dir: &TestDir, t: ProcType) -> Channel {
+    Channel::open(ChannelConfig::new().runtime_dir(dir.path()).proc_type(t)).expect("open channel")
+}
+
+fn memfd(text: &str) -> OwnedFd {
+    memplane::cli::mp::memfd_with(text).unwrap()
+}
+
+fn read_fd(fd: impl AsFd) -> String {
+    memplane::cli::mp::peek_fd(fd)
+}
+
+fn listener(dir: &TestDir, extra: &[&str]) -> Proc {
+    let d = dir.arg();
+    let mut args = vec![
+        "mp",
+        "listen",
+        "--runtime-dir",
+        &d,
+        "--proc-type",
+        "secondary",
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Proc::memplane(&args);
+    p.expect_line("ready role=Secondary", LONG);
+    p
+}
+
+#[test]
+fn primary_and_four_secondaries_both_directions() {
+    let dir = TestDir::new();
+    let ch = lib(&dir, ProcType::Primary);
+    let (tx, rx) = mpsc::channel::<String>();
+    let tx = Mutex::new(tx);
+    ch.register("up_req", move |ch: &MpChannel, m: Incoming| {
+        let fds: Vec<String> = m.msg.fds().0.iter().map(read_fd).collect();
+        let _ = tx.lock().unwrap().send(format!("req fds={fds:?}"));
+        let r = message("up_req", m.msg.param(), Fds::from(memfd("from-primary"))).unwrap();
+        ch.reply(&m.from, &r).unwrap();
+    })
+    .unwrap();
+    let (ntx, nrx) = mpsc::channel::<Vec<u8>>();
+    let ntx = Mutex::new(ntx);
+    ch.register("up_note", move |_: &MpChannel, m: Incoming| {
+        assert!(!m.is_request());
+        let _ = ntx.lock().unwrap().send(m.msg.param().to_vec());
+    })
+    .unwrap();
+
+    let mut secs: Vec<Proc> = (0..4)
+        .map(|_| {
+            listener(
+                &dir,
+                &[
+                    "--action",
+                    "down",
+                    "--reply-memfd",
+                    "from-secondary",
+                    "--show-fds",
+                ],
+            )
+        })
+        .collect();
+
+    // Primary to every secondary: sync broadcast with an fd each way.
+    let m = message("down", b"\x01\x02", Fds::from(memfd("to-secondaries"))).unwrap();
+    let r = ch.request(&m, LONG).unwrap();
+    assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (4, 4, false));
+    for rep in &r.msgs {
+        assert_eq!(rep.msg.param(), b"\x01\x02");
+        assert_eq!(rep.msg.fds().0.len(), 1);
+        assert_eq!(read_fd(&rep.msg.fds().0[0]), "from-secondary");
+    }
+    for s in &mut secs {
+        let l = s.expect_line("request from=", LONG);
+        assert!(
+            l.contains("name=down param=0102 fds=1 fd0=\"to-secondaries\""),
+            "{l}"
+        );
+    }
+
+    // Async broadcast.
+    let (atx, arx) = mpsc::channel();
+    ch.request_async(
+        &message("down", b"a", Fds::none()).unwrap(),
+        LONG,
+        move |_, r: Replies| {
+            atx.send((r.nb_sent, r.nb_received)).unwrap();
+        },
+    )
+    .unwrap();
+    assert_eq!(arx.recv_timeout(LONG).unwrap(), (4, 4));
+
+    // One-way broadcast.
+    let rep = ch
+        .send(&message("down", b"m", Fds::none()).unwrap())
+        .unwrap();
+    assert_eq!(rep.sent, 4);
+    for s in &mut secs {
+        s.expect_line("message from=", LONG);
+    }
+
+    // Secondaries to the primary: sync, async, one-way.
+    let d = dir.arg();
+    let (code, out, err) = run(&[
+        "mp",
+        "request",
+        "up_req",
+        "--param",
+        "beef",
+        "--memfd",
+        "hello",
+        "--show-fds",
+        "--proc-type",
+        "secondary",
+        "--runtime-dir",
+        &d,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.iter()
+            .any(|l| l.contains("name=up_req param=beef fds=1 fd0=\"from-primary\"")),
+        "{out:?}"
+    );
+    assert!(out.iter().any(|l| l.contains("nb_sent=1 nb_received=1")));
+    assert_eq!(rx.recv_timeout(LONG).unwrap(), "req fds=[\"hello\"]");
+    let (code, out, err) = run(&[
+        "mp",
+        "request",
+        "up_req",
+        "--async",
+        "--proc-type",
+        "secondary",
+        "--runtime-dir",
+        &d,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.iter().any(|l| l.contains("nb_sent=1 nb_received=1")),
+        "{out:?}"
+    );
+    let (code, _, err) = run(&[
+        "mp",
+        "send",
+        "up_note",
+        "--param",
+        "ab",
+        "--proc-type",
+        "secondary",
+        "--runtime-dir",
+        &d,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(nrx.recv_timeout(LONG).unwrap(), vec![0xab]);
+    assert_eq!(ch.stats().endpoint.rx_rejected(), 0);
+}
+
+#[test]
+fn secondary_killed_mid_request() {
+    let dir = TestDir::new();
+    let ch = lib(&dir, ProcType::Primary);
+    let _good = listener(&dir, &["--action", "slow"]);
+    let mut silent = listener(&dir, &["--action", "slow", "--no-reply"]);
+    let silent_socket = ch
+        .peers()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name().contains(&format!("_{}_", silent.pid())))
+        .expect("silent secondary's socket");
+
+    let (tx, rx) = mpsc::channel();
+    ch.request_async(
+        &message("slow", b"", Fds::none()).unwrap(),
+        Duration::from_millis(500),
+        move |_, r: Replies| tx.send((r.nb_sent, r.nb_received, r.timed_out)).unwrap(),
+    )
+    .unwrap();
+    silent.expect_line("request from=", LONG);
+    silent.signal(libc::SIGKILL);
+    let _ = silent.child.wait();
+    // The good secondary's answer is kept; the dead one costs only the timeout.
+    assert_eq!(rx.recv_timeout(LONG).unwrap(), (2, 1, true));
+    // Next request: the dead socket is found, removed and not counted.
+    let r = ch
+        .request(&message("slow", b"", Fds::none()).unwrap(), LONG)
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 1, false));
+    assert!(!silent_socket.path().exists());
+}
+
+fn stale_socket(path: &Path) {
+    let s = Socket::bind(path).unwrap();
+    drop(s); // the file stays, nobody is bound
+    assert!(path.exists());
+}
+
+#[test]
+fn stale_sockets_are_cleaned() {
+    let dir = TestDir::new();
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let old = dir.path().join("mp_socket_4242_dead");
+    stale_socket(&old);
+    let ch = lib(&dir, ProcType::Primary);
+    assert!(!old.exists(), "stale socket removed at primary start");
+    let later = dir.path().join("mp_socket_4243_dead");
+    stale_socket(&later);
+    let r = ch
+        .request(&message("x", b"", Fds::none()).unwrap(), LONG)
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received), (0, 0));
+    assert!(!later.exists(), "stale socket removed when found dead");
+}
+
+#[test]
+fn second_primary_refused_and_auto_becomes_secondary() {
+    let dir = TestDir::new();
+    let _ch = lib(&dir, ProcType::Primary);
+    let d = dir.arg();
+    let (code, _, err) = run(&["primary", "--runtime-dir", &d]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("another primary (pid {})", std::process::id())),
+        "{err}"
+    );
+    let (code, out, err) = run(&["mp", "peers", "--runtime-dir", &d]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out[0].starts_with("role=Secondary"), "{out:?}");
+}
+
+#[test]
+fn secondary_without_primary_fails_at_once() {
+    let dir = TestDir::new();
+    let d = dir.arg();
+    let t0 = Instant::now();
+    let (code, _, err) = run(&[
+        "mp",
+        "request",
+        "x",
+        "--timeout",
+        "60000",
+        "--proc-type",
+        "secondary",
+        "--runtime-dir",
+        &d,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no primary process is running"), "{err}");
+    // It did not wait for the 60 s timeout.
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    // Nor does a primary that died: its lock is gone with it.
+    let mut p = primary(&dir);
+    p.signal(libc::SIGKILL);
+    let _ = p.child.wait();
+    let (code, _, err) = run(&[
+        "mp",
+        "request",
+        "x",
+        "--timeout",
+        "60000",
+        "--proc-type",
+        "secondary",
+        "--runtime-dir",
+        &d,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no primary process is running"), "{err}");
+}
+
+/// Sends raw bytes with `n` memfds from a socket of our own in `dir` to the primary.
+fn raw(sock: &Socket, dir: &TestDir, bytes: &[u8], n: usize) -> Result<(), rustix::io::Errno> {
+    let fds: Vec<OwnedFd> = (0..n).map(|_| memfd("x")).collect();
+    let b: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    sock.send_to(&dir.path().join("mp_socket"), bytes, &b)
+}
+
+/// Sends `bytes` with `fds` split into two `SCM_RIGHTS` control messages, by hand; returns the
+/// errno (0 on success).
+fn send_in_two_blocks(sock: &Socket, to: &Path, bytes: &[u8], fds: &[OwnedFd]) -> i32 {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let (a, b) = raw.split_at(raw.len() / 2);
+    let path = to.as_os_str().as_encoded_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is valid, then the path (shorter than sun_path,
+    // checked) is copied in.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    assert!(path.len() < addr.sun_path.len());
+    for (d, s) in addr.sun_path.iter_mut().zip(path) {
+        *d = *s as libc::c_char;
+    }
+    let space = |n: usize| {
+        // SAFETY: CMSG_SPACE only computes a size.
+        unsafe { libc::CMSG_SPACE((n * 4) as u32) as usize }
+    };
+    let mut control = vec![0u8; space(a.len()) + space(b.len())];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut _,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is valid before its fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut addr as *mut libc::sockaddr_un).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_un>() as u32;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    // SAFETY: the control buffer holds exactly two cmsg headers with room for `a` and `b`
+    // (sized with CMSG_SPACE above); CMSG_FIRSTHDR/NXTHDR stay inside it, and each header's
+    // data area is written with exactly CMSG_LEN's worth of fds. `msg` points at live buffers.
+    unsafe {
+        let c1 = libc::CMSG_FIRSTHDR(&msg);
+        (*c1).cmsg_level = libc::SOL_SOCKET;
+        (*c1).cmsg_type = libc::SCM_RIGHTS;
+        (*c1).cmsg_len = libc::CMSG_LEN((a.len() * 4) as u32) as usize;
+        std::ptr::copy_nonoverlapping(a.as_ptr(), libc::CMSG_DATA(c1).cast(), a.len());
+        let c2 = libc::CMSG_NXTHDR(&msg, c1);
+        (*c2).cmsg_level = libc::SOL_SOCKET;
+        (*c2).cmsg_type = libc::SCM_RIGHTS;
+        (*c2).cmsg_len = libc::CMSG_LEN((b.len() * 4) as u32) as usize;
+        std::ptr::copy_nonoverlapping(b.as_ptr(), libc::CMSG_DATA(c2).cast(), b.len());
+        if libc::sendmsg(sock.as_fd().as_raw_fd(), &msg, 0) < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        } else {
+            0
+        }
+    }
+}
+
+fn good_datagram(abi: Abi) -> Vec<u8> {
+    let m = memplane::core::Message::new("memplane_ping", b"").unwrap();
+    memplane::core::wire::Datagram::encode(abi, memplane::core::MsgKind::Request, &m)
+        .unwrap()
+        .as_bytes()
+        .to_vec()
+}
+
+#[test]
+fn malformed_datagrams_rejected_without_leaks() {
+    let dir = TestDir::new();
+    let mut p = primary(&dir);
+    let d = dir.arg();
+    let (code, _, err) = run(&[
+        "mp",
+        "ping",
+        "--count",
+        "5",
+        "--warmup",
+        "0",
+        "--runtime-dir",
+        &d,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let fds_before = p.fd_count();
+
+    let sock = Socket::bind(
+        &dir.path()
+            .join(format!("mp_socket_{}_raw", std::process::id())),
+    )
+    .unwrap();
+    let good = good_datagram(Abi::V25_11);
+    let mut bad_kind = good.clone();
+    bad_kind[0] = 9;
+    let mut bad_name = good.clone();
+    bad_name[9] = 0x07;
+    let mut unterminated = good.clone();
+    unterminated[8..72].fill(b'a');
+    let mut rejected = 0;
+    for (bytes, fds) in [
+        (vec![0u8; 10], 0),
+        (vec![], 0),
+        (bad_kind, 0),
+        (bad_name, 2),
+        (unterminated, 0),
+        (good.clone(), 3), // header says 0 fds, 3 arrive
+        (vec![1u8; 5], 4), // fds with a short message
+        (good[..332].to_vec(), 0),
+        (good.clone(), 253), // the most the kernel passes, none announced
+    ] {
+        raw(&sock, &dir, &bytes, fds).unwrap();
+        rejected += 1;
+    }
+    // 300 fds in one message (two SCM_RIGHTS blocks of 150): the kernel refuses to carry more
+    // than 253, so nothing reaches the primary; our own sender refuses before the kernel.
+    assert_eq!(
+        raw(&sock, &dir, &good, 300),
+        Err(rustix::io::Errno::TOOMANYREFS)
+    );
+    let fds: Vec<OwnedFd> = (0..300).map(|_| memfd("x")).collect();
+    let e = send_in_two_blocks(&sock, &dir.path().join("mp_socket"), &good, &fds);
+    assert_eq!(e, libc::EINVAL, "the kernel carries at most 253 fds");
+
+    // Still answering.
+    let (code, out, err) = run(&[
+        "mp",
+        "ping",
+        "--count",
+        "5",
+        "--warmup",
+        "0",
+        "--runtime-dir",
+        &d,
+    ]);
+    assert_eq!(code, 0, "{err} {out:?}");
+    assert_eq!(p.fd_count(), fds_before, "the primary leaked fds");
+    p.signal(libc::SIGTERM);
+    let (code, out) = p.finish(LONG);
+    assert_eq!(code, 0);
+    let last = out.last().unwrap();
+    assert!(last.contains(&format!("rejected={rejected}")), "{last}");
+}
+
+#[test]
+fn sender_with_another_uid_rejected() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: sender_with_another_uid_rejected needs root to setuid(65534)");
+        return;
+    }
+    let dir = TestDir::new();
+    let mut p = primary(&dir);
+    // Connect as root (the directory is 0700), then drop to uid 65534 and send a valid request.
+    let s = rustix::net::socket(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::DGRAM,
+        None,
+    )
+    .unwrap();
+    let addr = rustix::net::SocketAddrUnix::new(dir.path().join("mp_socket")).unwrap();
+    rustix::net::connect(&s, &addr).unwrap();
+    let dgram = good_datagram(Abi::V25_11);
+    let fd = s.as_raw_fd();
+    // SAFETY: fork in a test process; the child only makes async-signal-safe system calls
+    // (setuid, send, _exit) on memory that was prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: in the forked child: plain system calls on a valid fd and buffer, then _exit.
+        unsafe {
+            if libc::setuid(65534) != 0 {
+                libc::_exit(2);
+            }
+            let n = libc::send(fd, dgram.as_ptr().cast(), dgram.len(), 0);
+            libc::_exit(if n == dgram.len() as isize { 0 } else { 3 });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child we just forked.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child status {status}"
+    );
+    p.signal(libc::SIGTERM);
+    let (code, out) = p.finish(LONG);
+    assert_eq!(code, 0);
+    let last = out.last().unwrap();
+    assert!(last.contains("rx_ok=0 rejected=1"), "{last}");
+}
+
+#[test]
+fn thousand_async_requests_in_flight() {
+    let dir = TestDir::new();
+    let names: Vec<String> = (0..1000).map(|i| format!("f{i}")).collect();
+    let d = dir.arg();
+    let mut args = vec![
+        "mp",
+        "listen",
+        "--runtime-dir",
+        &d,
+        "--proc-type",
+        "primary",
+    ];
+    for n in &names {
+        args.push("--action");
+        args.push(n);
+    }
+    let mut prim = Proc::memplane(&args);
+    prim.expect_line("ready role=Primary", LONG);
+    let ch = lib(&dir, ProcType::Secondary);
+    let (tx, rx) = mpsc::channel();
+    for n in &names {
+        let tx = tx.clone();
+        ch.request_async(
+            &message(n, n.as_bytes(), Fds::none()).unwrap(),
+            Duration::from_secs(60),
+            move |_, r: Replies| {
+                let ok =
+                    r.nb_received == 1 && r.msgs[0].msg.param() == r.msgs[0].msg.name().as_bytes();
+                tx.send(ok).unwrap();
+            },
+        )
+        .unwrap();
+    }
+    assert!(ch.pending_requests() > 0);
+    for _ in 0..names.len() {
+        assert!(rx.recv_timeout(Duration::from_secs(60)).unwrap());
+    }
+    assert_eq!(ch.pending_requests(), 0);
+}
+
+#[test]
+fn many_threads_share_one_receiving_thread() {
+    let dir = TestDir::new();
+    let d = dir.arg();
+    let mut prim = Proc::memplane(&[
+        "mp",
+        "listen",
+        "--runtime-dir",
+        &d,
+        "--proc-type",
+        "primary",
+        "--action",
+        "t0",
+        "--action",
+        "t1",
+        "--action",
+        "t2",
+        "--action",
+        "t3",
+    ]);
+    prim.expect_line("ready role=Primary", LONG);
+    let ch = Arc::new(lib(&dir, ProcType::Secondary));
+    let ts: Vec<_> = (0..4)
+        .map(|t| {
+            let ch = ch.clone();
+            std::thread::spawn(move || {
+                for k in 0..200u32 {
+                    let r = ch
+                        .request(
+                            &message(&format!("t{t}"), &k.to_le_bytes(), Fds::none()).unwrap(),
+                            LONG,
+                        )
+                        .unwrap();
+                    assert_eq!((r.nb_sent, r.nb_received), (1, 1));
+                    assert_eq!(r.msgs[0].msg.param(), k.to_le_bytes());
+                }
+            })
+        })
+        .collect();
+    for t in ts {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn every_abi_on_the_wire_and_mismatch_rejected() {
+    for abi in ["22.11", "24.11", "25.11"] {
+        let dir = TestDir::new();
+        let d = dir.arg();
+        let mut p = Proc::memplane(&["primary", "--runtime-dir", &d, "--abi", abi]);
+        p.expect_line("primary ready", LONG);
+        let (code, out, err) = run(&[
+            "mp",
+            "request",
+            "memplane_ping",
+            "--param",
+            "0102",
+            "--memfd",
+            "a",
+            "--abi",
+            abi,
+            "--show-fds",
+            "--runtime-dir",
+            &d,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.iter().any(|l| l.contains("param=0102 fds=1 fd0=\"a\"")),
+            "{abi}: {out:?}"
+        );
+    }
+    // 25.11 datagrams (340 bytes) to a 22.11 primary (332): rejected, counted, no answer.
+    let dir = TestDir::new();
+    let d = dir.arg();
+    let mut p = Proc::memplane(&["primary", "--runtime-dir", &d, "--abi", "22.11"]);
+    p.expect_line("primary ready", LONG);
+    let (code, out, _) = run(&[
+        "mp",
+        "request",
+        "memplane_ping",
+        "--timeout",
+        "300",
+        "--abi",
+        "25.11",
+        "--runtime-dir",
+        &d,
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.iter()
+            .any(|l| l.contains("nb_sent=1 nb_received=0 timed_out=true")),
+        "{out:?}"
+    );
+    p.signal(libc::SIGTERM);
+    let (_, out) = p.finish(LONG);
+    assert!(out.last().unwrap().contains("rejected=1"), "{out:?}");
+}
