@@ -3,6 +3,7 @@
 //! - `memplane primary`: run a primary that answers `memplane_ping` until SIGINT/SIGTERM;
 //! - `memplane mp listen|send|request|ping|peers`: poke a running DPDK or memplane channel.
 
+pub mod demo;
 pub mod mp;
 
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ pub enum Command {
     /// Talk to a running channel (DPDK's or memplane's).
     #[command(subcommand)]
     Mp(mp::MpCommand),
+    /// The main job: a primary and secondary processes at work, no hugepages needed.
+    Demo(demo::DemoArgs),
 }
 
 /// Options that pick the channel, with DPDK's EAL names.
@@ -111,6 +114,7 @@ pub fn run(cli: Cli) -> i32 {
     let r = match cli.command {
         Command::Primary(o) => mp::primary(&o),
         Command::Mp(c) => mp::run(c),
+        Command::Demo(a) => demo::run(a),
     };
     match r {
         Ok(()) => 0,
