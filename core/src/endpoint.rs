@@ -170,6 +170,17 @@ pub struct SendReport {
     pub first_error: Option<SendError>,
 }
 
+/// A request entered but not sent yet; see [`Endpoint::prepare_request`].
+#[derive(Debug)]
+pub struct Prepared {
+    /// Its id.
+    pub id: RequestId,
+    /// The datagram to send to each peer.
+    pub datagram: Datagram,
+    /// When it is due; a send may wait for a busy peer until then.
+    pub deadline: Instant,
+}
+
 /// A started async request.
 pub struct Started<C, K> {
     /// Its id, for [`Endpoint::cancel`].
@@ -406,21 +417,77 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
         timeout: Duration,
         waiting: Waiting<X::Notify, X::Callback>,
     ) -> Result<(RequestId, Option<FinishedOf<X>>), EndpointError> {
-        let d = Datagram::encode(self.abi, MsgKind::Request, msg)?;
+        let p = self.prepare_request(peers, msg, now, timeout, waiting)?;
+        for peer in peers {
+            let r = self
+                .transport
+                .send(peer, p.datagram.as_bytes(), msg.fds(), p.deadline);
+            self.sent(p.id, peer, r);
+        }
+        let finished = self.sending_done(p.id, now)?;
+        Ok((p.id, finished))
+    }
+
+    /// First step of a request whose sends the host makes itself (for instance from a socket of
+    /// the requesting thread, so the replies come back there): enters the request for `peers`
+    /// and encodes the datagram. Then: send it to each peer and report each result with
+    /// [`Endpoint::sent`], call [`Endpoint::sending_done`], and for a sync request wait with
+    /// [`Endpoint::wait`].
+    pub fn prepare_request(
+        &self,
+        peers: &[PeerOf<X>],
+        msg: &Message<FdsOf<X>>,
+        now: Instant,
+        timeout: Duration,
+        waiting: Waiting<X::Notify, X::Callback>,
+    ) -> Result<Prepared, EndpointError> {
+        let datagram = Datagram::encode(self.abi, MsgKind::Request, msg)?;
         let deadline = now.saturating_add(timeout);
         let id = self
             .tracker
             .begin(*msg.name(), peers, deadline, waiting)
             .map_err(|(e, _waiting)| EndpointError::Pending(e))?;
-        for p in peers {
-            let r = self.transport.send(p, d.as_bytes(), msg.fds(), deadline);
-            self.count_send(&r);
-            if r.is_err() {
-                self.tracker.send_failed(id, p);
-            }
+        Ok(Prepared {
+            id,
+            datagram,
+            deadline,
+        })
+    }
+
+    /// Reports how the send of request `id` to `peer` went; a failed one is not counted in
+    /// `nb_sent`.
+    pub fn sent(&self, id: RequestId, peer: &PeerOf<X>, result: Result<(), SendError>) {
+        self.count_send(&result);
+        if result.is_err() {
+            self.tracker.send_failed(id, peer);
         }
-        let finished = self.tracker.sending_done(id, now)?;
-        Ok((id, finished))
+    }
+
+    /// Ends the sending phase of request `id`; see [`Tracker::sending_done`].
+    pub fn sending_done(
+        &self,
+        id: RequestId,
+        now: Instant,
+    ) -> Result<Option<FinishedOf<X>>, EndpointError> {
+        let f = self.tracker.sending_done(id, now)?;
+        if f.as_ref().is_some_and(|f| f.reply.timed_out) {
+            bump(&self.stats.requests_timed_out);
+        }
+        Ok(f)
+    }
+
+    /// Waits through `waiter` for the sync request `id` (entered with `waiter.notifier()`).
+    pub fn wait<W: Waiter<Notify = X::Notify>>(
+        &self,
+        id: RequestId,
+        now: Instant,
+        waiter: &W,
+    ) -> Result<Reply<X::Replies>, EndpointError> {
+        let r = self.tracker.wait(id, now, waiter)?;
+        if r.timed_out {
+            bump(&self.stats.requests_timed_out);
+        }
+        Ok(r)
     }
 
     /// Sends request `msg` to every peer and blocks through `waiter` until all answered or
@@ -448,11 +515,7 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
         waiter: &W,
     ) -> Result<Reply<X::Replies>, EndpointError> {
         let (id, _) = self.start(peers, msg, now, timeout, Waiting::Sync(waiter.notifier()))?;
-        let r = self.tracker.wait(id, now, waiter)?;
-        if r.timed_out {
-            bump(&self.stats.requests_timed_out);
-        }
-        Ok(r)
+        self.wait(id, now, waiter)
     }
 
     /// Sends request `msg` to every peer; `callback` runs exactly once, when all answered or
@@ -479,9 +542,6 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
         callback: X::Callback,
     ) -> Result<Started<X::Callback, X::Replies>, EndpointError> {
         let (id, finished) = self.start(peers, msg, now, timeout, Waiting::Async(callback))?;
-        if finished.as_ref().is_some_and(|f| f.reply.timed_out) {
-            bump(&self.stats.requests_timed_out);
-        }
         Ok(Started { id, finished })
     }
 

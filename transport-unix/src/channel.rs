@@ -26,7 +26,7 @@ use rustix::event::{PollFd, PollFlags};
 
 use memplane_core::endpoint::{Dispatch, Endpoint, FinishedOf, Host, SendReport};
 use memplane_core::message::{Message, MsgKind};
-use memplane_core::pending::{Notify, Record, Reply, ReplySink, RequestId, Slot, Storage};
+use memplane_core::pending::{Notify, Record, Reply, ReplySink, RequestId, Slot, Storage, Waiting};
 use memplane_core::stats::StatsSnapshot;
 use memplane_core::time::Instant;
 use memplane_core::tracker::Waiter;
@@ -215,21 +215,6 @@ impl Notify for Unpark {
     }
 }
 
-struct Park;
-impl Waiter for Park {
-    type Notify = Unpark;
-    fn notifier(&self) -> Unpark {
-        Unpark(thread::current())
-    }
-    fn wait_until(&self, deadline: Instant) -> Instant {
-        let n = now();
-        if deadline > n {
-            thread::park_timeout(deadline.saturating_duration_since(n));
-        }
-        now()
-    }
-}
-
 /// How many requests may wait for replies at once.
 pub const REQUESTS: usize = 2048;
 /// How many (request, peer) slots: a broadcast to n secondaries takes n.
@@ -299,6 +284,64 @@ pub struct MpChannel {
     threads: Mutex<Vec<JoinHandle<()>>>,
     panics: AtomicU64,
     receive_errors: AtomicU64,
+    /// Request sockets not in use (see [`RequestSocket`]).
+    request_sockets: Mutex<Vec<RequestSocket>>,
+    request_seq: AtomicU64,
+}
+
+/// A socket a synchronous requester sends from and receives its replies on, directly: no
+/// hand-off through the receiving thread, so a round trip costs two wake-ups, as a bare
+/// ping-pong does. Named `mp_req_<pid>_<n>` (not `mp_socket_*`, so no broadcast takes it for a
+/// secondary); pooled by the channel; removed when the channel closes.
+struct RequestSocket {
+    sock: Arc<Socket>,
+    buf: Vec<u8>,
+    /// The receive timeout set on the socket now.
+    timeout: Duration,
+    /// A request on it ended before every answer came: late ones may be queued.
+    dirty: bool,
+}
+
+impl Drop for RequestSocket {
+    fn drop(&mut self) {
+        self.sock.unlink();
+    }
+}
+
+/// Waits for a sync request's replies by receiving them on its own request socket.
+struct SocketWaiter<'a> {
+    ch: &'a MpChannel,
+    rs: std::cell::RefCell<&'a mut RequestSocket>,
+}
+
+impl Waiter for SocketWaiter<'_> {
+    type Notify = Unpark;
+    fn notifier(&self) -> Unpark {
+        Unpark(thread::current())
+    }
+    /// One blocking receive, bounded by the deadline through `SO_RCVTIMEO`, which is changed
+    /// only when it would overshoot the deadline by more than a little: a round trip costs one
+    /// `sendmsg` and one `recvmsg`, as a bare ping-pong does.
+    fn wait_until(&self, deadline: Instant) -> Instant {
+        let mut rs = self.rs.borrow_mut();
+        let n = now();
+        if deadline <= n {
+            return n;
+        }
+        let left = deadline.saturating_duration_since(n);
+        let slack = (left / 64).max(Duration::from_millis(1));
+        if rs.timeout > left + slack || rs.timeout.is_zero() {
+            if rs.sock.set_recv_timeout(left).is_err() {
+                return now();
+            }
+            rs.timeout = left;
+        }
+        let RequestSocket { sock, buf, .. } = &mut **rs;
+        if let Ok(Some(r)) = sock.recv(buf, true) {
+            self.ch.handle(r, buf, false);
+        }
+        now()
+    }
 }
 
 impl MpChannel {
@@ -412,11 +455,80 @@ impl MpChannel {
         if CHANNEL_THREAD.with(|c| c.get()) {
             return Err(Error::WouldDeadlock);
         }
-        let r = replies(self.ep.request_sync_to(peers, msg, now(), timeout, &Park)?);
+        let mut rs = self.take_request_socket()?;
+        let r = self.request_via(&mut rs, peers, msg, timeout);
+        self.put_request_socket(rs);
+        let r = replies(r?);
         if self.role() == Role::Secondary && r.nb_sent == 0 && !peers.is_empty() {
             return Err(Error::PrimaryGone);
         }
         Ok(r)
+    }
+
+    fn request_via(
+        &self,
+        rs: &mut RequestSocket,
+        peers: &[PeerAddr],
+        msg: &Message<Fds>,
+        timeout: Duration,
+    ) -> Result<Reply<ReplyList>, Error> {
+        if rs.dirty {
+            // Whatever waits on the socket answers an earlier request that gave up: drop it.
+            while let Ok(Some(_)) = rs.sock.recv(&mut rs.buf, false) {}
+            rs.dirty = false;
+        }
+        let t = now();
+        let p = self.ep.prepare_request(
+            peers,
+            msg,
+            t,
+            timeout,
+            Waiting::Sync(Unpark(thread::current())),
+        )?;
+        let tr = self.ep.transport();
+        for peer in peers {
+            let r = tr.send_from(
+                Some(&rs.sock),
+                peer,
+                p.datagram.as_bytes(),
+                msg.fds(),
+                p.deadline,
+            );
+            self.ep.sent(p.id, peer, r);
+        }
+        self.ep.sending_done(p.id, t)?;
+        let waiter = SocketWaiter {
+            ch: self,
+            rs: std::cell::RefCell::new(rs),
+        };
+        let r = self.ep.wait(p.id, t, &waiter);
+        let rs = waiter.rs.into_inner();
+        rs.dirty = r.as_ref().map_or(true, |r| r.timed_out);
+        Ok(r?)
+    }
+
+    fn take_request_socket(&self) -> Result<RequestSocket, Error> {
+        if let Some(s) = self.request_sockets.lock().pop() {
+            return Ok(s);
+        }
+        let n = self.request_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir().join(format!(
+            "{}{}_{n}",
+            rundir::REQUEST_SOCKET_PREFIX,
+            std::process::id()
+        ));
+        Ok(RequestSocket {
+            sock: Arc::new(Socket::bind(&path)?),
+            buf: vec![0u8; RECV_BUF],
+            timeout: Duration::ZERO,
+            dirty: false,
+        })
+    }
+
+    fn put_request_socket(&self, s: RequestSocket) {
+        if !self.stop.load(Ordering::Acquire) {
+            self.request_sockets.lock().push(s);
+        }
     }
 
     /// Sends a request to every peer; `cb` runs exactly once, on a channel thread, when all
@@ -490,7 +602,7 @@ impl MpChannel {
                     if self.stop.load(Ordering::Acquire) {
                         break;
                     }
-                    self.handle(r, &buf);
+                    self.handle(r, &buf, true);
                 }
                 Ok(None) => {}
                 // A receive error is never fatal: DPDK's thread exits here and the process
@@ -502,7 +614,9 @@ impl MpChannel {
         }
     }
 
-    fn handle(&self, r: crate::socket::Received, buf: &[u8]) {
+    /// Handles one received datagram; `actions` is false on a request socket, where only
+    /// answers belong (anything else is dropped and counted).
+    fn handle(&self, r: crate::socket::Received, buf: &[u8], actions: bool) {
         let trusted = match r.creds {
             Some(c) => {
                 let uid = c.uid.as_raw();
@@ -520,6 +634,10 @@ impl MpChannel {
             control_truncated: r.control_truncated,
         };
         match self.ep.receive(from, &buf[..r.len], r.fds, flags, now()) {
+            Dispatch::Action { msg, .. } if !actions => {
+                drop(msg);
+                self.ep.stats().rx_no_action.fetch_add(1, Ordering::Relaxed);
+            }
             Dispatch::Action {
                 handler,
                 kind,
@@ -615,6 +733,7 @@ impl MpChannel {
             }
         }
         self.ep.transport().socket().unlink();
+        self.request_sockets.lock().clear();
         if let Some(l) = &self.lock {
             l.remove();
         }
@@ -710,6 +829,8 @@ impl Channel {
             threads: Mutex::new(Vec::new()),
             panics: AtomicU64::new(0),
             receive_errors: AtomicU64::new(0),
+            request_sockets: Mutex::new(Vec::new()),
+            request_seq: AtomicU64::new(0),
         });
         let spawn = |name: &str, f: fn(&Arc<MpChannel>)| {
             let c = inner.clone();

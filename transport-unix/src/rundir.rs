@@ -19,6 +19,9 @@ use crate::error::Error;
 pub const PRIMARY_SOCKET: &str = "mp_socket";
 /// Prefix of every secondary's socket name.
 pub const SECONDARY_SOCKET_PREFIX: &str = "mp_socket_";
+/// Prefix of the sockets synchronous requesters send from (`mp_req_<pid>_<n>`); deliberately
+/// not `mp_socket_*`, which names secondaries.
+pub const REQUEST_SOCKET_PREFIX: &str = "mp_req_";
 /// memplane's primary lock (and, with the memory layer, its shared configuration).
 pub const MEMPLANE_CONFIG: &str = "memplane_config";
 /// DPDK's shared configuration, locked by a live DPDK primary.
@@ -254,6 +257,20 @@ pub fn clean_stale(dir: &Path) -> usize {
     }
     for p in secondary_sockets(dir).unwrap_or_default() {
         if !socket_alive(&p) && fs::remove_file(&p).is_ok() {
+            n += 1;
+        }
+    }
+    let requesters = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|s| s.starts_with(REQUEST_SOCKET_PREFIX))
+        });
+    for e in requesters {
+        if !socket_alive(&e.path()) && fs::remove_file(e.path()).is_ok() {
             n += 1;
         }
     }

@@ -242,6 +242,12 @@ impl Socket {
         }))
     }
 
+    /// Sets how long a waiting receive blocks at most (`SO_RCVTIMEO`; zero is not allowed).
+    pub fn set_recv_timeout(&self, d: std::time::Duration) -> Result<(), Errno> {
+        let d = d.max(std::time::Duration::from_micros(1));
+        net::sockopt::set_socket_timeout(&self.fd, net::sockopt::Timeout::Recv, Some(d))
+    }
+
     /// Removes the socket file.
     pub fn unlink(&self) {
         let _ = std::fs::remove_file(&self.path);

@@ -13,6 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rustix::io::Errno;
@@ -39,6 +40,8 @@ struct Queued {
     bytes: Vec<u8>,
     fds: Fds,
     deadline: Instant,
+    /// The socket to send from (so replies go there); the channel's own when `None`.
+    from: Option<Arc<Socket>>,
 }
 
 #[derive(Default)]
@@ -188,10 +191,8 @@ impl UnixTransport {
                     stats.dropped += 1;
                     continue;
                 }
-                match self
-                    .sock
-                    .send_to(peer.path(), &item.bytes, &item.fds.borrowed())
-                {
+                let from = item.from.as_deref().unwrap_or(&self.sock);
+                match from.send_to(peer.path(), &item.bytes, &item.fds.borrowed()) {
                     Ok(()) => {
                         q.items.pop_front();
                         *total -= 1;
@@ -234,26 +235,20 @@ impl UnixTransport {
         poll
     }
 
-    /// Whether anything waits in the outbox.
-    pub fn outbox_waiting(&self) -> bool {
-        self.outbox.lock().total > 0
-    }
-}
-
-impl Transport for UnixTransport {
-    type Peer = PeerAddr;
-    type Fds = Fds;
-
-    fn send(
+    /// Sends `datagram` to `to` from socket `from` (the channel's own when `None`), without
+    /// blocking: a busy peer's datagram waits in the outbox until `deadline`.
+    pub fn send_from(
         &self,
+        from: Option<&Arc<Socket>>,
         to: &PeerAddr,
         datagram: &[u8],
         fds: &Fds,
         deadline: Instant,
     ) -> Result<(), SendError> {
+        let sock = from.map_or(&self.sock, |s| &**s);
         let mut o = self.outbox.lock();
         if !o.peers.contains_key(to) {
-            match self.sock.send_to(to.path(), datagram, &fds.borrowed()) {
+            match sock.send_to(to.path(), datagram, &fds.borrowed()) {
                 Ok(()) => return Ok(()),
                 Err(Errno::AGAIN) => {}
                 Err(e) => return Err(self.classify(to, e)),
@@ -277,12 +272,33 @@ impl Transport for UnixTransport {
                 bytes: datagram.to_vec(),
                 fds,
                 deadline,
+                from: from.cloned(),
             });
         o.total += 1;
         o.stats.queued += 1;
         drop(o);
         self.wake();
         Ok(())
+    }
+
+    /// Whether anything waits in the outbox.
+    pub fn outbox_waiting(&self) -> bool {
+        self.outbox.lock().total > 0
+    }
+}
+
+impl Transport for UnixTransport {
+    type Peer = PeerAddr;
+    type Fds = Fds;
+
+    fn send(
+        &self,
+        to: &PeerAddr,
+        datagram: &[u8],
+        fds: &Fds,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        self.send_from(None, to, datagram, fds, deadline)
     }
 
     fn for_each_peer(&self, f: &mut dyn FnMut(&PeerAddr)) -> Result<(), SendError> {
