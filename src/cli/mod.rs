@@ -1,9 +1,12 @@
 //! The `memplane` command line: DPDK EAL option names, one subcommand per job.
 //!
 //! - `memplane primary`: run a primary that answers `memplane_ping` until SIGINT/SIGTERM;
-//! - `memplane mp listen|send|request|ping|peers`: poke a running DPDK or memplane channel.
+//! - `memplane mp listen|send|request|ping|peers`: poke a running DPDK or memplane channel;
+//! - `memplane mp bench ...`: IPC benchmarks comparable with DPDK's (`bench/ipc.sh`).
 
+pub mod bench;
 pub mod demo;
+pub mod hugepages;
 pub mod mp;
 
 use std::path::PathBuf;
@@ -35,6 +38,8 @@ pub enum Command {
     Mp(mp::MpCommand),
     /// The main job: a primary and secondary processes at work, no hugepages needed.
     Demo(demo::DemoArgs),
+    /// Hugepages: sizes, counts per NUMA node, mounts; reserve and mount (root).
+    Hugepages(hugepages::HugepagesArgs),
 }
 
 /// Options that pick the channel, with DPDK's EAL names.
@@ -115,6 +120,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Primary(o) => mp::primary(&o),
         Command::Mp(c) => mp::run(c),
         Command::Demo(a) => demo::run(a),
+        Command::Hugepages(a) => hugepages::run(a),
     };
     match r {
         Ok(()) => 0,

@@ -32,6 +32,9 @@ pub enum MpCommand {
     Ping(PingArgs),
     /// List the peers a message would reach.
     Peers(ChannelOpts),
+    /// IPC benchmarks, comparable with `interop/dpdk_bench.c` (see `bench/ipc.sh`).
+    #[command(subcommand)]
+    Bench(super::bench::BenchCommand),
 }
 
 /// `mp listen`.
@@ -122,6 +125,7 @@ pub fn run(c: MpCommand) -> Result<()> {
         MpCommand::Request(a) => request(a),
         MpCommand::Ping(a) => ping(a),
         MpCommand::Peers(o) => peers(&o),
+        MpCommand::Bench(c) => super::bench::run(c),
     }
 }
 

@@ -143,22 +143,7 @@ impl ChannelConfig {
 }
 
 /// A received message or request, as an action sees it.
-#[derive(Debug)]
-pub struct Incoming {
-    /// [`MsgKind::Msg`] or [`MsgKind::Request`].
-    pub kind: MsgKind,
-    /// The message, with its fds.
-    pub msg: Message<Fds>,
-    /// Who sent it (reply here).
-    pub from: PeerAddr,
-}
-
-impl Incoming {
-    /// True for a request, which wants exactly one reply.
-    pub fn is_request(&self) -> bool {
-        self.kind == MsgKind::Request
-    }
-}
+pub type Incoming = memplane_core::channel::Incoming<PeerAddr, Fds>;
 
 /// One reply to a request.
 #[derive(Debug)]
@@ -183,8 +168,17 @@ pub struct Replies {
 }
 
 /// The reply store of the core's pending table.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct ReplyList(Vec<ReplyMsg>);
+
+impl IntoIterator for ReplyList {
+    type Item = (PeerAddr, Message<Fds>);
+    type IntoIter =
+        std::iter::Map<std::vec::IntoIter<ReplyMsg>, fn(ReplyMsg) -> (PeerAddr, Message<Fds>)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter().map(|r| (r.from, r.msg))
+    }
+}
 
 impl ReplySink<PeerAddr, Fds> for ReplyList {
     fn push(&mut self, from: PeerAddr, msg: Message<Fds>) -> Result<(), Message<Fds>> {
@@ -848,8 +842,100 @@ impl Channel {
         Ok(Channel(Arc::new(Guard(inner))))
     }
 
+    /// The channel's working part, shared: what the memory layer and the heap hold. Holding it
+    /// does not keep the channel open; dropping the last [`Channel`] still closes it.
+    pub fn shared(&self) -> Arc<MpChannel> {
+        self.0.0.clone()
+    }
+
     /// Stops the channel now (also done when the last clone is dropped).
     pub fn close(&self) {
         self.0.0.shutdown();
+    }
+}
+
+impl memplane_core::channel::Channel for MpChannel {
+    type Peer = PeerAddr;
+    type Fds = Fds;
+    type Replies = ReplyList;
+    type Error = Error;
+
+    fn side(&self) -> memplane_core::channel::Side {
+        match self.role() {
+            Role::Primary => memplane_core::channel::Side::Primary,
+            Role::Secondary => memplane_core::channel::Side::Secondary,
+        }
+    }
+
+    fn primary(&self) -> PeerAddr {
+        self.ep.transport().primary().clone()
+    }
+
+    fn register_action<H>(&self, name: &str, handler: H) -> Result<(), Error>
+    where
+        H: Fn(&Self, Incoming) + Send + Sync + 'static,
+    {
+        self.register(name, handler)
+    }
+
+    fn reply_to(&self, to: &PeerAddr, msg: &Message<Fds>) -> Result<(), Error> {
+        self.reply(to, msg)
+    }
+
+    fn request_peers(
+        &self,
+        peers: &[PeerAddr],
+        msg: &Message<Fds>,
+        timeout: Duration,
+    ) -> Result<Reply<ReplyList>, Error> {
+        if CHANNEL_THREAD.with(|c| c.get()) {
+            return Err(Error::WouldDeadlock);
+        }
+        let mut rs = self.take_request_socket()?;
+        let r = self.request_via(&mut rs, peers, msg, timeout);
+        self.put_request_socket(rs);
+        r
+    }
+
+    fn request_peers_async<D>(
+        &self,
+        peers: &[PeerAddr],
+        msg: &Message<Fds>,
+        timeout: Duration,
+        done: D,
+    ) -> Result<(), Error>
+    where
+        D: FnOnce(&Self, Reply<ReplyList>) + Send + 'static,
+    {
+        let t = now();
+        let s = self.ep.request_async_to(
+            peers,
+            msg,
+            t,
+            timeout,
+            Box::new(move |ch: &MpChannel, r: Replies| {
+                done(
+                    ch,
+                    Reply {
+                        nb_sent: r.nb_sent,
+                        nb_received: r.nb_received,
+                        timed_out: r.timed_out,
+                        replies: ReplyList(r.msgs),
+                    },
+                )
+            }),
+        )?;
+        match s.finished {
+            Some(f) => {
+                self.deferred.lock().push(f);
+                self.ep.transport().wake();
+            }
+            None => self.deadline_added(t.saturating_add(timeout)),
+        }
+        Ok(())
+    }
+
+    fn on_channel_thread(&self) -> bool {
+        CHANNEL_THREAD.with(|c| c.get())
     }
 }

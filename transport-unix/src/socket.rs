@@ -98,6 +98,12 @@ impl From<Vec<OwnedFd>> for Fds {
     }
 }
 
+impl From<Fds> for Vec<OwnedFd> {
+    fn from(f: Fds) -> Self {
+        f.0
+    }
+}
+
 impl From<OwnedFd> for Fds {
     fn from(f: OwnedFd) -> Self {
         Fds(vec![f])

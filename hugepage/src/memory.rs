@@ -1,0 +1,1028 @@
+//! One process's shared memory: the primary that owns the map, or a secondary that follows it.
+//!
+//! The primary runs the core's transaction [`Coordinator`]: a secondary's request to grow or
+//! shrink, or the primary's own, becomes actions executed here (allocate or free pages in the
+//! [`MemMap`], broadcast a sync to every attached secondary, roll back, publish to the heap,
+//! reply). A secondary registers the sync and rollback actions, asks the primary for pages over
+//! the channel, and attaches by reserving the primary's address range, receiving the memfds,
+//! joining the sync broadcasts and syncing once.
+//!
+//! Only processes that attached their memory take part in syncs: IPC-only peers (a DPDK
+//! secondary, `memplane mp ...`) are never waited for.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use memplane_core::channel::{Channel, Incoming, Side};
+use memplane_core::message::{Fds as _, Message, Param};
+use memplane_core::name::Name;
+use memplane_core::time::Instant;
+use memplane_core::txn::{
+    ACTION_REQUEST, ACTION_ROLLBACK, ACTION_SYNC, Action, AllocFlags, AllocRequest, Coordinator,
+    FreeRequest, MemRange, MemRequest, Origin, Outcome, Requester, SyncJob, SyncOutcome, Timeouts,
+    TxnId, TxnMsg, TxnStatus,
+};
+
+use crate::backing::PageStore;
+use crate::error::MemError;
+use crate::events::{EventFn, MemEvent};
+use crate::iova::{IovaMode, Pagemap};
+use crate::memseg::{ListInfo, MemMap};
+use crate::options::{Backing, IovaChoice, MemOptions};
+use crate::shared::{HeaderSpec, ListSpec, SharedConfig, backing_code, iova_code};
+use crate::va::{DEFAULT_BASE, Reservation};
+use crate::vfio::DmaMapper;
+
+/// A secondary joins the sync broadcasts (an async request, so it leaves from the secondary's
+/// own socket, which the primary then addresses).
+pub const ACTION_ATTACH: &str = "memplane_mem_attach";
+/// A secondary asks for the memfds of the lists (param: first list index, u32 LE).
+pub const ACTION_FDS: &str = "memplane_mem_fds";
+
+/// What the heap layer does when pages join or come back (primary only).
+pub trait HeapHooks: Send + Sync {
+    /// New pages, mapped everywhere: add them to heap `heap`.
+    fn publish(&self, heap: u32, range: MemRange) -> Result<(), TxnStatus>;
+    /// A free did not happen: put the pages back into heap `heap`.
+    fn restore(&self, heap: u32, range: MemRange);
+}
+
+struct Primary<P> {
+    coord: Mutex<Coordinator<P>>,
+    participants: Mutex<Vec<(P, u32)>>,
+    results: Mutex<HashMap<u64, Result<MemRange, TxnStatus>>>,
+    done: Condvar,
+    timer: Arc<TimerShared>,
+    hooks: Mutex<Option<Arc<dyn HeapHooks>>>,
+}
+
+/// What the primary's timer thread sleeps on; it holds no strong reference to the memory while
+/// asleep, so dropping the memory is never delayed by it.
+#[derive(Default)]
+struct TimerShared {
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+struct Inner<C: Channel> {
+    ch: Arc<C>,
+    map: MemMap,
+    timeouts: Timeouts,
+    primary: Option<Primary<C::Peer>>,
+    next_id: AtomicU64,
+    stop: AtomicBool,
+    timer_thread: Mutex<Option<JoinHandle<()>>>,
+    dir: PathBuf,
+}
+
+/// This process's shared memory.
+pub struct Memory<C: Channel> {
+    inner: Arc<Inner<C>>,
+}
+
+fn now() -> Instant {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    Instant::from_nanos(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+fn msg<F: memplane_core::Fds>(name: &str, m: &TxnMsg) -> Message<F> {
+    // The names are constants that validate; a payload is at most 56 bytes.
+    let name = Name::new(name).unwrap_or_else(|_| unreachable!("valid action name"));
+    Message::with_param(name, m.to_param())
+}
+
+fn read_u64(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The system's default hugepage size, from `/proc/meminfo`.
+pub fn default_hugepage_size() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let l = m.lines().find(|l| l.starts_with("Hugepagesize:"))?;
+    let kb: u64 = l.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb << 10)
+}
+
+/// Free hugepages of `size` bytes, system-wide.
+pub fn free_hugepages(size: u64) -> u64 {
+    read_u64(&format!(
+        "/sys/kernel/mm/hugepages/hugepages-{}kB/free_hugepages",
+        size >> 10
+    ))
+    .unwrap_or(0)
+}
+
+/// The NUMA nodes with memory (node 0 when the machine has no NUMA sysfs).
+pub fn memory_nodes() -> Vec<u32> {
+    let parse = |s: &str| -> Vec<u32> {
+        s.trim()
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .flat_map(|r| match r.split_once('-') {
+                Some((a, b)) => match (a.parse::<u32>(), b.parse::<u32>()) {
+                    (Ok(a), Ok(b)) if a <= b && b < 1024 => (a..=b).collect(),
+                    _ => Vec::new(),
+                },
+                None => r.parse().map(|n| vec![n]).unwrap_or_default(),
+            })
+            .collect()
+    };
+    let v = std::fs::read_to_string("/sys/devices/system/node/has_memory")
+        .or_else(|_| std::fs::read_to_string("/sys/devices/system/node/online"))
+        .map(|s| parse(&s))
+        .unwrap_or_default();
+    if v.is_empty() { vec![0] } else { v }
+}
+
+impl<C: Channel> Clone for Memory<C> {
+    fn clone(&self) -> Self {
+        Memory {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// The decisions of a primary's initialisation, reported to the user once.
+#[derive(Clone, Debug)]
+pub struct MemSetup {
+    /// The backing in use.
+    pub backing: &'static str,
+    /// Page size of the lists.
+    pub page_size: u64,
+    /// IOVA mode.
+    pub iova: IovaMode,
+    /// Start of the shared address range.
+    pub va_base: u64,
+    /// Its length.
+    pub va_len: u64,
+    /// Why the backing was chosen, when it was chosen automatically.
+    pub note: Option<String>,
+}
+
+impl<C: Channel> Memory<C>
+where
+    C::Fds: From<Vec<OwnedFd>> + Into<Vec<OwnedFd>>,
+{
+    /// Sets up the primary's memory in runtime directory `dir` (which the channel's primary
+    /// lock holds), with file prefix `prefix`.
+    pub fn primary(
+        ch: Arc<C>,
+        dir: &Path,
+        prefix: &str,
+        opts: &MemOptions,
+        timeouts: Timeouts,
+    ) -> Result<(Memory<C>, MemSetup), MemError> {
+        if ch.side() != Side::Primary {
+            return Err(MemError::Invalid(
+                "Memory::primary on a secondary channel".into(),
+            ));
+        }
+        let root = rustix::process::geteuid().is_root();
+        let huge_size = opts.page_size.or_else(default_hugepage_size);
+        let mut note = None;
+        let (code, huge_dir) = match &opts.backing {
+            Backing::Auto => match huge_size {
+                Some(s) if free_hugepages(s) > 0 => (backing_code::MEMFD, None),
+                _ => {
+                    note = Some(
+                        "no free hugepages: running without hugepages (no-huge mode, ordinary \
+                         shared memory)"
+                            .to_owned(),
+                    );
+                    (backing_code::NO_HUGE, None)
+                }
+            },
+            Backing::Memfd => (backing_code::MEMFD, None),
+            Backing::NoHuge => (backing_code::NO_HUGE, None),
+            Backing::FilePerPage(d) => (
+                backing_code::FILE_PER_PAGE,
+                Some(d.clone().unwrap_or_else(|| PathBuf::from("/dev/hugepages"))),
+            ),
+            Backing::SingleFile(d) => (
+                backing_code::SINGLE_FILE,
+                Some(d.clone().unwrap_or_else(|| PathBuf::from("/dev/hugepages"))),
+            ),
+        };
+        let huge = code != backing_code::NO_HUGE;
+        let page_size = if huge {
+            huge_size.ok_or_else(|| {
+                MemError::Invalid("hugepages asked for but the kernel reports no size".into())
+            })?
+        } else {
+            2 << 20
+        };
+        let nodes = if huge { memory_nodes() } else { vec![0] };
+        let total_limit = opts.total_mb.map_or(0, |m| m << 20);
+        let mut per_list = if huge {
+            opts.list_va
+        } else {
+            opts.list_va.min(4 << 30)
+        };
+        if total_limit != 0 {
+            per_list = per_list.min(total_limit.next_multiple_of(page_size));
+        }
+        let mut specs = Vec::new();
+        let mut off = 0u64;
+        for &node in &nodes {
+            let limit = opts.node_limit(node).unwrap_or(0);
+            let len = if limit != 0 {
+                per_list.min(limit.next_multiple_of(page_size))
+            } else {
+                per_list
+            };
+            let n_segs = (len / page_size).clamp(1, 32768) as u32;
+            specs.push(ListSpec {
+                page_size,
+                node,
+                n_segs,
+                base: off,
+                node_limit: limit,
+            });
+            off += n_segs as u64 * page_size;
+        }
+        let res =
+            Reservation::anywhere(opts.base_virtaddr.unwrap_or(DEFAULT_BASE), off, page_size)?;
+        for s in &mut specs {
+            s.base += res.base();
+        }
+        let iova = match (opts.iova, huge) {
+            (IovaChoice::Va, _) | (IovaChoice::Auto, false) => IovaMode::Va,
+            (IovaChoice::Pa, _) | (IovaChoice::Auto, true) => {
+                let probe = 0u64;
+                let visible = Pagemap::open()
+                    .map(|p| p.available(&probe as *const u64 as u64))
+                    .unwrap_or(false);
+                match (opts.iova, visible && root) {
+                    (_, true) => IovaMode::Pa,
+                    (IovaChoice::Pa, false) => {
+                        return Err(MemError::Invalid(
+                            "--iova-mode pa: physical addresses are not visible (needs root); \
+                             use --iova-mode va"
+                                .into(),
+                        ));
+                    }
+                    _ => IovaMode::Va,
+                }
+            }
+        };
+        let cfg = SharedConfig::create(
+            dir,
+            &HeaderSpec {
+                backing: code,
+                iova_mode: match iova {
+                    IovaMode::Pa => iova_code::PA,
+                    IovaMode::Va => iova_code::VA,
+                },
+                va_base: res.base(),
+                va_len: res.len(),
+                total_limit,
+                huge_dir: huge_dir.as_deref(),
+                prefix,
+                lists: &specs,
+            },
+        )?;
+        let lists: Vec<(u64, u32)> = specs.iter().map(|s| (s.page_size, s.n_segs)).collect();
+        let store = PageStore::create(code, &lists, huge_dir.as_deref(), prefix)?;
+        let map = MemMap::new(cfg, res, store, iova)?;
+        let setup = MemSetup {
+            backing: match code {
+                backing_code::MEMFD => "memfd (hugepages)",
+                backing_code::FILE_PER_PAGE => "hugetlbfs file per page",
+                backing_code::SINGLE_FILE => "hugetlbfs file per list",
+                _ => "no-huge (shared memory)",
+            },
+            page_size,
+            iova,
+            va_base: map.reservation().base(),
+            va_len: map.reservation().len(),
+            note,
+        };
+        let inner = Arc::new(Inner {
+            ch,
+            map,
+            timeouts,
+            primary: Some(Primary {
+                coord: Mutex::new(Coordinator::new(timeouts)),
+                participants: Mutex::new(Vec::new()),
+                results: Mutex::new(HashMap::new()),
+                done: Condvar::new(),
+                timer: Arc::new(TimerShared::default()),
+                hooks: Mutex::new(None),
+            }),
+            next_id: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+            timer_thread: Mutex::new(None),
+            dir: dir.to_owned(),
+        });
+        let mem = Memory { inner };
+        mem.register_primary_actions()?;
+        mem.start_timer()?;
+        for (node, &mb) in opts.socket_mem.iter().enumerate() {
+            if mb > 0 {
+                mem.alloc_pinned(node as u32, mb << 20)?;
+            }
+        }
+        Ok((mem, setup))
+    }
+
+    /// Attaches a secondary to the primary's memory in `dir`.
+    pub fn secondary(ch: Arc<C>, dir: &Path, timeouts: Timeouts) -> Result<Memory<C>, MemError> {
+        if ch.side() != Side::Secondary {
+            return Err(MemError::Invalid(
+                "Memory::secondary on a primary channel".into(),
+            ));
+        }
+        let cfg = SharedConfig::attach(dir)?;
+        let h = cfg.header();
+        let res = Reservation::exact(h.va_base, h.va_len)?;
+        let nlists = cfg.nlists();
+        let code = h.backing;
+        let memfds = if code == backing_code::MEMFD || code == backing_code::NO_HUGE {
+            fetch_fds(&*ch, nlists)?
+        } else {
+            Vec::new()
+        };
+        let store = PageStore::attach(code, nlists, cfg.huge_dir(), cfg.prefix(), memfds)?;
+        let iova = if h.iova_mode == iova_code::PA {
+            IovaMode::Pa
+        } else {
+            IovaMode::Va
+        };
+        let map = MemMap::new(cfg, res, store, iova)?;
+        let inner = Arc::new(Inner {
+            ch,
+            map,
+            timeouts,
+            primary: None,
+            next_id: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+            timer_thread: Mutex::new(None),
+            dir: dir.to_owned(),
+        });
+        let mem = Memory { inner };
+        mem.register_secondary_actions()?;
+        mem.join()?;
+        mem.inner.map.sync().map_err(|r| MemError::SyncFailed {
+            start: r.addr,
+            len: r.len,
+        })?;
+        Ok(mem)
+    }
+}
+
+fn fetch_fds<C: Channel>(ch: &C, nlists: usize) -> Result<Vec<OwnedFd>, MemError>
+where
+    C::Fds: Into<Vec<OwnedFd>>,
+{
+    let mut fds = Vec::new();
+    while fds.len() < nlists {
+        let param = (fds.len() as u32).to_le_bytes();
+        let m: Message<C::Fds> = Message::new(ACTION_FDS, &param)
+            .map_err(|e| MemError::Invalid(e.to_string()))?
+            .with_fds(C::Fds::empty())
+            .map_err(|e| MemError::Invalid(e.to_string()))?;
+        let r = ch
+            .request_peers(&[ch.primary()], &m, Duration::from_secs(5))
+            .map_err(|e| MemError::Channel(e.to_string()))?;
+        let Some((_, reply)) = r.replies.into_iter().next() else {
+            return Err(MemError::NoAnswer);
+        };
+        let (_, _, got) = reply.into_parts();
+        let got: Vec<OwnedFd> = got.into();
+        if got.is_empty() {
+            return Err(MemError::Layout {
+                what: "the primary sent no memfd".into(),
+            });
+        }
+        fds.extend(got);
+    }
+    fds.truncate(nlists);
+    Ok(fds)
+}
+
+impl<C: Channel> Memory<C>
+where
+    C::Fds: From<Vec<OwnedFd>> + Into<Vec<OwnedFd>>,
+{
+    fn weak(&self) -> Weak<Inner<C>> {
+        Arc::downgrade(&self.inner)
+    }
+
+    fn register_primary_actions(&self) -> Result<(), MemError> {
+        let ch = &self.inner.ch;
+        let w = self.weak();
+        ch.register_action(
+            ACTION_REQUEST,
+            move |ch: &C, inc: Incoming<C::Peer, C::Fds>| {
+                let Some(inner) = w.upgrade() else { return };
+                match TxnMsg::decode(inc.msg.param()) {
+                    Ok(TxnMsg::Request { id, req }) => {
+                        Memory { inner }.drive(|c| {
+                            c.submit(Origin::Peer(inc.from.clone()), id, req, now());
+                        });
+                    }
+                    _ => {
+                        let resp = TxnMsg::Response {
+                            id: TxnId(0),
+                            status: TxnStatus::Invalid,
+                            range: MemRange::default(),
+                        };
+                        let _ = ch.reply_to(&inc.from, &msg(ACTION_REQUEST, &resp));
+                    }
+                }
+            },
+        )
+        .map_err(|e| MemError::Channel(e.to_string()))?;
+
+        let w = self.weak();
+        ch.register_action(
+            ACTION_ATTACH,
+            move |ch: &C, inc: Incoming<C::Peer, C::Fds>| {
+                let Some(inner) = w.upgrade() else { return };
+                let p = inc.msg.param();
+                let pid = if p.len() == 4 {
+                    u32::from_le_bytes([p[0], p[1], p[2], p[3]])
+                } else {
+                    0
+                };
+                let status = if pid == 0 {
+                    TxnStatus::Invalid
+                } else if let Some(pr) = &inner.primary {
+                    let mut v = pr.participants.lock();
+                    v.retain(|(peer, _)| *peer != inc.from);
+                    v.push((inc.from.clone(), pid));
+                    TxnStatus::Ok
+                } else {
+                    TxnStatus::Unsupported
+                };
+                let ack = TxnMsg::SyncAck {
+                    id: TxnId(pid as u64),
+                    status,
+                };
+                let _ = ch.reply_to(&inc.from, &msg(ACTION_ATTACH, &ack));
+            },
+        )
+        .map_err(|e| MemError::Channel(e.to_string()))?;
+
+        let w = self.weak();
+        ch.register_action(ACTION_FDS, move |ch: &C, inc: Incoming<C::Peer, C::Fds>| {
+            let Some(inner) = w.upgrade() else { return };
+            let p = inc.msg.param();
+            let first = if p.len() == 4 {
+                u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize
+            } else {
+                usize::MAX
+            };
+            // At most 8 per reply: the 22.11 ABI's limit, so any channel can carry them.
+            let fds: Vec<OwnedFd> = inner
+                .map
+                .store()
+                .shareable_fds()
+                .map(|all| {
+                    all.iter()
+                        .skip(first)
+                        .take(8)
+                        .filter_map(|f| f.try_clone().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let name = Name::new(ACTION_FDS).unwrap_or_else(|_| unreachable!());
+            if let Ok(m) = Message::from_parts(name, Param::EMPTY, C::Fds::from(fds)) {
+                let _ = ch.reply_to(&inc.from, &m);
+            }
+        })
+        .map_err(|e| MemError::Channel(e.to_string()))?;
+        Ok(())
+    }
+
+    fn register_secondary_actions(&self) -> Result<(), MemError> {
+        for name in [ACTION_SYNC, ACTION_ROLLBACK] {
+            let w = self.weak();
+            self.inner
+                .ch
+                .register_action(name, move |ch: &C, inc: Incoming<C::Peer, C::Fds>| {
+                    let Some(inner) = w.upgrade() else { return };
+                    let job = match SyncJob::decode(inc.msg.param()) {
+                        Ok(j) => j,
+                        Err(_) => return, // not ours to answer: the primary times out
+                    };
+                    let status = match inner.map.sync() {
+                        Ok(()) => TxnStatus::Ok,
+                        Err(_) => TxnStatus::Failed,
+                    };
+                    let _ = ch.reply_to(&inc.from, &msg(name, &job.ack(status)));
+                })
+                .map_err(|e| MemError::Channel(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn join(&self) -> Result<(), MemError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pid = std::process::id();
+        let m: Message<C::Fds> = Message::new(ACTION_ATTACH, &pid.to_le_bytes())
+            .map_err(|e| MemError::Invalid(e.to_string()))?
+            .with_fds(C::Fds::empty())
+            .map_err(|e| MemError::Invalid(e.to_string()))?;
+        let ch = &self.inner.ch;
+        ch.request_peers_async(&[ch.primary()], &m, Duration::from_secs(5), move |_, r| {
+            let ok = r.replies.into_iter().any(|(_, m)| {
+                matches!(
+                    TxnMsg::decode(m.param()),
+                    Ok(TxnMsg::SyncAck {
+                        status: TxnStatus::Ok,
+                        ..
+                    })
+                )
+            });
+            let _ = tx.send(ok);
+        })
+        .map_err(|e| MemError::Channel(e.to_string()))?;
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(MemError::NoAnswer),
+            Err(_) => Err(MemError::NoAnswer),
+        }
+    }
+
+    fn start_timer(&self) -> Result<(), MemError> {
+        let Some(pr) = &self.inner.primary else {
+            return Ok(());
+        };
+        let shared = pr.timer.clone();
+        let w = self.weak();
+        let t = std::thread::Builder::new()
+            .name("mem-timer".into())
+            .spawn(move || {
+                loop {
+                    let next = match w.upgrade() {
+                        Some(inner) => inner
+                            .primary
+                            .as_ref()
+                            .and_then(|p| p.coord.lock().poll_timeout()),
+                        None => return,
+                    };
+                    {
+                        let mut stop = shared.stop.lock();
+                        if *stop {
+                            return;
+                        }
+                        let n = now();
+                        match next {
+                            Some(d) if d <= n => {}
+                            Some(d) => {
+                                shared
+                                    .wake
+                                    .wait_for(&mut stop, d.saturating_duration_since(n));
+                            }
+                            None => {
+                                shared.wake.wait(&mut stop);
+                            }
+                        }
+                        if *stop {
+                            return;
+                        }
+                    }
+                    let Some(inner) = w.upgrade() else { return };
+                    Memory { inner }.drive(|c| c.handle_timeout(now()));
+                }
+            })
+            .map_err(|e| MemError::io("spawn mem-timer", e))?;
+        *self.inner.timer_thread.lock() = Some(t);
+        Ok(())
+    }
+
+    /// Runs `f` on the coordinator, then every action it queued.
+    fn drive(&self, f: impl FnOnce(&mut Coordinator<C::Peer>)) {
+        let Some(pr) = &self.inner.primary else {
+            return;
+        };
+        let mut c = pr.coord.lock();
+        f(&mut c);
+        while let Some(a) = c.poll_action() {
+            self.execute(&mut c, a);
+        }
+        if c.poll_timeout().is_some() {
+            let _g = pr.timer.stop.lock();
+            pr.timer.wake.notify_one();
+        }
+    }
+
+    fn execute(&self, c: &mut Coordinator<C::Peer>, a: Action<C::Peer>) {
+        let inner = &self.inner;
+        let Some(pr) = &inner.primary else { return };
+        match a {
+            Action::AllocatePages { id, req } => {
+                let r = inner.map.allocate(&req, false).map_err(|e| e.status());
+                let _ = c.pages_allocated(id, r, now());
+            }
+            Action::FreePages { id, range, .. } => {
+                let r = inner.map.free(&range).map_err(|e| e.status());
+                let _ = c.pages_freed(id, r, now());
+            }
+            Action::BroadcastSync { id, range } => {
+                self.broadcast(c, id, TxnMsg::Sync { id, range }, ACTION_SYNC, false)
+            }
+            Action::BroadcastRollback { id, range } => {
+                self.broadcast(c, id, TxnMsg::Rollback { id, range }, ACTION_ROLLBACK, true)
+            }
+            Action::Publish { id, heap, range } => {
+                let hooks = pr.hooks.lock().clone();
+                let r = hooks.map_or(Ok(()), |h| h.publish(heap, range));
+                let _ = c.published(id, r, now());
+            }
+            Action::Restore { heap, range, .. } => {
+                if let Some(h) = pr.hooks.lock().clone() {
+                    h.restore(heap, range);
+                }
+            }
+            Action::Reply {
+                to,
+                id,
+                status,
+                range,
+            } => match to {
+                Origin::Local(tok) => {
+                    let r = if status.is_ok() {
+                        Ok(range)
+                    } else {
+                        Err(status)
+                    };
+                    pr.results.lock().insert(tok, r);
+                    pr.done.notify_all();
+                }
+                Origin::Peer(p) => {
+                    let resp = TxnMsg::Response { id, status, range };
+                    let _ = inner.ch.reply_to(&p, &msg(ACTION_REQUEST, &resp));
+                }
+            },
+        }
+    }
+
+    fn participants(&self) -> Vec<C::Peer> {
+        let Some(pr) = &self.inner.primary else {
+            return Vec::new();
+        };
+        let mut v = pr.participants.lock();
+        // A participant whose process is gone is dropped before it costs a timeout.
+        v.retain(|(_, pid)| {
+            rustix::process::test_kill_process(
+                rustix::process::Pid::from_raw(*pid as i32).unwrap_or(rustix::process::Pid::INIT),
+            )
+            .is_ok()
+        });
+        v.iter().map(|(p, _)| p.clone()).collect()
+    }
+
+    fn broadcast(
+        &self,
+        c: &mut Coordinator<C::Peer>,
+        id: TxnId,
+        m: TxnMsg,
+        name: &'static str,
+        rollback: bool,
+    ) {
+        let peers = self.participants();
+        let report = |c: &mut Coordinator<C::Peer>, o: SyncOutcome| {
+            let _ = if rollback {
+                c.rollback_done(id, o, now())
+            } else {
+                c.sync_done(id, o, now())
+            };
+        };
+        if peers.is_empty() {
+            report(c, SyncOutcome::default());
+            return;
+        }
+        let ch = &self.inner.ch;
+        let message: Message<C::Fds> = msg(name, &m);
+        let step = self.inner.timeouts.step;
+        if !ch.on_channel_thread() {
+            // A user thread drives this transaction: wait right here, replies come straight
+            // to this thread's request socket.
+            let o = match ch.request_peers(&peers, &message, step) {
+                Ok(r) => SyncOutcome::from_answers(
+                    id,
+                    r.nb_sent,
+                    r.replies
+                        .into_iter()
+                        .map(|(_, m)| m.into_parts().1)
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(|p| p.as_slice()),
+                ),
+                Err(_) => SyncOutcome {
+                    sent: 0,
+                    ok: 0,
+                    failed: 1,
+                },
+            };
+            report(c, o);
+            return;
+        }
+        let w = self.weak();
+        let r = ch.request_peers_async(&peers, &message, step, move |_, r| {
+            let Some(inner) = w.upgrade() else { return };
+            let params: Vec<Param> = r
+                .replies
+                .into_iter()
+                .map(|(_, m)| m.into_parts().1)
+                .collect();
+            let o = SyncOutcome::from_answers(id, r.nb_sent, params.iter().map(|p| p.as_slice()));
+            Memory { inner }.drive(|c| {
+                let _ = if rollback {
+                    c.rollback_done(id, o, now())
+                } else {
+                    c.sync_done(id, o, now())
+                };
+            });
+        });
+        if r.is_err() {
+            // The broadcast could not even start: fail the step now (a sync rolls back).
+            report(
+                c,
+                SyncOutcome {
+                    sent: 0,
+                    ok: 0,
+                    failed: 1,
+                },
+            );
+        }
+    }
+
+    fn new_id(&self) -> TxnId {
+        TxnId(
+            ((std::process::id() as u64) << 32)
+                | self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+        )
+    }
+
+    fn transact(&self, req: MemRequest) -> Result<MemRange, MemError> {
+        let inner = &self.inner;
+        match &inner.primary {
+            Some(pr) => {
+                if inner.ch.on_channel_thread() && !self.participants().is_empty() {
+                    return Err(MemError::Channel(
+                        "growing or shrinking memory from a channel thread would wait for \
+                         replies only that thread can receive"
+                            .into(),
+                    ));
+                }
+                let id = self.new_id();
+                self.drive(|c| {
+                    c.submit(Origin::Local(id.0), id, req, now());
+                });
+                let deadline = std::time::Instant::now() + inner.timeouts.requester();
+                let mut g = pr.results.lock();
+                loop {
+                    if let Some(r) = g.remove(&id.0) {
+                        return r.map_err(MemError::Txn);
+                    }
+                    if pr.done.wait_until(&mut g, deadline).timed_out() {
+                        return Err(MemError::NoAnswer);
+                    }
+                }
+            }
+            None => {
+                let (mut rq, m) = Requester::new(self.new_id(), req, now(), &inner.timeouts);
+                let message: Message<C::Fds> = msg(ACTION_REQUEST, &m);
+                let r = inner
+                    .ch
+                    .request_peers(&[inner.ch.primary()], &message, inner.timeouts.requester())
+                    .map_err(|e| MemError::Channel(e.to_string()))?;
+                let nb_sent = r.nb_sent;
+                let mut outcome = None;
+                for (_, reply) in r.replies {
+                    if let Ok(Some(o)) = rq.on_payload(reply.param()) {
+                        outcome = Some(o);
+                    }
+                }
+                let outcome = outcome
+                    .or_else(|| {
+                        if nb_sent == 0 {
+                            rq.on_send_failed()
+                        } else {
+                            rq.on_timeout(Instant::NEVER)
+                        }
+                    })
+                    .unwrap_or(Outcome::TimedOut);
+                match outcome {
+                    Outcome::Done {
+                        status: TxnStatus::Ok,
+                        range,
+                    } => Ok(range),
+                    Outcome::Done { status, .. } => Err(MemError::Txn(status)),
+                    Outcome::TimedOut | Outcome::Unreachable => Err(MemError::NoAnswer),
+                }
+            }
+        }
+    }
+
+    /// Allocates pages for at least `bytes` bytes (through the primary: it maps them, every
+    /// attached secondary maps them, then they are returned). They are mapped here on return.
+    pub fn alloc(&self, spec: &AllocSpec) -> Result<MemRange, MemError> {
+        let req = AllocRequest {
+            heap: spec.heap,
+            node: spec.node,
+            page_size: spec.page_size,
+            bytes: spec.bytes,
+            align: spec.align,
+            flags: if spec.iova_contig {
+                AllocFlags::IOVA_CONTIG
+            } else {
+                AllocFlags::default()
+            },
+        };
+        if req.bytes == 0 || (req.align != 0 && !req.align.is_power_of_two()) {
+            return Err(MemError::Invalid(format!(
+                "{} bytes aligned to {}",
+                req.bytes, req.align
+            )));
+        }
+        self.transact(MemRequest::Alloc(req))
+    }
+
+    fn alloc_pinned(&self, node: u32, bytes: u64) -> Result<(), MemError> {
+        let req = AllocRequest {
+            heap: node,
+            node: Some(node),
+            page_size: 0,
+            bytes,
+            align: 0,
+            flags: AllocFlags::default(),
+        };
+        let r = self.inner.map.allocate(&req, true)?;
+        let _ = r;
+        Ok(())
+    }
+
+    /// Frees whole pages `range` (allocated by any process).
+    pub fn free(&self, range: MemRange, heap: u32) -> Result<(), MemError> {
+        self.inner.map.check_range(&range)?;
+        self.transact(MemRequest::Free(FreeRequest { heap, range }))
+            .map(|_| ())
+    }
+
+    /// Brings this process's mappings in line with the shared map now.
+    pub fn sync(&self) -> Result<(), MemError> {
+        self.inner.map.sync().map_err(|r| MemError::SyncFailed {
+            start: r.addr,
+            len: r.len,
+        })
+    }
+
+    /// Registers a memory event callback.
+    pub fn on_event(
+        &self,
+        name: &str,
+        f: impl Fn(MemEvent, u64, u64) + Send + Sync + 'static,
+    ) -> Result<(), MemError> {
+        let f: EventFn = Arc::new(f);
+        self.inner
+            .map
+            .events()
+            .register(name, f)
+            .map_err(MemError::Invalid)
+    }
+
+    /// Unregisters a memory event callback; false if unknown.
+    pub fn off_event(&self, name: &str) -> bool {
+        self.inner.map.events().unregister(name)
+    }
+
+    /// The IOVA of `va`.
+    pub fn virt2iova(&self, va: u64) -> Option<u64> {
+        self.inner.map.virt2iova(va)
+    }
+
+    /// The IOVA mode.
+    pub fn iova_mode(&self) -> IovaMode {
+        self.inner.map.iova_mode()
+    }
+
+    /// The memseg lists.
+    pub fn lists(&self) -> Vec<ListInfo> {
+        self.inner.map.lists()
+    }
+
+    /// Bytes allocated now.
+    pub fn total_used(&self) -> u64 {
+        self.inner.map.total_used()
+    }
+
+    /// The shared address range.
+    pub fn va_range(&self) -> MemRange {
+        let r = self.inner.map.reservation();
+        MemRange {
+            addr: r.base(),
+            len: r.len(),
+        }
+    }
+
+    /// Whether `va` is mapped in this process now.
+    pub fn is_mapped_here(&self, va: u64) -> bool {
+        self.inner.map.is_mapped_here(va)
+    }
+
+    /// Whether every page of `range` was allocated up front (`--socket-mem`).
+    pub fn is_pinned(&self, range: &MemRange) -> bool {
+        self.inner.map.is_pinned(range)
+    }
+
+    /// The page size of the list holding `va`.
+    pub fn page_size_at(&self, va: u64) -> Option<u64> {
+        self.inner
+            .map
+            .locate(va)
+            .map(|(li, _)| self.inner.map.config().list(li).page_size)
+    }
+
+    /// Installs a DMA mapper (primary): existing pages are mapped now, new ones as they come.
+    pub fn set_dma_mapper(&self, m: Option<Arc<dyn DmaMapper>>) -> Result<(), MemError> {
+        if self.inner.primary.is_none() {
+            return Err(MemError::Invalid(
+                "only the primary maps DMA; secondaries share its container".into(),
+            ));
+        }
+        self.inner.map.set_dma_mapper(m)
+    }
+
+    /// Installs the heap's hooks (primary).
+    pub fn set_heap_hooks(&self, h: Arc<dyn HeapHooks>) {
+        if let Some(pr) = &self.inner.primary {
+            *pr.hooks.lock() = Some(h);
+        }
+    }
+
+    /// Makes this process's next `n` syncs fail (fault injection, for tests of the rollback
+    /// path).
+    pub fn fail_next_syncs(&self, n: u32) {
+        self.inner.map.fail_next_syncs(n);
+    }
+
+    /// Processes attached to the memory now (primary).
+    pub fn participants_count(&self) -> usize {
+        self.participants().len()
+    }
+
+    /// The runtime directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> &Arc<C> {
+        &self.inner.ch
+    }
+
+    /// Whether this is the primary's memory.
+    pub fn is_primary(&self) -> bool {
+        self.inner.primary.is_some()
+    }
+}
+
+/// What to allocate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocSpec {
+    /// Bytes needed (rounded up to whole pages).
+    pub bytes: u64,
+    /// Page size (0: any).
+    pub page_size: u64,
+    /// NUMA node (`None`: any).
+    pub node: Option<u32>,
+    /// Alignment of the range (0: the page size).
+    pub align: u64,
+    /// Contiguous in IOVA space.
+    pub iova_contig: bool,
+    /// Heap the pages are for.
+    pub heap: u32,
+}
+
+impl<C: Channel> Drop for Inner<C> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(pr) = &self.primary {
+            *pr.timer.stop.lock() = true;
+            pr.timer.wake.notify_all();
+        }
+        if let Some(t) = self.timer_thread.lock().take()
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
+        if self.primary.is_some() {
+            // Pages go back to the kernel with the memfds / files and the mappings.
+            self.map.store().remove_files();
+            self.map.config().remove();
+        } else {
+            self.map.unmap_all();
+        }
+    }
+}

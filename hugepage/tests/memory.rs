@@ -1,0 +1,581 @@
+//! Shared memory between real processes, in both modes: no hugepages (always runs) and
+//! hugepages (runs when free ones are reserved, as in CI; says SKIPPED otherwise).
+//!
+//! The test process is the primary. Secondaries are this same test binary re-executed in
+//! "child" mode (DPDK's `test_mp_secondary` does the same): a child attaches and then obeys
+//! line commands on stdin (`read`, `write`, `alloc`, `free`, `mapped`, `events`...), answering
+//! on stdout. Checked: bytes written at an address by one process read back at the same address
+//! by another; an allocation made after a secondary attached is mapped there by the sync; a free
+//! unmaps everywhere; the kernel's free hugepage count returns to its baseline after teardown; a
+//! secondary whose addresses are taken gets the clear `--base-virtaddr` error; a secondary that
+//! fails its sync makes the primary roll back, after which every process agrees and no page is
+//! leaked; IOVAs; event callbacks; limits; stale files of a dead primary.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use memplane_core::txn::Timeouts;
+use memplane_hugepage::memory::{default_hugepage_size, free_hugepages};
+use memplane_hugepage::{AllocSpec, Backing, IovaMode, MemError, MemOptions, Memory};
+use memplane_unix::{Channel, ChannelConfig, MpChannel, ProcType};
+
+const T: Duration = Duration::from_secs(20);
+
+fn timeouts() -> Timeouts {
+    Timeouts {
+        step: Duration::from_secs(2),
+        margin: Duration::from_millis(500),
+    }
+}
+
+struct Dir(PathBuf);
+impl Dir {
+    fn new() -> Dir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = PathBuf::from(format!(
+            "/tmp/mpm-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        Dir(p)
+    }
+}
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Primary {
+    mem: Memory<MpChannel>,
+    _ch: Channel,
+}
+
+fn primary(dir: &Dir, opts: MemOptions) -> Primary {
+    let ch = Channel::open(
+        ChannelConfig::new()
+            .runtime_dir(&dir.0)
+            .proc_type(ProcType::Primary),
+    )
+    .unwrap();
+    let (mem, _setup) = Memory::primary(ch.shared(), &dir.0, "mpt", &opts, timeouts()).unwrap();
+    Primary { mem, _ch: ch }
+}
+
+/// A secondary process driven by line commands.
+struct Secondary {
+    child: Child,
+    stdin: ChildStdin,
+    out: Receiver<String>,
+}
+
+impl Secondary {
+    fn start(dir: &Dir, extra_env: &[(&str, &str)]) -> Secondary {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "--exact",
+            "child_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MEMPLANE_TEST_CHILD_DIR", &dir.0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, out) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // libtest may print "test child_process ... " on the same line first.
+                if let Some(i) = l.find("@@ ")
+                    && tx.send(l[i + 3..].to_owned()).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Secondary { child, stdin, out }
+    }
+
+    fn line(&mut self) -> String {
+        self.out
+            .recv_timeout(T)
+            .unwrap_or_else(|e| panic!("secondary said nothing: {e}"))
+    }
+
+    fn cmd(&mut self, c: &str) -> String {
+        writeln!(self.stdin, "{c}").unwrap();
+        self.stdin.flush().unwrap();
+        self.line()
+    }
+
+    fn ready(&mut self) -> String {
+        self.line()
+    }
+}
+
+impl Drop for Secondary {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+fn write_at(va: u64, data: &[u8]) {
+    // SAFETY: test code writing into pages the memory layer mapped in this process and that
+    // this test allocated; `va..va+len` lies inside them.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), va as *mut u8, data.len()) }
+}
+
+fn read_at(va: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    // SAFETY: as in write_at, for reading.
+    unsafe { std::ptr::copy_nonoverlapping(va as *const u8, v.as_mut_ptr(), len) }
+    v
+}
+
+/// The child role: attach as a secondary, then obey commands. Runs only when re-executed.
+#[test]
+fn child_process() {
+    let Ok(dir) = std::env::var("MEMPLANE_TEST_CHILD_DIR") else {
+        return;
+    };
+    let say = |s: String| {
+        println!("@@ {s}");
+        std::io::stdout().flush().unwrap();
+    };
+    if let Ok(va) = std::env::var("MEMPLANE_TEST_OCCUPY") {
+        // Take the primary's address range first, so the attach must fail.
+        let va: u64 = va.parse().unwrap();
+        // SAFETY: maps fresh anonymous memory at a fixed address in this child before anything
+        // else lives there (the child has mapped no shared memory yet).
+        let p = unsafe {
+            libc::mmap(
+                va as *mut _,
+                1 << 21,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(p as u64, va);
+    }
+    let ch = Channel::open(
+        ChannelConfig::new()
+            .runtime_dir(&dir)
+            .proc_type(ProcType::Secondary),
+    )
+    .unwrap();
+    let mem = match Memory::secondary(ch.shared(), Path::new(&dir), timeouts()) {
+        Ok(m) => m,
+        Err(e) => {
+            say(format!("attach-error {e}"));
+            return;
+        }
+    };
+    let events = Arc::new(Mutex::new(Vec::<String>::new()));
+    let ev = events.clone();
+    mem.on_event("test", move |e, a, l| {
+        ev.lock().unwrap().push(format!("{e:?}:{a:x}:{l:x}"));
+    })
+    .unwrap();
+    say(format!("ready {}", std::process::id()));
+    for l in std::io::stdin().lock().lines().map_while(Result::ok) {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let num = |i: usize| u64::from_str_radix(w[i], 16).unwrap();
+        let out = match w.first().copied() {
+            Some("read") => hex(&read_at(num(1), num(2) as usize)),
+            Some("write") => {
+                write_at(num(1), &unhex(w[2]));
+                "ok".into()
+            }
+            Some("mapped") => mem.is_mapped_here(num(1)).to_string(),
+            Some("alloc") => match mem.alloc(&AllocSpec {
+                bytes: num(1),
+                ..AllocSpec::default()
+            }) {
+                Ok(r) => format!("range {:x} {:x}", r.addr, r.len),
+                Err(e) => format!("error {e}"),
+            },
+            Some("free") => match mem.free(
+                memplane_core::txn::MemRange {
+                    addr: num(1),
+                    len: num(2),
+                },
+                0,
+            ) {
+                Ok(()) => "ok".into(),
+                Err(e) => format!("error {e}"),
+            },
+            Some("failsync") => {
+                mem.fail_next_syncs(num(1) as u32);
+                "ok".into()
+            }
+            Some("iova") => format!("{:x?}", mem.virt2iova(num(1))),
+            Some("events") => events.lock().unwrap().join(","),
+            Some("quit") | None => break,
+            Some(x) => format!("unknown {x}"),
+        };
+        say(out);
+    }
+}
+
+fn parse_range(s: &str) -> (u64, u64) {
+    let w: Vec<&str> = s.split_whitespace().collect();
+    assert_eq!(w[0], "range", "{s}");
+    (
+        u64::from_str_radix(w[1], 16).unwrap(),
+        u64::from_str_radix(w[2], 16).unwrap(),
+    )
+}
+
+/// The scenario both modes run.
+fn shared_memory_scenario(opts: MemOptions) {
+    let dir = Dir::new();
+    let p = primary(&dir, opts);
+    let events = Arc::new(Mutex::new(Vec::<String>::new()));
+    let ev = events.clone();
+    p.mem
+        .on_event("test", move |e, a, l| {
+            ev.lock().unwrap().push(format!("{e:?}:{a:x}:{l:x}"))
+        })
+        .unwrap();
+
+    // Memory the primary allocates before the secondary exists.
+    let a = p
+        .mem
+        .alloc(&AllocSpec {
+            bytes: 3 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+    write_at(a.addr + 100, b"written by the primary");
+    let mut s = Secondary::start(&dir, &[]);
+    assert!(s.ready().starts_with("ready"));
+    assert_eq!(p.mem.participants_count(), 1);
+    assert_eq!(
+        unhex(&s.cmd(&format!("read {:x} {:x}", a.addr + 100, 22))),
+        b"written by the primary"
+    );
+
+    // Allocated after the secondary attached: the sync maps it there.
+    let b = p
+        .mem
+        .alloc(&AllocSpec {
+            bytes: 1 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(s.cmd(&format!("mapped {:x}", b.addr)), "true");
+    assert_eq!(
+        s.cmd(&format!(
+            "write {:x} {}",
+            b.addr,
+            hex(b"from the secondary")
+        )),
+        "ok"
+    );
+    assert_eq!(read_at(b.addr, 18), b"from the secondary");
+
+    // The secondary grows memory through the primary.
+    let (ca, cl) = parse_range(&s.cmd("alloc 1000"));
+    assert!(p.mem.is_mapped_here(ca));
+    assert_eq!(
+        s.cmd(&format!("write {ca:x} {}", hex(b"secondary-grown"))),
+        "ok"
+    );
+    assert_eq!(read_at(ca, 15), b"secondary-grown");
+
+    // Frees unmap everywhere: one by the primary, one asked by the secondary.
+    p.mem.free(b, 0).unwrap();
+    assert_eq!(s.cmd(&format!("mapped {:x}", b.addr)), "false");
+    assert!(!p.mem.is_mapped_here(b.addr));
+    assert_eq!(s.cmd(&format!("free {ca:x} {cl:x}")), "ok");
+    assert!(!p.mem.is_mapped_here(ca));
+    assert_eq!(s.cmd(&format!("mapped {ca:x}")), "false");
+
+    // Events, in order, exactly once each, in both processes.
+    let pe = events.lock().unwrap().clone();
+    let ps = |k: &str, r: (u64, u64)| format!("{k}:{:x}:{:x}", r.0, r.1);
+    assert_eq!(
+        pe,
+        vec![
+            ps("Alloc", (a.addr, a.len)),
+            ps("Alloc", (b.addr, b.len)),
+            ps("Alloc", (ca, cl)),
+            ps("Free", (b.addr, b.len)),
+            ps("Free", (ca, cl)),
+        ]
+    );
+    // The secondary's callback was registered after its first sync (which mapped `a`).
+    let se = s.cmd("events");
+    assert_eq!(
+        se,
+        [
+            ps("Alloc", (b.addr, b.len)),
+            ps("Alloc", (ca, cl)),
+            ps("Free", (b.addr, b.len)),
+            ps("Free", (ca, cl)),
+        ]
+        .join(",")
+    );
+
+    // IOVA: page aligned and stable; VA mode gives the address back.
+    let i1 = p.mem.virt2iova(a.addr).unwrap();
+    assert_eq!(p.mem.virt2iova(a.addr), Some(i1));
+    let ps_a = p.mem.page_size_at(a.addr).unwrap();
+    assert_eq!(i1 % ps_a, 0);
+    assert_eq!(p.mem.virt2iova(a.addr + 5), Some(i1 + 5));
+    if p.mem.iova_mode() == IovaMode::Va {
+        assert_eq!(i1, a.addr);
+    }
+    assert_eq!(
+        s.cmd(&format!("iova {:x}", a.addr)),
+        format!("Some({i1:x})")
+    );
+    drop(s);
+}
+
+#[test]
+fn no_huge_shared_memory() {
+    shared_memory_scenario(MemOptions::new().no_huge());
+}
+
+fn hugepages_free() -> Option<u64> {
+    let size = default_hugepage_size()?;
+    (free_hugepages(size) >= 16).then_some(size)
+}
+
+#[test]
+fn hugepage_shared_memory_and_pages_return() {
+    let Some(size) = hugepages_free() else {
+        eprintln!("SKIPPED: hugepage_shared_memory_and_pages_return: fewer than 16 free hugepages");
+        return;
+    };
+    let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());
+    let before = free_hugepages(size);
+    shared_memory_scenario(MemOptions::new().backing(Backing::Memfd));
+    assert_eq!(free_hugepages(size), before, "hugepages leaked");
+}
+
+#[test]
+fn hugepage_files_per_page_and_stale_files_cleaned() {
+    let Some(size) = hugepages_free() else {
+        eprintln!("SKIPPED: hugepage_files_per_page_and_stale_files_cleaned: no free hugepages");
+        return;
+    };
+    let mnt = Path::new("/dev/hugepages");
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(" /dev/hugepages hugetlbfs "));
+    if !mounted {
+        eprintln!(
+            "SKIPPED: hugepage_files_per_page_and_stale_files_cleaned: /dev/hugepages not mounted"
+        );
+        return;
+    }
+    let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());
+    let before = free_hugepages(size);
+    // A stale file of a dead primary with our prefix is removed at start.
+    let stale = mnt.join("mptmap_0_999");
+    std::fs::write(&stale, b"").unwrap();
+    shared_memory_scenario(MemOptions::new().backing(Backing::FilePerPage(Some(mnt.to_owned()))));
+    assert!(!stale.exists());
+    assert!(
+        !std::fs::read_dir(mnt)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("mptmap_")),
+        "page files left behind"
+    );
+    assert_eq!(free_hugepages(size), before, "hugepages leaked");
+}
+
+/// Hugepage tests count the system's free pages: run them one at a time.
+static HUGE: Mutex<()> = Mutex::new(());
+
+#[test]
+fn secondary_with_taken_addresses_gets_a_clear_error() {
+    let dir = Dir::new();
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let base = p.mem.va_range().addr;
+    let mut s = Secondary::start(&dir, &[("MEMPLANE_TEST_OCCUPY", &base.to_string())]);
+    let l = s.ready();
+    assert!(l.starts_with("attach-error"), "{l}");
+    assert!(l.contains("--base-virtaddr"), "{l}");
+    assert!(l.contains(&format!("{base:#x}")), "{l}");
+}
+
+#[test]
+fn failed_sync_rolls_back_everywhere() {
+    let dir = Dir::new();
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let mut good = Secondary::start(&dir, &[]);
+    let mut bad = Secondary::start(&dir, &[]);
+    good.ready();
+    bad.ready();
+    assert_eq!(bad.cmd("failsync 1"), "ok");
+    let used_before = p.mem.total_used();
+    let r = p.mem.alloc(&AllocSpec {
+        bytes: 4 << 20,
+        ..Default::default()
+    });
+    match r {
+        Err(MemError::Txn(s)) => assert_eq!(s, memplane_core::txn::TxnStatus::SyncFailed),
+        other => panic!("expected a rolled back allocation, got {other:?}"),
+    }
+    // Everyone agrees: nothing allocated, nothing mapped, the pages went back.
+    assert_eq!(p.mem.total_used(), used_before);
+    assert!(
+        p.mem
+            .lists()
+            .iter()
+            .all(|l| l.used == 0 && l.mapped_here == 0)
+    );
+    let base = p.mem.va_range().addr;
+    assert_eq!(good.cmd(&format!("mapped {base:x}")), "false");
+    assert_eq!(bad.cmd(&format!("mapped {base:x}")), "false");
+    // The good secondary saw the pages come and go, exactly once each.
+    let ev = good.cmd("events");
+    assert_eq!(ev.matches("Alloc").count(), 1, "{ev}");
+    assert_eq!(ev.matches("Free").count(), 1, "{ev}");
+    // And the next allocation works.
+    let r = p
+        .mem
+        .alloc(&AllocSpec {
+            bytes: 4 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(bad.cmd(&format!("mapped {:x}", r.addr)), "true");
+}
+
+#[test]
+fn limits_are_enforced_without_partial_state() {
+    let dir = Dir::new();
+    let p = primary(&dir, MemOptions::new().no_huge().total_mb(8));
+    let a = p
+        .mem
+        .alloc(&AllocSpec {
+            bytes: 6 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+    match p.mem.alloc(&AllocSpec {
+        bytes: 4 << 20,
+        ..Default::default()
+    }) {
+        Err(MemError::Txn(s)) => assert_eq!(s, memplane_core::txn::TxnStatus::LimitExceeded),
+        other => panic!("expected the -m limit, got {other:?}"),
+    }
+    assert_eq!(p.mem.total_used(), a.len);
+    p.mem.free(a, 0).unwrap();
+    assert_eq!(p.mem.total_used(), 0);
+}
+
+#[test]
+fn free_of_bad_ranges_is_refused() {
+    let dir = Dir::new();
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let a = p
+        .mem
+        .alloc(&AllocSpec {
+            bytes: 2 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+    for bad in [
+        memplane_core::txn::MemRange {
+            addr: a.addr + 4096,
+            len: a.len,
+        },
+        memplane_core::txn::MemRange {
+            addr: a.addr,
+            len: a.len * 2,
+        },
+        memplane_core::txn::MemRange { addr: 1, len: 1 },
+    ] {
+        assert!(
+            matches!(p.mem.free(bad, 0), Err(MemError::Invalid(_))),
+            "{bad:?}"
+        );
+    }
+    p.mem.free(a, 0).unwrap();
+    assert!(matches!(p.mem.free(a, 0), Err(MemError::Invalid(_))));
+}
+
+#[test]
+fn dma_mapper_sees_every_page_before_and_after() {
+    use memplane_hugepage::vfio::{DmaCall, FakeContainer};
+    let dir = Dir::new();
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let early = p
+        .mem
+        .alloc(&AllocSpec {
+            bytes: 2 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+    let fake = Arc::new(FakeContainer::new());
+    p.mem.set_dma_mapper(Some(fake.clone())).unwrap();
+    let r = p
+        .mem
+        .alloc(&AllocSpec {
+            bytes: 4 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+    p.mem.free(r, 0).unwrap();
+    let ps = 2 << 20;
+    let want = vec![
+        DmaCall::Map {
+            vaddr: early.addr,
+            iova: p.mem.virt2iova(early.addr).unwrap(),
+            len: ps,
+        },
+        DmaCall::Map {
+            vaddr: r.addr,
+            iova: r.addr,
+            len: ps,
+        },
+        DmaCall::Map {
+            vaddr: r.addr + ps,
+            iova: r.addr + ps,
+            len: ps,
+        },
+        DmaCall::Unmap {
+            iova: r.addr,
+            len: ps,
+        },
+        DmaCall::Unmap {
+            iova: r.addr + ps,
+            len: ps,
+        },
+    ];
+    assert_eq!(fake.calls(), want);
+    assert_eq!(fake.mapped_bytes(), ps);
+}
