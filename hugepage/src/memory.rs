@@ -61,6 +61,7 @@ struct Primary<P> {
     done: Condvar,
     timer: Arc<TimerShared>,
     hooks: Mutex<Option<Arc<dyn HeapHooks>>>,
+    vfio: Mutex<Option<Arc<OwnedFd>>>,
 }
 
 /// What the primary's timer thread sleeps on; it holds no strong reference to the memory while
@@ -315,6 +316,7 @@ where
                 done: Condvar::new(),
                 timer: Arc::new(TimerShared::default()),
                 hooks: Mutex::new(None),
+                vfio: Mutex::new(None),
             }),
             next_id: AtomicU64::new(1),
             stop: AtomicBool::new(false),
@@ -498,6 +500,41 @@ where
                 let _ = ch.reply_to(&inc.from, &m);
             }
         })
+        .map_err(|e| MemError::Channel(e.to_string()))?;
+
+        // The VFIO container: answered "no fd" until one is served.
+        let w = self.weak();
+        ch.register_action(
+            crate::vfio::ACTION_VFIO,
+            move |ch: &C, inc: Incoming<C::Peer, C::Fds>| {
+                use crate::vfio::{
+                    VfioReply, VfioRequest, VfioResult, decode_request, encode_reply,
+                };
+                let Some(inner) = w.upgrade() else { return };
+                if !inc.is_request() {
+                    return;
+                }
+                let served = inner.primary.as_ref().and_then(|p| p.vfio.lock().clone());
+                let (result, fds) = match (decode_request(inc.msg.param()), served) {
+                    (Ok(VfioRequest::ContainerFd), Some(c)) => match c.try_clone() {
+                        Ok(fd) => (VfioResult::Ok, vec![fd]),
+                        Err(_) => (VfioResult::Err, Vec::new()),
+                    },
+                    (Ok(VfioRequest::ContainerFd), None) => (VfioResult::NoFd, Vec::new()),
+                    (Err(_), _) => (VfioResult::Err, Vec::new()),
+                };
+                let param = encode_reply(VfioReply {
+                    req: VfioRequest::ContainerFd,
+                    result,
+                });
+                let name = Name::new(crate::vfio::ACTION_VFIO).unwrap_or_else(|_| unreachable!());
+                if let Ok(p) = Param::new(&param)
+                    && let Ok(m) = Message::from_parts(name, p, C::Fds::from(fds))
+                {
+                    let _ = ch.reply_to(&inc.from, &m);
+                }
+            },
+        )
         .map_err(|e| MemError::Channel(e.to_string()))?;
         Ok(())
     }
@@ -952,6 +989,48 @@ where
             ));
         }
         self.inner.map.set_dma_mapper(m)
+    }
+
+    /// Serves the VFIO container to secondaries (primary): a secondary's
+    /// [`Memory::vfio_container`] receives a duplicate of `container` over the channel, so DMA
+    /// mappings made through the shared container are visible to every process.
+    pub fn serve_vfio_container(&self, container: OwnedFd) -> Result<(), MemError> {
+        let Some(pr) = &self.inner.primary else {
+            return Err(MemError::Invalid(
+                "only the primary serves the VFIO container".into(),
+            ));
+        };
+        *pr.vfio.lock() = Some(Arc::new(container));
+        Ok(())
+    }
+
+    /// Obtains the VFIO container fd from the primary (secondary).
+    pub fn vfio_container(&self) -> Result<OwnedFd, MemError> {
+        use crate::vfio::{
+            ACTION_VFIO, VfioRequest, VfioResult, check_reply_fds, decode_reply, encode_request,
+        };
+        let ch = &self.inner.ch;
+        let m: Message<C::Fds> =
+            Message::new(ACTION_VFIO, &encode_request(VfioRequest::ContainerFd))
+                .map_err(|e| MemError::Invalid(e.to_string()))?
+                .with_fds(C::Fds::empty())
+                .map_err(|e| MemError::Invalid(e.to_string()))?;
+        let r = ch
+            .request_peers(&[ch.primary()], &m, Duration::from_secs(5))
+            .map_err(|e| MemError::Channel(e.to_string()))?;
+        let Some((_, reply)) = r.replies.into_iter().next() else {
+            return Err(MemError::NoAnswer);
+        };
+        let rep = decode_reply(reply.param()).map_err(|e| MemError::Dma(e.to_string()))?;
+        check_reply_fds(&rep, reply.num_fds()).map_err(|e| MemError::Dma(e.to_string()))?;
+        if rep.result != VfioResult::Ok {
+            return Err(MemError::Dma(format!(
+                "the primary has no container ({:?})",
+                rep.result
+            )));
+        }
+        let fds: Vec<OwnedFd> = reply.into_parts().2.into();
+        fds.into_iter().next().ok_or(MemError::NoAnswer)
     }
 
     /// Installs the heap's hooks (primary).

@@ -235,6 +235,14 @@ fn child_process() {
                 "ok".into()
             }
             Some("iova") => format!("{:x?}", mem.virt2iova(num(1))),
+            Some("vfio") => match mem.vfio_container() {
+                Ok(fd) => {
+                    let mut b = [0u8; 32];
+                    let n = rustix::io::pread(&fd, &mut b, 0).unwrap_or(0);
+                    String::from_utf8_lossy(&b[..n]).into_owned()
+                }
+                Err(e) => format!("error {e}"),
+            },
             Some("events") => events.lock().unwrap().join(","),
             Some("quit") | None => break,
             Some(x) => format!("unknown {x}"),
@@ -578,4 +586,45 @@ fn dma_mapper_sees_every_page_before_and_after() {
     ];
     assert_eq!(fake.calls(), want);
     assert_eq!(fake.mapped_bytes(), ps);
+}
+
+#[test]
+fn hugepage_single_file_segments() {
+    let Some(size) = hugepages_free() else {
+        eprintln!("SKIPPED: hugepage_single_file_segments: no free hugepages");
+        return;
+    };
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(" /dev/hugepages hugetlbfs "));
+    if !mounted {
+        eprintln!("SKIPPED: hugepage_single_file_segments: /dev/hugepages not mounted");
+        return;
+    }
+    let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());
+    let before = free_hugepages(size);
+    shared_memory_scenario(
+        MemOptions::new().backing(Backing::SingleFile(Some("/dev/hugepages".into()))),
+    );
+    assert_eq!(free_hugepages(size), before, "hugepages leaked");
+}
+
+/// The VFIO container reaches a secondary over the channel (a memfd stands in for the
+/// container: there is no VFIO device here; the fd's identity is what is checked).
+#[test]
+fn vfio_container_fd_reaches_secondaries() {
+    let dir = Dir::new();
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let mut s = Secondary::start(&dir, &[]);
+    s.ready();
+    assert!(
+        s.cmd("vfio").starts_with("error"),
+        "no container served yet"
+    );
+    let fd =
+        rustix::fs::memfd_create("fake-vfio-container", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::io::write(&fd, b"container-42").unwrap();
+    p.mem.serve_vfio_container(fd).unwrap();
+    assert_eq!(s.cmd("vfio"), "container-42");
 }
