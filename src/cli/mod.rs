@@ -31,8 +31,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run a primary that answers `memplane_ping` until SIGINT or SIGTERM.
-    Primary(ChannelOpts),
+    /// Run a primary (channel and shared memory) that answers `memplane_ping` until SIGINT or
+    /// SIGTERM.
+    Primary(PrimaryArgs),
     /// Talk to a running channel (DPDK's or memplane's).
     #[command(subcommand)]
     Mp(mp::MpCommand),
@@ -40,6 +41,17 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Hugepages: sizes, counts per NUMA node, mounts; reserve and mount (root).
     Hugepages(hugepages::HugepagesArgs),
+}
+
+/// `memplane primary`.
+#[derive(Args, Debug, Clone)]
+pub struct PrimaryArgs {
+    /// Channel options.
+    #[command(flatten)]
+    pub channel: ChannelOpts,
+    /// Memory options.
+    #[command(flatten)]
+    pub mem: MemOpts,
 }
 
 /// Options that pick the channel, with DPDK's EAL names.
@@ -61,6 +73,76 @@ pub struct ChannelOpts {
 
 fn parse_abi(s: &str) -> Result<Abi, String> {
     Abi::parse(s).ok_or_else(|| format!("unknown ABI {s:?}: expected 22.11, 24.11 or 25.11"))
+}
+
+/// Memory options, with DPDK's EAL names.
+#[derive(Args, Debug, Clone, Default)]
+pub struct MemOpts {
+    /// Total memory limit in MiB.
+    #[arg(short = 'm', long = "memory")]
+    pub memory_mb: Option<u64>,
+    /// MiB to allocate up front per NUMA node (comma-separated).
+    #[arg(long = "socket-mem", value_parser = memplane_hugepage::options::parse_node_list)]
+    pub socket_mem: Option<Vec<u64>>,
+    /// MiB per NUMA node at most (comma-separated, 0 = no limit).
+    #[arg(long = "socket-limit", value_parser = memplane_hugepage::options::parse_node_list)]
+    pub socket_limit: Option<Vec<u64>>,
+    /// Where to place the shared address range (e.g. 0x100000000).
+    #[arg(long = "base-virtaddr", value_parser = memplane_hugepage::options::parse_addr)]
+    pub base_virtaddr: Option<u64>,
+    /// Run without hugepages (ordinary shared memory).
+    #[arg(long = "no-huge")]
+    pub no_huge: bool,
+    /// Hugepage memfds, nothing on disk.
+    #[arg(long = "in-memory")]
+    pub in_memory: bool,
+    /// One hugetlbfs file per memseg list.
+    #[arg(long = "single-file-segments")]
+    pub single_file_segments: bool,
+    /// Hugetlbfs directory for page files.
+    #[arg(long = "huge-dir")]
+    pub huge_dir: Option<PathBuf>,
+    /// IOVA mode: pa, va or auto.
+    #[arg(long = "iova-mode", default_value = "auto")]
+    pub iova_mode: memplane_hugepage::IovaChoice,
+    /// IPC only: no shared memory.
+    #[arg(long = "no-memory")]
+    pub no_memory: bool,
+}
+
+impl MemOpts {
+    /// Applies these options to `c`.
+    pub fn apply(&self, mut c: crate::Config) -> crate::Config {
+        if let Some(m) = self.memory_mb {
+            c = c.memory_mb(m);
+        }
+        if let Some(v) = &self.socket_mem {
+            c = c.socket_mem(v.clone());
+        }
+        if let Some(v) = &self.socket_limit {
+            c = c.socket_limit(v.clone());
+        }
+        if let Some(b) = self.base_virtaddr {
+            c = c.base_virtaddr(b);
+        }
+        if self.in_memory {
+            c = c.in_memory();
+        }
+        if let Some(d) = &self.huge_dir {
+            c = c.huge_dir(d.clone());
+        }
+        if self.single_file_segments {
+            c = c.single_file_segments();
+        }
+        if self.no_huge {
+            c = c.no_huge();
+        }
+        c = c.iova_mode(self.iova_mode);
+        if self.no_memory {
+            c = c.without_memory();
+        }
+        c
+    }
 }
 
 impl ChannelOpts {

@@ -346,16 +346,22 @@ fn on_signal(tx: mpsc::Sender<()>) -> Result<()> {
     Ok(())
 }
 
-/// `memplane primary`: answers `memplane_ping` with the request's parameter (and its fds) until
-/// SIGINT or SIGTERM, then closes, removing its socket and lock.
-pub fn primary(o: &ChannelOpts) -> Result<()> {
-    let mut o = o.clone();
+/// `memplane primary`: sets up the shared memory (unless `--no-memory`) and answers
+/// `memplane_ping` with the request's parameter (and its fds) until SIGINT or SIGTERM, then
+/// closes, removing its socket, lock and memory files.
+pub fn primary(a: &super::PrimaryArgs) -> Result<()> {
+    let mut o = a.channel.clone();
     if o.proc_type == memplane_unix::ProcType::Auto {
         o.proc_type = memplane_unix::ProcType::Primary;
     }
     let (tx, stop) = mpsc::channel();
     on_signal(tx)?;
-    let ch = Channel::open(o.config().ready(false))?;
+    let cfg = a.mem.apply(crate::Config {
+        channel: o.config(),
+        ..crate::Config::default()
+    });
+    let p = cfg.init()?;
+    let ch = &p.channel;
     ch.register(PING_ACTION, |ch: &MpChannel, m: Incoming| {
         if m.is_request() {
             let (name, param, fds) = m.msg.into_parts();
@@ -364,7 +370,15 @@ pub fn primary(o: &ChannelOpts) -> Result<()> {
             }
         }
     })?;
-    ch.set_ready();
+    if let Some(s) = &p.setup {
+        if let Some(n) = &s.note {
+            eprintln!("memplane: {n}");
+        }
+        out(format!(
+            "memory backing={:?} page_size={} iova={} va={:#x}+{:#x}",
+            s.backing, s.page_size, s.iova, s.va_base, s.va_len
+        ));
+    }
     out(format!(
         "primary ready dir={} socket={} abi={}",
         ch.dir().display(),
@@ -374,6 +388,7 @@ pub fn primary(o: &ChannelOpts) -> Result<()> {
     let _ = stop.recv();
     let s = ch.stats();
     ch.close();
+    drop(p);
     out(format!(
         "primary stopped rx_ok={} rejected={} no_action={}",
         s.endpoint.rx_ok,

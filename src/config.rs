@@ -1,0 +1,198 @@
+//! `Config`: one process's options, with DPDK's EAL names, and [`init`], which turns them into a
+//! running primary or secondary (channel and shared memory).
+//!
+//! ```no_run
+//! let p = memplane::Config::new()
+//!     .file_prefix("app")
+//!     .no_huge()
+//!     .memory_mb(256)
+//!     .init()?;
+//! # Ok::<(), memplane::InitError>(())
+//! ```
+
+use std::fmt;
+use std::path::PathBuf;
+
+use memplane_core::txn::Timeouts;
+use memplane_hugepage::{Backing, IovaChoice, MemError, MemOptions, MemSetup, Memory};
+use memplane_unix::{Abi, Channel, ChannelConfig, MpChannel, ProcType, Role};
+
+/// A process's options. Every setter is named after the EAL option it mirrors.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// The channel's options (`--file-prefix`, `--runtime-dir`, `--proc-type`, ABI).
+    pub channel: ChannelConfig,
+    /// The memory options (`-m`, `--socket-mem`, `--no-huge`...).
+    pub memory: MemOptions,
+    /// Attach shared memory (default). Off: IPC only.
+    pub no_memory: bool,
+}
+
+impl Config {
+    /// The defaults: `--file-prefix rte`, `--proc-type auto`, memory on, hugepages when free.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// `--file-prefix`.
+    pub fn file_prefix(mut self, p: impl Into<String>) -> Self {
+        self.channel = self.channel.file_prefix(p);
+        self
+    }
+    /// `--runtime-dir` (memplane's; DPDK derives it).
+    pub fn runtime_dir(mut self, d: impl Into<PathBuf>) -> Self {
+        self.channel = self.channel.runtime_dir(d);
+        self
+    }
+    /// `--proc-type`.
+    pub fn proc_type(mut self, t: ProcType) -> Self {
+        self.channel = self.channel.proc_type(t);
+        self
+    }
+    /// The wire ABI (`22.11`, `24.11`, `25.11`).
+    pub fn abi(mut self, a: Abi) -> Self {
+        self.channel = self.channel.abi(a);
+        self
+    }
+    /// `-m`: total memory in MiB.
+    pub fn memory_mb(mut self, mb: u64) -> Self {
+        self.memory.total_mb = Some(mb);
+        self
+    }
+    /// `--socket-mem`: MiB to allocate up front per node.
+    pub fn socket_mem(mut self, per_node_mb: Vec<u64>) -> Self {
+        self.memory.socket_mem = per_node_mb;
+        self
+    }
+    /// `--socket-limit`: MiB per node at most.
+    pub fn socket_limit(mut self, per_node_mb: Vec<u64>) -> Self {
+        self.memory.socket_limit = per_node_mb;
+        self
+    }
+    /// `--base-virtaddr`.
+    pub fn base_virtaddr(mut self, va: u64) -> Self {
+        self.memory.base_virtaddr = Some(va);
+        self
+    }
+    /// `--no-huge`.
+    pub fn no_huge(mut self) -> Self {
+        self.memory.backing = Backing::NoHuge;
+        self
+    }
+    /// `--in-memory`: hugepage memfds, nothing on disk.
+    pub fn in_memory(mut self) -> Self {
+        self.memory.backing = Backing::Memfd;
+        self
+    }
+    /// `--single-file-segments` (in `--huge-dir`, default `/dev/hugepages`).
+    pub fn single_file_segments(mut self) -> Self {
+        let dir = match &self.memory.backing {
+            Backing::FilePerPage(d) | Backing::SingleFile(d) => d.clone(),
+            _ => None,
+        };
+        self.memory.backing = Backing::SingleFile(dir);
+        self
+    }
+    /// `--huge-dir`: hugetlbfs files (one per page unless `--single-file-segments`).
+    pub fn huge_dir(mut self, d: impl Into<PathBuf>) -> Self {
+        self.memory.backing = match self.memory.backing {
+            Backing::SingleFile(_) => Backing::SingleFile(Some(d.into())),
+            _ => Backing::FilePerPage(Some(d.into())),
+        };
+        self
+    }
+    /// `--iova-mode`.
+    pub fn iova_mode(mut self, i: IovaChoice) -> Self {
+        self.memory.iova = i;
+        self
+    }
+    /// IPC only: no shared memory.
+    pub fn without_memory(mut self) -> Self {
+        self.no_memory = true;
+        self
+    }
+    /// Starts the process: see [`init`].
+    pub fn init(self) -> Result<Process, InitError> {
+        init(self)
+    }
+}
+
+/// Why a process could not start.
+#[derive(Debug)]
+pub enum InitError {
+    /// The channel could not open.
+    Channel(memplane_unix::Error),
+    /// The memory could not be set up or attached.
+    Memory(MemError),
+}
+
+impl fmt::Display for InitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InitError::Channel(e) => write!(f, "{e}"),
+            InitError::Memory(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for InitError {}
+
+/// A running memplane process: its channel and, unless disabled, its shared memory.
+pub struct Process {
+    /// The channel.
+    pub channel: Channel,
+    /// The shared memory.
+    pub memory: Option<Memory<MpChannel>>,
+    /// What the primary chose at setup (primary only).
+    pub setup: Option<MemSetup>,
+}
+
+impl Process {
+    /// Primary or secondary.
+    pub fn role(&self) -> Role {
+        self.channel.role()
+    }
+
+    /// The shared memory (panics if the process was started without memory).
+    pub fn mem(&self) -> &Memory<MpChannel> {
+        self.memory
+            .as_ref()
+            .expect("process started with Config::without_memory")
+    }
+}
+
+/// Starts a process from `cfg`: opens the channel (resolving the role), then sets up the shared
+/// memory (primary) or attaches to it (secondary). The channel stays "not ready" until the
+/// memory actions are registered, so early requests are answered with "ignore", as DPDK does.
+pub fn init(cfg: Config) -> Result<Process, InitError> {
+    let dir = cfg.channel.dir();
+    let ch = Channel::open(cfg.channel.clone().ready(false)).map_err(InitError::Channel)?;
+    let timeouts = Timeouts::default();
+    let (memory, setup) = if cfg.no_memory {
+        (None, None)
+    } else {
+        match ch.role() {
+            Role::Primary => {
+                let (m, s) = Memory::primary(
+                    ch.shared(),
+                    &dir,
+                    &cfg.channel.file_prefix,
+                    &cfg.memory,
+                    timeouts,
+                )
+                .map_err(InitError::Memory)?;
+                (Some(m), Some(s))
+            }
+            Role::Secondary => {
+                let m =
+                    Memory::secondary(ch.shared(), &dir, timeouts).map_err(InitError::Memory)?;
+                (Some(m), None)
+            }
+        }
+    };
+    ch.set_ready();
+    Ok(Process {
+        channel: ch,
+        memory,
+        setup,
+    })
+}
