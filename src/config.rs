@@ -14,6 +14,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use memplane_core::txn::Timeouts;
+use memplane_heap::Heap;
 use memplane_hugepage::{Backing, IovaChoice, MemError, MemOptions, MemSetup, Memory};
 use memplane_unix::{Abi, Channel, ChannelConfig, MpChannel, ProcType, Role};
 
@@ -136,12 +137,14 @@ impl fmt::Display for InitError {
 
 impl std::error::Error for InitError {}
 
-/// A running memplane process: its channel and, unless disabled, its shared memory.
+/// A running memplane process: its channel and, unless disabled, its shared memory and heap.
 pub struct Process {
-    /// The channel.
-    pub channel: Channel,
+    /// The shared heap (dropped first).
+    pub heap: Option<Heap<MpChannel>>,
     /// The shared memory.
     pub memory: Option<Memory<MpChannel>>,
+    /// The channel.
+    pub channel: Channel,
     /// What the primary chose at setup (primary only).
     pub setup: Option<MemSetup>,
 }
@@ -158,6 +161,21 @@ impl Process {
             .as_ref()
             .expect("process started with Config::without_memory")
     }
+
+    /// The shared heap (panics if the process was started without memory).
+    pub fn heap(&self) -> &Heap<MpChannel> {
+        self.heap
+            .as_ref()
+            .expect("process started with Config::without_memory")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let (Some(h), Role::Primary) = (&self.heap, self.channel.role()) {
+            h.remove_file();
+        }
+    }
 }
 
 /// Starts a process from `cfg`: opens the channel (resolving the role), then sets up the shared
@@ -167,8 +185,8 @@ pub fn init(cfg: Config) -> Result<Process, InitError> {
     let dir = cfg.channel.dir();
     let ch = Channel::open(cfg.channel.clone().ready(false)).map_err(InitError::Channel)?;
     let timeouts = Timeouts::default();
-    let (memory, setup) = if cfg.no_memory {
-        (None, None)
+    let (memory, heap, setup) = if cfg.no_memory {
+        (None, None, None)
     } else {
         match ch.role() {
             Role::Primary => {
@@ -180,19 +198,22 @@ pub fn init(cfg: Config) -> Result<Process, InitError> {
                     timeouts,
                 )
                 .map_err(InitError::Memory)?;
-                (Some(m), Some(s))
+                let h = Heap::primary(m.clone()).map_err(InitError::Memory)?;
+                (Some(m), Some(h), Some(s))
             }
             Role::Secondary => {
                 let m =
                     Memory::secondary(ch.shared(), &dir, timeouts).map_err(InitError::Memory)?;
-                (Some(m), None)
+                let h = Heap::secondary(m.clone()).map_err(InitError::Memory)?;
+                (Some(m), Some(h), None)
             }
         }
     };
     ch.set_ready();
     Ok(Process {
-        channel: ch,
+        heap,
         memory,
+        channel: ch,
         setup,
     })
 }

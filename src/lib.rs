@@ -7,6 +7,7 @@
 //! - [`hugepage`] (`memplane-hugepage`): shared memory at the same address in every process;
 //! - [`Config`] and [`init`]: a process from EAL-style options.
 pub use memplane_core as core;
+pub use memplane_heap as heap;
 pub use memplane_hugepage as hugepage;
 pub use memplane_unix as unix;
 

@@ -81,6 +81,9 @@ struct Inner<C: Channel> {
     stop: AtomicBool,
     timer_thread: Mutex<Option<JoinHandle<()>>>,
     dir: PathBuf,
+    /// One request to the primary at a time from this process: replies are matched by
+    /// (peer, name), and every transaction uses the same name.
+    requests: Mutex<()>,
 }
 
 /// This process's shared memory.
@@ -322,6 +325,7 @@ where
             stop: AtomicBool::new(false),
             timer_thread: Mutex::new(None),
             dir: dir.to_owned(),
+            requests: Mutex::new(()),
         });
         let mem = Memory { inner };
         mem.register_primary_actions()?;
@@ -367,6 +371,7 @@ where
             stop: AtomicBool::new(false),
             timer_thread: Mutex::new(None),
             dir: dir.to_owned(),
+            requests: Mutex::new(()),
         });
         let mem = Memory { inner };
         mem.register_secondary_actions()?;
@@ -828,6 +833,7 @@ where
                 }
             }
             None => {
+                let _one_at_a_time = inner.requests.lock();
                 let (mut rq, m) = Requester::new(self.new_id(), req, now(), &inner.timeouts);
                 let message: Message<C::Fds> = msg(ACTION_REQUEST, &m);
                 let r = inner
@@ -971,6 +977,22 @@ where
     /// Whether every page of `range` was allocated up front (`--socket-mem`).
     pub fn is_pinned(&self, range: &MemRange) -> bool {
         self.inner.map.is_pinned(range)
+    }
+
+    /// The NUMA node of the list holding `va`.
+    pub fn node_at(&self, va: u64) -> Option<u32> {
+        self.inner
+            .map
+            .locate(va)
+            .map(|(li, _)| self.inner.map.config().list(li).node)
+    }
+
+    /// The NUMA nodes that have memory lists.
+    pub fn nodes(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.lists().iter().map(|l| l.node).collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// The page size of the list holding `va`.

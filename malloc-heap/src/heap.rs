@@ -1,0 +1,656 @@
+//! The shared heap: `malloc`/`free` from any process, on memory every process maps at the same
+//! address, growing and shrinking through the memory layer's transactions.
+//!
+//! One heap per NUMA node, each behind a robust process-shared lock. Allocation takes the lock,
+//! asks the O(1) allocator, and releases the lock. When nothing fits, the lock is released and
+//! the memory layer is asked for pages (the primary allocates them, every attached process maps
+//! them, and the primary's hook adds them to the heap, all before the answer comes back); then
+//! the allocation is tried again. The lock is never held across IPC. A free that leaves whole
+//! pages unused takes them out of the heap under the lock, then gives them back through the
+//! memory layer (if that fails, the primary puts them back into the heap itself).
+//!
+//! A process that dies holding a heap's lock does not hang the others: the next locker rebuilds
+//! the heap's free lists from the blocks themselves and goes on.
+
+use std::fmt::Write as _;
+use std::os::fd::OwnedFd;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use memplane_core::channel::Channel;
+use memplane_core::txn::{MemRange, TxnStatus};
+use memplane_hugepage::{AllocSpec, HeapHooks, MemError, Memory};
+
+use crate::lock::{Guard, LockError};
+use crate::state::{HeapData, HeapMap, Region, StateError};
+use crate::tlsf::{HEADER, HeapError, MAX_ALLOC, MIN_BLOCK};
+
+/// Why an allocation or free failed.
+#[derive(Debug)]
+pub enum AllocError {
+    /// Size zero, absurd, or an alignment that is not a power of two.
+    BadRequest {
+        /// Size asked.
+        size: u64,
+        /// Alignment asked.
+        align: u64,
+    },
+    /// No memory: the heap is full and could not grow.
+    OutOfMemory {
+        /// Size asked.
+        size: u64,
+        /// Why growing failed.
+        why: String,
+    },
+    /// The heap refused a pointer or found corruption.
+    Heap(HeapError),
+    /// The heap's lock is unusable.
+    Lock(LockError),
+    /// No heap serves this NUMA node.
+    NoHeap(u32),
+}
+
+impl std::fmt::Display for AllocError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AllocError::BadRequest { size, align } => write!(
+                f,
+                "cannot allocate {size} bytes aligned to {align}: the size must be 1..={MAX_ALLOC} \
+                 and the alignment a power of two"
+            ),
+            AllocError::OutOfMemory { size, why } => {
+                write!(f, "out of memory allocating {size} bytes: {why}")
+            }
+            AllocError::Heap(e) => write!(f, "{e}"),
+            AllocError::Lock(e) => write!(f, "{e}"),
+            AllocError::NoHeap(n) => write!(f, "no heap on NUMA node {n}"),
+        }
+    }
+}
+
+impl std::error::Error for AllocError {}
+
+impl From<HeapError> for AllocError {
+    fn from(e: HeapError) -> Self {
+        AllocError::Heap(e)
+    }
+}
+
+impl From<LockError> for AllocError {
+    fn from(e: LockError) -> Self {
+        AllocError::Lock(e)
+    }
+}
+
+/// Per-heap statistics (DPDK's `rte_malloc_get_socket_stats`, plus a few).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapStats {
+    /// NUMA node.
+    pub node: u32,
+    /// Bytes in the heap (all regions).
+    pub heap_size: u64,
+    /// Bytes in free blocks (headers included).
+    pub free: u64,
+    /// Bytes in allocated blocks (`heap_size - free`).
+    pub allocated: u64,
+    /// The largest free block (header included).
+    pub largest_free: u64,
+    /// Allocated blocks.
+    pub alloc_count: u64,
+    /// Free blocks.
+    pub free_count: u64,
+    /// Bytes users asked for in allocated blocks.
+    pub requested: u64,
+    /// Regions.
+    pub regions: u64,
+    /// Growths so far.
+    pub grows: u64,
+    /// Shrinks so far.
+    pub shrinks: u64,
+    /// Recoveries from a dead lock holder.
+    pub recoveries: u64,
+}
+
+pub(crate) struct Shared {
+    pub(crate) map: HeapMap,
+    pub(crate) recoveries_seen: AtomicU64,
+}
+
+impl Shared {
+    /// Locks heap `i`, repairing it first if its last holder died. The data reference is tied to
+    /// the guard's lifetime: it is exclusive while the lock is held.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) fn lock(&self, i: usize) -> Result<(Guard<'_>, &mut HeapData), AllocError> {
+        let h = &self.map.file().heaps[i];
+        let mut g = h.lock.lock()?;
+        // SAFETY: we hold heap i's lock.
+        let hm = unsafe { self.map.heap_mut(i) };
+        if g.recovered() {
+            let regions: Vec<(u64, u64)> = hm.regions().iter().map(|r| (r.start, r.end)).collect();
+            let mut problems = Vec::new();
+            // SAFETY: we hold the lock; the regions are the heap's, mapped in every process.
+            unsafe { hm.core.rebuild(&regions, &mut problems) };
+            hm.recoveries += 1;
+            self.recoveries_seen.fetch_add(1, Ordering::Relaxed);
+            for p in problems {
+                eprintln!("memplane heap {i}: after a holder died: {p}");
+            }
+            g.mark_consistent();
+        }
+        Ok((g, hm))
+    }
+}
+
+/// The primary's hooks: new pages join the heap, refused frees come back.
+struct Hooks {
+    shared: Arc<Shared>,
+}
+
+impl HeapHooks for Hooks {
+    fn publish(&self, heap: u32, range: MemRange) -> Result<(), TxnStatus> {
+        let i = self.shared.map.heap_of(heap).ok_or(TxnStatus::Invalid)?;
+        let (_g, h) = self.shared.lock(i).map_err(|_| TxnStatus::Failed)?;
+        if !h.insert_region(Region {
+            start: range.addr,
+            end: range.addr + range.len,
+        }) {
+            return Err(TxnStatus::LimitExceeded);
+        }
+        // SAFETY: the pages were just mapped in every attached process and belong to nobody.
+        unsafe { h.core.add_region(range.addr, range.len) };
+        h.core.counters.regions = h.nregions;
+        h.grows += 1;
+        Ok(())
+    }
+
+    fn restore(&self, heap: u32, range: MemRange) {
+        let _ = self.publish(heap, range);
+    }
+}
+
+/// The shared heap of this process.
+pub struct Heap<C: Channel> {
+    pub(crate) mem: Memory<C>,
+    pub(crate) shared: Arc<Shared>,
+    shrink: AtomicBool,
+}
+
+impl<C: Channel> Clone for Heap<C> {
+    fn clone(&self) -> Self {
+        Heap {
+            mem: self.mem.clone(),
+            shared: self.shared.clone(),
+            shrink: AtomicBool::new(self.shrink.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+fn state_err(e: StateError) -> MemError {
+    MemError::Invalid(e.to_string())
+}
+
+impl<C: Channel> Heap<C>
+where
+    C::Fds: From<Vec<OwnedFd>> + Into<Vec<OwnedFd>>,
+{
+    /// Creates the heaps (primary): one per NUMA node with memory, empty; memory joins them as
+    /// they grow.
+    pub fn primary(mem: Memory<C>) -> Result<Heap<C>, MemError> {
+        let nodes = mem.nodes();
+        let map = HeapMap::create(mem.dir(), &nodes).map_err(state_err)?;
+        let shared = Arc::new(Shared {
+            map,
+            recoveries_seen: AtomicU64::new(0),
+        });
+        mem.set_heap_hooks(Arc::new(Hooks {
+            shared: shared.clone(),
+        }));
+        Ok(Heap {
+            mem,
+            shared,
+            shrink: AtomicBool::new(true),
+        })
+    }
+
+    /// Attaches to the primary's heaps (secondary).
+    pub fn secondary(mem: Memory<C>) -> Result<Heap<C>, MemError> {
+        let map = HeapMap::attach(mem.dir()).map_err(state_err)?;
+        Ok(Heap {
+            mem,
+            shared: Arc::new(Shared {
+                map,
+                recoveries_seen: AtomicU64::new(0),
+            }),
+            shrink: AtomicBool::new(true),
+        })
+    }
+
+    /// The memory under the heap.
+    pub fn memory(&self) -> &Memory<C> {
+        &self.mem
+    }
+
+    /// Returns whole free pages to the kernel as soon as a free leaves them unused (default),
+    /// or keeps them in the heap.
+    pub fn set_shrink(&self, on: bool) {
+        self.shrink.store(on, Ordering::Relaxed);
+    }
+
+    /// The NUMA node of the calling thread's CPU (node 0 when unknown).
+    pub fn current_node(&self) -> u32 {
+        let mut cpu = 0u32;
+        let mut node = 0u32;
+        // SAFETY: getcpu writes two u32s through valid pointers.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_getcpu,
+                &mut cpu as *mut u32,
+                &mut node as *mut u32,
+                std::ptr::null_mut::<libc::c_void>(),
+            )
+        };
+        if r == 0 && self.shared.map.heap_of(node).is_some() {
+            node
+        } else {
+            self.shared.map.node_of(0)
+        }
+    }
+
+    /// Allocates `size` bytes aligned to `align` on the caller's node (others if it is full).
+    pub fn malloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, AllocError> {
+        let node = self.current_node();
+        match self.malloc_on(node, size, align) {
+            Err(AllocError::OutOfMemory { .. }) if self.shared.map.nheaps() > 1 => {
+                for i in 0..self.shared.map.nheaps() {
+                    let n = self.shared.map.node_of(i);
+                    if n != node
+                        && let Ok(p) = self.malloc_on(n, size, align)
+                    {
+                        return Ok(p);
+                    }
+                }
+                self.malloc_on(node, size, align)
+            }
+            r => r,
+        }
+    }
+
+    /// Allocates on NUMA node `node` only.
+    pub fn malloc_on(
+        &self,
+        node: u32,
+        size: usize,
+        align: usize,
+    ) -> Result<NonNull<u8>, AllocError> {
+        let (size, align) = (size as u64, align.max(1) as u64);
+        if size == 0 || size > MAX_ALLOC || !align.is_power_of_two() {
+            return Err(AllocError::BadRequest { size, align });
+        }
+        let i = self
+            .shared
+            .map
+            .heap_of(node)
+            .ok_or(AllocError::NoHeap(node))?;
+        if let Some(p) = self.try_alloc(i, size, align)? {
+            return Ok(p);
+        }
+        let mut why = String::new();
+        for _ in 0..3 {
+            // One grower at a time across processes; it tries the heap again first.
+            let mut g = self.shared.map.file().heaps[i].grow_lock.lock()?;
+            g.mark_consistent();
+            if let Some(p) = self.try_alloc(i, size, align)? {
+                return Ok(p);
+            }
+            // Enough for the block, its alignment and a split.
+            let bytes = size + align.max(64) + HEADER + MIN_BLOCK;
+            let grown = self.mem.alloc(&AllocSpec {
+                bytes,
+                node: Some(node),
+                heap: node,
+                ..AllocSpec::default()
+            });
+            drop(g);
+            if let Err(e) = grown {
+                why = e.to_string();
+                break;
+            }
+            if let Some(p) = self.try_alloc(i, size, align)? {
+                return Ok(p);
+            }
+        }
+        Err(AllocError::OutOfMemory { size, why })
+    }
+
+    fn try_alloc(
+        &self,
+        i: usize,
+        size: u64,
+        align: u64,
+    ) -> Result<Option<NonNull<u8>>, AllocError> {
+        let (_g, h) = self.shared.lock(i)?;
+        // SAFETY: we hold the heap's lock; its regions are mapped here (a region joins a heap
+        // only once every attached process maps it).
+        let p = unsafe { h.core.alloc(size, align)? };
+        Ok(p.and_then(|p| NonNull::new(p as *mut u8)))
+    }
+
+    /// [`Heap::malloc`], zero-filled.
+    pub fn zmalloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, AllocError> {
+        let p = self.malloc(size, align)?;
+        // SAFETY: `p` is a fresh allocation of at least `size` bytes.
+        unsafe { std::ptr::write_bytes(p.as_ptr(), 0, size) };
+        Ok(p)
+    }
+
+    /// `n` elements of `size` bytes, zero-filled; the product's overflow is an error (DPDK's
+    /// `rte_calloc` does not check it).
+    pub fn calloc(&self, n: usize, size: usize, align: usize) -> Result<NonNull<u8>, AllocError> {
+        let total = n.checked_mul(size).ok_or(AllocError::BadRequest {
+            size: u64::MAX,
+            align: align as u64,
+        })?;
+        self.zmalloc(total, align)
+    }
+
+    fn heap_index_of(&self, ptr: u64) -> Result<usize, AllocError> {
+        let node = self
+            .mem
+            .node_at(ptr)
+            .ok_or(AllocError::Heap(HeapError::InvalidPointer { ptr }))?;
+        self.shared
+            .map
+            .heap_of(node)
+            .ok_or(AllocError::NoHeap(node))
+    }
+
+    /// The size asked for at `ptr` and the bytes usable there.
+    pub fn sizes(&self, ptr: NonNull<u8>) -> Result<(usize, usize), AllocError> {
+        let p = ptr.as_ptr() as u64;
+        let i = self.heap_index_of(p)?;
+        let (_g, h) = self.shared.lock(i)?;
+        if h.region_of(p.saturating_sub(HEADER)).is_none() {
+            return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
+        }
+        // SAFETY: lock held; the block lies in one of the heap's regions (checked).
+        let (r, u) = unsafe { h.core.sizes(p)? };
+        Ok((r as usize, u as usize))
+    }
+
+    /// Resizes `ptr` to `size` bytes, in place when it can (shrinking, or into a free block
+    /// after it), else by moving (the old contents are copied, the old block freed). `None`
+    /// allocates. On failure the old block is untouched.
+    pub fn realloc(
+        &self,
+        ptr: Option<NonNull<u8>>,
+        size: usize,
+        align: usize,
+    ) -> Result<NonNull<u8>, AllocError> {
+        let Some(ptr) = ptr else {
+            return self.malloc(size, align);
+        };
+        let p = ptr.as_ptr() as u64;
+        let align = align.max(1);
+        if size == 0 || size as u64 > MAX_ALLOC || !align.is_power_of_two() {
+            return Err(AllocError::BadRequest {
+                size: size as u64,
+                align: align as u64,
+            });
+        }
+        let i = self.heap_index_of(p)?;
+        let old = {
+            let (_g, h) = self.shared.lock(i)?;
+            if h.region_of(p.saturating_sub(HEADER)).is_none() {
+                return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
+            }
+            // SAFETY: lock held; the block is in one of the heap's regions.
+            let (old, _) = unsafe { h.core.sizes(p)? };
+            // SAFETY: as above.
+            if p % align as u64 == 0 && unsafe { h.core.resize_in_place(p, size as u64)? } {
+                return Ok(ptr);
+            }
+            old
+        };
+        let node = self.mem.node_at(p).unwrap_or(0);
+        let n = self
+            .malloc_on(node, size, align)
+            .or_else(|_| self.malloc(size, align))?;
+        // SAFETY: both blocks are live allocations of at least min(old, size) bytes and do not
+        // overlap (the new one was just allocated).
+        unsafe {
+            std::ptr::copy_nonoverlapping(ptr.as_ptr(), n.as_ptr(), (old as usize).min(size));
+        }
+        self.free(ptr)?;
+        Ok(n)
+    }
+
+    /// Frees `ptr` (allocated by any process). Whole pages left unused go back to the kernel.
+    pub fn free(&self, ptr: NonNull<u8>) -> Result<(), AllocError> {
+        let p = ptr.as_ptr() as u64;
+        let i = self.heap_index_of(p)?;
+        let give_back = {
+            let (_g, h) = self.shared.lock(i)?;
+            if h.region_of(p.saturating_sub(HEADER)).is_none() {
+                return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
+            }
+            // SAFETY: lock held; the block is in one of the heap's regions.
+            let f = unsafe { h.core.free(p)? };
+            if self.shrink.load(Ordering::Relaxed) && !self.mem.channel().on_channel_thread() {
+                self.carve_pages(h, f)
+            } else {
+                None
+            }
+        };
+        if let Some(range) = give_back {
+            let node = self.shared.map.node_of(i);
+            if let Err(e) = self.mem.free(range, node) {
+                // The primary restores refused frees itself; a request that never reached it
+                // leaves the pages out of the heap but still mapped: put them back.
+                if matches!(
+                    e,
+                    MemError::Channel(_) | MemError::NoAnswer | MemError::Invalid(_)
+                ) {
+                    let (_g, h) = self.shared.lock(i)?;
+                    if h.insert_region(Region {
+                        start: range.addr,
+                        end: range.addr + range.len,
+                    }) {
+                        // SAFETY: the pages are still mapped (the free did not happen) and
+                        // belong to nobody since we took them out.
+                        unsafe { h.core.add_region(range.addr, range.len) };
+                        h.core.counters.regions = h.nregions;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// If the free block `f` holds whole pages (not allocated up front), takes them out of the
+    /// heap and returns them, to give back after the lock is released.
+    fn carve_pages(&self, h: &mut HeapData, f: crate::tlsf::FreedBlock) -> Option<MemRange> {
+        let ps = self.mem.page_size_at(f.addr)?;
+        let end = f.addr + f.size;
+        let mut s = f.addr.next_multiple_of(ps);
+        let mut e = end / ps * ps;
+        if s > f.addr && s - f.addr < MIN_BLOCK {
+            s += ps;
+        }
+        if e < end && end - e < MIN_BLOCK {
+            e = e.saturating_sub(ps);
+        }
+        if e <= s {
+            return None;
+        }
+        let range = MemRange {
+            addr: s,
+            len: e - s,
+        };
+        if self.mem.is_pinned(&range) {
+            return None;
+        }
+        // A split needs a slot in the region table.
+        if !h.cut_region(s, e) {
+            return None;
+        }
+        // SAFETY: `f` came from `free` under this lock hold; [s, e) is page-aligned inside it
+        // with leftovers of 0 or >= MIN_BLOCK on both sides (checked above).
+        if unsafe { h.core.carve(f, s, e) }.is_err() {
+            // Undo the table change: the block is intact.
+            h.insert_region(Region { start: s, end: e });
+            return None;
+        }
+        h.core.counters.regions = h.nregions;
+        h.shrinks += 1;
+        Some(range)
+    }
+
+    /// Statistics of the heap on `node`.
+    pub fn stats(&self, node: u32) -> Result<HeapStats, AllocError> {
+        let i = self
+            .shared
+            .map
+            .heap_of(node)
+            .ok_or(AllocError::NoHeap(node))?;
+        let (_g, h) = self.shared.lock(i)?;
+        let c = h.core.counters;
+        Ok(HeapStats {
+            node,
+            heap_size: c.total,
+            free: c.free,
+            allocated: c.total - c.free,
+            largest_free: h.core.largest_free(),
+            alloc_count: c.alloc_count,
+            free_count: c.free_count,
+            requested: c.requested,
+            regions: h.nregions,
+            grows: h.grows,
+            shrinks: h.shrinks,
+            recoveries: h.recoveries,
+        })
+    }
+
+    /// Statistics of every heap.
+    pub fn all_stats(&self) -> Vec<HeapStats> {
+        (0..self.shared.map.nheaps())
+            .filter_map(|i| self.stats(self.shared.map.node_of(i)).ok())
+            .collect()
+    }
+
+    /// Walks every heap and checks every block and list; returns what is wrong.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        for i in 0..self.shared.map.nheaps() {
+            let (_g, h) = match self.shared.lock(i) {
+                Ok(x) => x,
+                Err(e) => {
+                    problems.push(format!("heap {i}: {e}"));
+                    continue;
+                }
+            };
+            let (mut free, mut nfree, mut nalloc, mut req, mut total) = (0, 0, 0, 0, 0);
+            let mut ps = Vec::new();
+            for r in h.regions() {
+                total += r.end - r.start;
+                // SAFETY: lock held; the region is the heap's and mapped here.
+                let (f, nf, na, rq) =
+                    unsafe { h.core.walk_region(r.start, r.end, &mut ps, |_, _, _| {}) };
+                free += f;
+                nfree += nf;
+                nalloc += na;
+                req += rq;
+            }
+            // SAFETY: lock held.
+            let listed = unsafe { h.core.check_lists(&mut ps) };
+            let c = h.core.counters;
+            if listed != nfree {
+                ps.push(format!(
+                    "{listed} blocks in free lists, {nfree} free blocks in the heap"
+                ));
+            }
+            if (c.total, c.free, c.free_count, c.alloc_count, c.requested)
+                != (total, free, nfree, nalloc, req)
+            {
+                ps.push(format!(
+                    "counters {c:?} disagree with the blocks (total {total}, free {free}, free \
+                     blocks {nfree}, allocated {nalloc}, requested {req})"
+                ));
+            }
+            for p in ps {
+                problems.push(format!("heap {i}: {p}"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// A human-readable dump of every heap: stats and each region's blocks.
+    pub fn dump(&self, blocks: bool) -> String {
+        let mut out = String::new();
+        for i in 0..self.shared.map.nheaps() {
+            let Ok((_g, h)) = self.shared.lock(i) else {
+                continue;
+            };
+            let c = h.core.counters;
+            let _ = writeln!(
+                out,
+                "heap {i} (node {}): size {} free {} allocated {} blocks {} free blocks {} \
+                 largest free {} regions {} grows {} shrinks {} recoveries {}",
+                h.node,
+                c.total,
+                c.free,
+                c.total - c.free,
+                c.alloc_count,
+                c.free_count,
+                h.core.largest_free(),
+                h.nregions,
+                h.grows,
+                h.shrinks,
+                h.recoveries
+            );
+            for r in h.regions() {
+                let _ = writeln!(out, "  region [{:#x}, {:#x})", r.start, r.end);
+                if blocks {
+                    let mut ps = Vec::new();
+                    // SAFETY: lock held; the region is the heap's and mapped here.
+                    unsafe {
+                        h.core.walk_region(r.start, r.end, &mut ps, |a, s, free| {
+                            let _ = writeln!(
+                                out,
+                                "    {a:#x} {s:>10} {}",
+                                if free { "free" } else { "busy" }
+                            );
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs `f` while holding the lock of the heap on `node` (for a consistent view from tools,
+    /// and for tests that kill a process holding the lock). `f` must not allocate from this heap.
+    pub fn with_lock<R>(&self, node: u32, f: impl FnOnce() -> R) -> Result<R, AllocError> {
+        let i = self
+            .shared
+            .map
+            .heap_of(node)
+            .ok_or(AllocError::NoHeap(node))?;
+        let (_g, _h) = self.shared.lock(i)?;
+        Ok(f())
+    }
+
+    /// Times this process found a heap's lock abandoned by a dead process and repaired it.
+    pub fn recoveries_seen(&self) -> u64 {
+        self.shared.recoveries_seen.load(Ordering::Relaxed)
+    }
+
+    /// Removes the heap's file (the primary, when it shuts down).
+    pub fn remove_file(&self) {
+        self.shared.map.remove();
+    }
+}

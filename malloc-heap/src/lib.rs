@@ -1,0 +1,20 @@
+//! # memplane-heap
+//!
+//! An `rte_malloc`-like heap in memplane's shared memory: any process allocates, any process
+//! frees, pointers are valid everywhere. It grows through the memory layer's transactions when
+//! it runs out and gives whole free pages back when they fall free.
+//!
+//! - [`tlsf`]: the O(1) allocator over regions, with checked headers;
+//! - [`lock`]: a robust, process-shared lock (a dead holder never hangs the others);
+//! - [`state`]: the shared heap file (heaps, regions, memzones), versioned and validated;
+//! - [`heap`]: `malloc`/`free`/`realloc`, growth and shrink, stats, `validate`, `dump`.
+
+pub mod heap;
+pub mod lock;
+pub mod memzone;
+pub mod state;
+pub mod tlsf;
+
+pub use heap::{AllocError, Heap, HeapStats};
+pub use memzone::{Memzone, MemzoneError, ZoneSpec};
+pub use tlsf::HeapError;

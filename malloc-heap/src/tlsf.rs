@@ -1,0 +1,1022 @@
+//! The allocator: a two-level segregated fit (TLSF) heap over regions of memory, O(1) for
+//! allocation and free.
+//!
+//! [`HeapCore`] is `#[repr(C)]` plain data meant to live in shared memory: two bitmaps and a
+//! table of free-list heads. Blocks live in the regions themselves and are linked by absolute
+//! addresses, valid in every process because the memory is mapped at the same address
+//! everywhere. Nothing here locks: callers hold the heap's lock.
+//!
+//! A block starts with a 32-byte header: the previous block's address (0 for the first of a
+//! region), the size with flags (free, previous free, last of region), a check word derived from
+//! the address and the size word, and the size the user asked for. A free block adds the two
+//! free-list links. Every header read is verified against its check word, so an overflow that
+//! tramples the next header, a free of a wild pointer, or a double free is reported as a
+//! [`HeapError`] instead of corrupting the heap further. Regions carry no sentinel: a fully free
+//! region is one free block covering it exactly, so its pages can go back to the kernel whole.
+//!
+//! With the `debug-cookies` feature, every allocation also gets a cookie after its data, checked
+//! at free and by validation.
+
+use std::fmt;
+
+/// Bytes of a block header; user data starts right after it.
+pub const HEADER: u64 = 32;
+/// Granularity of block addresses and sizes.
+pub const GRAIN: u64 = 32;
+/// Smallest block (a free block needs its header and two links).
+pub const MIN_BLOCK: u64 = 64;
+const SL_LOG2: u32 = 5;
+const SL_COUNT: usize = 1 << SL_LOG2;
+const GRAIN_LOG2: u32 = 5;
+/// Sizes below this are mapped linearly (first level 0).
+const SMALL: u64 = 1 << (SL_LOG2 + GRAIN_LOG2);
+/// First-level classes: blocks up to 2^(FL_COUNT + 9) bytes (far beyond any memseg list).
+pub const FL_COUNT: usize = 40;
+/// The largest size the heap accepts for one allocation.
+pub const MAX_ALLOC: u64 = 1 << 46;
+
+const F_FREE: u64 = 1;
+const F_PREV_FREE: u64 = 2;
+const F_LAST: u64 = 4;
+const F_MASK: u64 = 7;
+const CHECK_KEY: u64 = 0x6d70_6c6e_6865_6170; // "mplnheap"
+
+#[cfg(feature = "debug-cookies")]
+const COOKIE: u64 = 0xadd2_e55b_adba_dbad;
+#[cfg(feature = "debug-cookies")]
+const COOKIE_LEN: u64 = 8;
+#[cfg(not(feature = "debug-cookies"))]
+const COOKIE_LEN: u64 = 0;
+
+/// Something wrong with a block or a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeapError {
+    /// A header's check word does not match: something wrote over it.
+    Corrupt {
+        /// The block.
+        block: u64,
+    },
+    /// The block is already free.
+    DoubleFree {
+        /// The pointer freed.
+        ptr: u64,
+    },
+    /// The pointer is not one this heap handed out.
+    InvalidPointer {
+        /// The pointer.
+        ptr: u64,
+    },
+    /// The cookie after an allocation was overwritten (`debug-cookies`).
+    Overflow {
+        /// The pointer.
+        ptr: u64,
+    },
+    /// Size zero or beyond [`MAX_ALLOC`], or an alignment that is not a power of two.
+    BadRequest {
+        /// Size asked.
+        size: u64,
+        /// Alignment asked.
+        align: u64,
+    },
+}
+
+impl fmt::Display for HeapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            HeapError::Corrupt { block } => write!(
+                f,
+                "heap corruption: the header of the block at {block:#x} was overwritten \
+                 (a write past the end of the block before it?)"
+            ),
+            HeapError::DoubleFree { ptr } => write!(f, "double free of {ptr:#x}"),
+            HeapError::InvalidPointer { ptr } => {
+                write!(f, "{ptr:#x} was not allocated from this heap")
+            }
+            HeapError::Overflow { ptr } => {
+                write!(f, "write past the end of the allocation at {ptr:#x}")
+            }
+            HeapError::BadRequest { size, align } => write!(
+                f,
+                "cannot allocate {size} bytes aligned to {align}: size must be 1..={MAX_ALLOC} \
+                 and alignment a power of two"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for HeapError {}
+
+/// Counters kept with the heap.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapCounters {
+    /// Bytes in all regions.
+    pub total: u64,
+    /// Bytes in free blocks (headers included).
+    pub free: u64,
+    /// Allocated blocks.
+    pub alloc_count: u64,
+    /// Free blocks.
+    pub free_count: u64,
+    /// Bytes the users asked for, in allocated blocks.
+    pub requested: u64,
+    /// Regions.
+    pub regions: u64,
+}
+
+/// The heap's free lists and counters. Plain data: lives in shared memory.
+#[repr(C)]
+pub struct HeapCore {
+    fl_bitmap: u64,
+    sl_bitmap: [u32; FL_COUNT],
+    heads: [[u64; SL_COUNT]; FL_COUNT],
+    /// Counters.
+    pub counters: HeapCounters,
+}
+
+/// A free block that came out of a free, after merging with its neighbours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreedBlock {
+    /// Its address.
+    pub addr: u64,
+    /// Its size.
+    pub size: u64,
+}
+
+// --- raw access ----------------------------------------------------------------------------
+
+/// Reads the u64 at `addr`.
+///
+/// # Safety
+/// `addr` must be 8-aligned and lie in memory mapped readable in this process for the heap
+/// (a block header of one of its regions).
+unsafe fn rd(addr: u64) -> u64 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { (addr as *const u64).read_volatile() }
+}
+
+/// Writes the u64 at `addr`.
+///
+/// # Safety
+/// As [`rd`], and writable.
+unsafe fn wr(addr: u64, v: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { (addr as *mut u64).write_volatile(v) }
+}
+
+fn check_word(addr: u64, size_flags: u64, prev: u64) -> u64 {
+    let mut x = addr ^ size_flags.rotate_left(17) ^ prev.rotate_left(41) ^ CHECK_KEY;
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x7fb5_d329_728e_a185);
+    x ^ (x >> 27)
+}
+
+fn fls(x: u64) -> u32 {
+    63 - x.leading_zeros()
+}
+
+fn mapping(size: u64) -> (usize, usize) {
+    if size < SMALL {
+        (0, (size / GRAIN) as usize)
+    } else {
+        let f = fls(size);
+        let sl = ((size >> (f - SL_LOG2)) as usize) & (SL_COUNT - 1);
+        ((f - (SL_LOG2 + GRAIN_LOG2) + 1) as usize, sl)
+    }
+}
+
+/// The class to search so that any block found is big enough for `size`.
+fn mapping_search(size: u64) -> (usize, usize) {
+    let size = if size >= SMALL {
+        size + (1u64 << (fls(size) - SL_LOG2)) - 1
+    } else {
+        size
+    };
+    mapping(size)
+}
+
+fn round_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+/// A view of one block's header.
+#[derive(Clone, Copy, Debug)]
+struct Hdr {
+    addr: u64,
+    prev: u64,
+    size: u64,
+    flags: u64,
+}
+
+impl Hdr {
+    fn free(&self) -> bool {
+        self.flags & F_FREE != 0
+    }
+    fn last(&self) -> bool {
+        self.flags & F_LAST != 0
+    }
+    fn prev_free(&self) -> bool {
+        self.flags & F_PREV_FREE != 0
+    }
+    fn next(&self) -> Option<u64> {
+        (!self.last()).then_some(self.addr + self.size)
+    }
+}
+
+impl HeapCore {
+    /// An empty heap (all zero is also a valid empty heap, as in a fresh shared file).
+    pub fn init(&mut self) {
+        self.fl_bitmap = 0;
+        self.sl_bitmap = [0; FL_COUNT];
+        self.heads = [[0; SL_COUNT]; FL_COUNT];
+        self.counters = HeapCounters::default();
+    }
+
+    /// Reads and verifies the header at `addr`.
+    ///
+    /// # Safety
+    /// `addr` must be a 32-aligned address inside a region of this heap.
+    unsafe fn hdr(&self, addr: u64) -> Result<Hdr, HeapError> {
+        // SAFETY: the caller guarantees `addr` is inside a region, which is mapped.
+        let (prev, sf, chk) = unsafe { (rd(addr), rd(addr + 8), rd(addr + 16)) };
+        if chk != check_word(addr, sf, prev) {
+            return Err(HeapError::Corrupt { block: addr });
+        }
+        let size = sf & !F_MASK;
+        if size < MIN_BLOCK || size % GRAIN != 0 {
+            return Err(HeapError::Corrupt { block: addr });
+        }
+        Ok(Hdr {
+            addr,
+            prev,
+            size,
+            flags: sf & F_MASK,
+        })
+    }
+
+    /// Writes a header.
+    ///
+    /// # Safety
+    /// As [`HeapCore::hdr`].
+    unsafe fn set_hdr(&self, addr: u64, prev: u64, size: u64, flags: u64) {
+        let sf = size | flags;
+        // SAFETY: as guaranteed by the caller.
+        unsafe {
+            wr(addr, prev);
+            wr(addr + 8, sf);
+            wr(addr + 16, check_word(addr, sf, prev));
+        }
+    }
+
+    /// Changes only the flags of a verified header.
+    unsafe fn set_flags(&self, h: &Hdr, flags: u64) {
+        // SAFETY: `h` came from a verified header inside a region.
+        unsafe { self.set_hdr(h.addr, h.prev, h.size, flags) }
+    }
+
+    unsafe fn set_prev(&self, h: &Hdr, prev: u64) {
+        // SAFETY: as above.
+        unsafe { self.set_hdr(h.addr, prev, h.size, h.flags) }
+    }
+
+    unsafe fn insert(&mut self, addr: u64, size: u64) {
+        let (fl, sl) = mapping(size);
+        let head = self.heads[fl][sl];
+        // SAFETY: `addr` is a free block of a region (at least MIN_BLOCK bytes); `head` is 0 or
+        // another free block of the heap.
+        unsafe {
+            wr(addr + 32, head);
+            wr(addr + 40, 0);
+            if head != 0 {
+                wr(head + 40, addr);
+            }
+        }
+        self.heads[fl][sl] = addr;
+        self.fl_bitmap |= 1 << fl;
+        self.sl_bitmap[fl] |= 1 << sl;
+        self.counters.free += size;
+        self.counters.free_count += 1;
+    }
+
+    unsafe fn unlink(&mut self, addr: u64, size: u64) {
+        let (fl, sl) = mapping(size);
+        // SAFETY: `addr` is a free block linked in list (fl, sl); its neighbours are free blocks.
+        unsafe {
+            let next = rd(addr + 32);
+            let prev = rd(addr + 40);
+            if prev != 0 {
+                wr(prev + 32, next);
+            } else {
+                self.heads[fl][sl] = next;
+            }
+            if next != 0 {
+                wr(next + 40, prev);
+            }
+        }
+        if self.heads[fl][sl] == 0 {
+            self.sl_bitmap[fl] &= !(1 << sl);
+            if self.sl_bitmap[fl] == 0 {
+                self.fl_bitmap &= !(1 << fl);
+            }
+        }
+        self.counters.free -= size;
+        self.counters.free_count -= 1;
+    }
+
+    fn find(&self, size: u64) -> Option<(usize, usize)> {
+        let (fl, sl) = mapping_search(size);
+        if fl >= FL_COUNT {
+            return None;
+        }
+        let sl_map = self.sl_bitmap[fl] & (!0u32 << sl);
+        if sl_map != 0 {
+            return Some((fl, sl_map.trailing_zeros() as usize));
+        }
+        let fl_map = self.fl_bitmap & (!0u64).checked_shl(fl as u32 + 1).unwrap_or(0);
+        if fl_map == 0 {
+            return None;
+        }
+        let fl = fl_map.trailing_zeros() as usize;
+        Some((fl, self.sl_bitmap[fl].trailing_zeros() as usize))
+    }
+
+    /// Adds `[addr, addr + len)` as a new region: one free block.
+    ///
+    /// # Safety
+    /// The range must be mapped read-write in this process (and, for a shared heap, in every
+    /// process that uses it), belong to nobody else, and be `GRAIN`-aligned.
+    pub unsafe fn add_region(&mut self, addr: u64, len: u64) {
+        debug_assert!(addr % GRAIN == 0 && len % GRAIN == 0 && len >= MIN_BLOCK);
+        // SAFETY: the range is ours (caller's guarantee).
+        unsafe {
+            self.set_hdr(addr, 0, len, F_FREE | F_LAST);
+            self.insert(addr, len);
+        }
+        self.counters.total += len;
+        self.counters.regions += 1;
+    }
+
+    /// Allocates `size` bytes aligned to `align`; returns the user pointer.
+    ///
+    /// # Safety
+    /// Every region added must still be mapped; the caller holds the heap's lock.
+    pub unsafe fn alloc(&mut self, size: u64, align: u64) -> Result<Option<u64>, HeapError> {
+        if size == 0 || size > MAX_ALLOC || !align.is_power_of_two() {
+            return Err(HeapError::BadRequest { size, align });
+        }
+        let align = align.max(GRAIN);
+        let need = round_up(size + COOKIE_LEN, GRAIN)
+            .saturating_add(HEADER)
+            .max(MIN_BLOCK);
+        let search = if align > GRAIN {
+            need + align + MIN_BLOCK
+        } else {
+            need
+        };
+        let Some((fl, sl)) = self.find(search) else {
+            return Ok(None);
+        };
+        let blk = self.heads[fl][sl];
+        // SAFETY: `blk` heads a free list: a free block inside a region.
+        let h = unsafe { self.hdr(blk)? };
+        if !h.free() {
+            return Err(HeapError::Corrupt { block: blk });
+        }
+        // SAFETY: as above.
+        unsafe { self.unlink(blk, h.size) };
+        let mut start = blk;
+        let mut avail = h.size;
+        let mut prev = h.prev;
+        let mut prev_free = h.prev_free();
+        // Alignment: a free block in front, at least MIN_BLOCK long.
+        if align > GRAIN {
+            let mut user = round_up(blk + HEADER, align);
+            while user - HEADER - blk != 0 && user - HEADER - blk < MIN_BLOCK {
+                user += align;
+            }
+            let gap = user - HEADER - blk;
+            if gap > 0 {
+                // SAFETY: [blk, blk + gap) is the front of our free block.
+                unsafe {
+                    self.set_hdr(blk, h.prev, gap, F_FREE | (h.flags & F_PREV_FREE));
+                    self.insert(blk, gap);
+                }
+                start = blk + gap;
+                avail -= gap;
+                prev = blk;
+                prev_free = true;
+            }
+        }
+        let last = h.last();
+        let remain = avail - need;
+        let (bsize, tail) = if remain >= MIN_BLOCK {
+            (need, Some(remain))
+        } else {
+            (avail, None)
+        };
+        let mut flags = if prev_free { F_PREV_FREE } else { 0 };
+        if tail.is_none() && last {
+            flags |= F_LAST;
+        }
+        // SAFETY: [start, start + avail) lies in the block we took.
+        unsafe {
+            self.set_hdr(start, prev, bsize, flags);
+            wr(start + 24, size);
+        }
+        if let Some(t) = tail {
+            let taddr = start + bsize;
+            // SAFETY: the tail of the block we took.
+            unsafe {
+                self.set_hdr(taddr, start, t, F_FREE | if last { F_LAST } else { 0 });
+                self.insert(taddr, t);
+            }
+            if !last {
+                // SAFETY: the block after ours is inside the region (ours was not last).
+                unsafe {
+                    let n = self.hdr(taddr + t)?;
+                    self.set_hdr(n.addr, taddr, n.size, n.flags | F_PREV_FREE);
+                }
+            }
+        } else if !last {
+            // SAFETY: the block after ours is inside the region.
+            unsafe {
+                let n = self.hdr(start + bsize)?;
+                self.set_hdr(n.addr, start, n.size, n.flags & !F_PREV_FREE);
+            }
+        }
+        #[cfg(feature = "debug-cookies")]
+        // SAFETY: the cookie slot lies inside the block (need counted COOKIE_LEN), 8-aligned
+        // because size is rounded to 8 first.
+        unsafe {
+            wr(round_up(start + HEADER + size, 8), COOKIE);
+        }
+        self.counters.alloc_count += 1;
+        self.counters.requested += size;
+        Ok(Some(start + HEADER))
+    }
+
+    /// Verifies that `ptr` is an allocated block's user pointer; returns its header.
+    ///
+    /// # Safety
+    /// `ptr - HEADER` must lie inside a region of this heap (the caller checked the region).
+    unsafe fn allocated(&self, ptr: u64) -> Result<Hdr, HeapError> {
+        if ptr % GRAIN != 0 || ptr < HEADER {
+            return Err(HeapError::InvalidPointer { ptr });
+        }
+        // SAFETY: inside a region (caller).
+        let h = unsafe { self.hdr(ptr - HEADER)? };
+        if h.free() {
+            return Err(HeapError::DoubleFree { ptr });
+        }
+        #[cfg(feature = "debug-cookies")]
+        {
+            // SAFETY: the requested size is in the verified header; the cookie lies inside.
+            let req = unsafe { rd(h.addr + 24) };
+            let c = round_up(ptr + req, 8);
+            // SAFETY: c < h.addr + h.size by construction in alloc.
+            if c + 8 > h.addr + h.size || unsafe { rd(c) } != COOKIE {
+                return Err(HeapError::Overflow { ptr });
+            }
+        }
+        Ok(h)
+    }
+
+    /// The size the user asked for at `ptr`, and how many bytes it may really use.
+    ///
+    /// # Safety
+    /// As [`HeapCore::free`].
+    pub unsafe fn sizes(&self, ptr: u64) -> Result<(u64, u64), HeapError> {
+        // SAFETY: caller's guarantee.
+        let h = unsafe { self.allocated(ptr)? };
+        // SAFETY: verified header.
+        let req = unsafe { rd(h.addr + 24) };
+        Ok((req, h.size - HEADER - COOKIE_LEN))
+    }
+
+    /// Frees the allocation at `ptr`, merging with free neighbours; returns the free block it
+    /// became part of.
+    ///
+    /// # Safety
+    /// `ptr - HEADER` must lie inside a region of this heap; the caller holds the lock.
+    pub unsafe fn free(&mut self, ptr: u64) -> Result<FreedBlock, HeapError> {
+        // SAFETY: caller's guarantee.
+        let h = unsafe { self.allocated(ptr)? };
+        // SAFETY: verified header.
+        let req = unsafe { rd(h.addr + 24) };
+        let mut addr = h.addr;
+        let mut size = h.size;
+        let mut last = h.last();
+        let mut prev = h.prev;
+        let mut prev_free = h.prev_free();
+        // Verify the neighbours before changing anything.
+        let next = match h.next() {
+            // SAFETY: not last: the next block is inside the region.
+            Some(n) => Some(unsafe { self.hdr(n)? }),
+            None => None,
+        };
+        let before = if prev_free {
+            // SAFETY: prev_phys of a verified header points inside the region.
+            let p = unsafe { self.hdr(h.prev)? };
+            if !p.free() || p.addr + p.size != h.addr {
+                return Err(HeapError::Corrupt { block: h.prev });
+            }
+            Some(p)
+        } else {
+            None
+        };
+        if let Some(n) = next.filter(|n| n.free()) {
+            // SAFETY: a verified free block.
+            unsafe { self.unlink(n.addr, n.size) };
+            size += n.size;
+            last = n.last();
+        }
+        if let Some(p) = before {
+            // SAFETY: a verified free block; then our own header, which is about to be buried
+            // inside the merged block, is left marked free, so a second free of `ptr` is seen
+            // as the double free it is.
+            unsafe {
+                self.unlink(p.addr, p.size);
+                self.set_hdr(h.addr, h.prev, h.size, F_FREE);
+            }
+            addr = p.addr;
+            size += p.size;
+            prev = p.prev;
+            prev_free = p.prev_free();
+        }
+        // SAFETY: [addr, addr + size) is the merged block, inside the region.
+        unsafe {
+            self.set_hdr(
+                addr,
+                prev,
+                size,
+                F_FREE | if last { F_LAST } else { 0 } | if prev_free { F_PREV_FREE } else { 0 },
+            );
+            self.insert(addr, size);
+        }
+        if !last {
+            // SAFETY: the block after the merged one is inside the region.
+            unsafe {
+                let n = self.hdr(addr + size)?;
+                self.set_hdr(n.addr, addr, n.size, n.flags | F_PREV_FREE);
+            }
+        }
+        self.counters.alloc_count -= 1;
+        self.counters.requested -= req;
+        Ok(FreedBlock { addr, size })
+    }
+
+    /// Tries to resize the allocation at `ptr` to `size` bytes in place (shrinking, or growing
+    /// into a free block right after it). Returns whether it did.
+    ///
+    /// # Safety
+    /// As [`HeapCore::free`].
+    pub unsafe fn resize_in_place(&mut self, ptr: u64, size: u64) -> Result<bool, HeapError> {
+        if size == 0 || size > MAX_ALLOC {
+            return Err(HeapError::BadRequest { size, align: 1 });
+        }
+        // SAFETY: caller's guarantee.
+        let h = unsafe { self.allocated(ptr)? };
+        // SAFETY: verified header.
+        let old_req = unsafe { rd(h.addr + 24) };
+        let need = round_up(size + COOKIE_LEN, GRAIN)
+            .saturating_add(HEADER)
+            .max(MIN_BLOCK);
+        let mut avail = h.size;
+        let mut last = h.last();
+        if need > avail {
+            let Some(n) = h.next() else {
+                return Ok(false);
+            };
+            // SAFETY: not last: the next block is in the region.
+            let n = unsafe { self.hdr(n)? };
+            if !n.free() || avail + n.size < need {
+                return Ok(false);
+            }
+            // SAFETY: verified free block.
+            unsafe { self.unlink(n.addr, n.size) };
+            avail += n.size;
+            last = n.last();
+        }
+        let remain = avail - need;
+        let (bsize, tail) = if remain >= MIN_BLOCK {
+            (need, Some(remain))
+        } else {
+            (avail, None)
+        };
+        let flags = (h.flags & F_PREV_FREE) | if tail.is_none() && last { F_LAST } else { 0 };
+        // SAFETY: our block, possibly extended over the next free one.
+        unsafe {
+            self.set_hdr(h.addr, h.prev, bsize, flags);
+            wr(h.addr + 24, size);
+        }
+        if let Some(t) = tail {
+            let taddr = h.addr + bsize;
+            let mut tsize = t;
+            let mut tlast = last;
+            // The tail may touch a free block after it: merge so no two free blocks are adjacent.
+            if !last {
+                // SAFETY: inside the region.
+                let n = unsafe { self.hdr(taddr + t)? };
+                if n.free() {
+                    // SAFETY: verified free block.
+                    unsafe { self.unlink(n.addr, n.size) };
+                    tsize += n.size;
+                    tlast = n.last();
+                }
+            }
+            // SAFETY: the tail lies in our old extent (or the absorbed one).
+            unsafe {
+                self.set_hdr(
+                    taddr,
+                    h.addr,
+                    tsize,
+                    F_FREE | if tlast { F_LAST } else { 0 },
+                );
+                self.insert(taddr, tsize);
+            }
+            if !tlast {
+                // SAFETY: inside the region.
+                unsafe {
+                    let n = self.hdr(taddr + tsize)?;
+                    self.set_hdr(n.addr, taddr, n.size, n.flags | F_PREV_FREE);
+                }
+            }
+        } else if !last {
+            // SAFETY: inside the region.
+            unsafe {
+                let n = self.hdr(h.addr + bsize)?;
+                self.set_hdr(n.addr, h.addr, n.size, n.flags & !F_PREV_FREE);
+            }
+        }
+        #[cfg(feature = "debug-cookies")]
+        // SAFETY: inside the block, as in alloc.
+        unsafe {
+            wr(round_up(ptr + size, 8), COOKIE);
+        }
+        self.counters.requested = self.counters.requested - old_req + size;
+        Ok(true)
+    }
+
+    /// Takes `[start, end)` (whole pages) out of the free block `f`, which must be free and
+    /// cover it: the parts before and after stay free blocks, and the region splits around the
+    /// hole (the caller updates its region table and [`HeapCounters::regions`]).
+    ///
+    /// # Safety
+    /// `f` must be a free block of this heap returned by [`HeapCore::free`] under the same lock
+    /// hold; `start..end` must be `GRAIN`-aligned, inside it, and leave 0 or >= [`MIN_BLOCK`]
+    /// bytes on each side.
+    pub unsafe fn carve(&mut self, f: FreedBlock, start: u64, end: u64) -> Result<(), HeapError> {
+        // SAFETY: `f` is a verified free block (caller).
+        let h = unsafe { self.hdr(f.addr)? };
+        if !h.free() || h.size != f.size || start < f.addr || end > f.addr + f.size {
+            return Err(HeapError::Corrupt { block: f.addr });
+        }
+        // SAFETY: verified free block.
+        unsafe { self.unlink(h.addr, h.size) };
+        let front = start - h.addr;
+        let back = h.addr + h.size - end;
+        if front > 0 {
+            // SAFETY: the front part of our free block; it now ends its region.
+            unsafe {
+                self.set_hdr(
+                    h.addr,
+                    h.prev,
+                    front,
+                    F_FREE | F_LAST | (h.flags & F_PREV_FREE),
+                );
+                self.insert(h.addr, front);
+            }
+        } else if h.prev != 0 {
+            // The block before becomes the last of its region.
+            // SAFETY: prev_phys of a verified header lies in the region.
+            unsafe {
+                let p = self.hdr(h.prev)?;
+                self.set_flags(&p, p.flags | F_LAST);
+            }
+        }
+        if back > 0 {
+            // SAFETY: the tail part of our free block: first of a new region.
+            unsafe {
+                self.set_hdr(end, 0, back, F_FREE | if h.last() { F_LAST } else { 0 });
+                self.insert(end, back);
+            }
+        }
+        if !h.last() {
+            let nb = h.addr + h.size;
+            // SAFETY: the block after ours is inside the region.
+            unsafe {
+                let n = self.hdr(nb)?;
+                if back > 0 {
+                    self.set_prev(&n, end);
+                } else {
+                    // It now starts a region: no previous block.
+                    self.set_hdr(n.addr, 0, n.size, n.flags & !F_PREV_FREE);
+                }
+            }
+        }
+        // The caller keeps the region table (and the region count).
+        self.counters.total -= end - start;
+        Ok(())
+    }
+
+    /// The largest free block's size (headers included), by looking at the highest non-empty
+    /// class.
+    pub fn largest_free(&self) -> u64 {
+        if self.fl_bitmap == 0 {
+            return 0;
+        }
+        let fl = fls(self.fl_bitmap) as usize;
+        let sl = 31 - self.sl_bitmap[fl].leading_zeros() as usize;
+        let mut best = 0;
+        let mut b = self.heads[fl][sl];
+        let mut guard = 0;
+        while b != 0 && guard < 1 << 20 {
+            // SAFETY: free-list members are free blocks inside regions.
+            unsafe {
+                best = best.max(rd(b + 8) & !F_MASK);
+                b = rd(b + 32);
+            }
+            guard += 1;
+        }
+        best
+    }
+
+    /// Walks the region `[start, end)` block by block and checks every invariant; appends what
+    /// is wrong to `problems`. Returns (free bytes, free blocks, allocated blocks, requested).
+    ///
+    /// # Safety
+    /// The region must be one of this heap's, mapped.
+    pub unsafe fn walk_region(
+        &self,
+        start: u64,
+        end: u64,
+        problems: &mut Vec<String>,
+        mut visit: impl FnMut(u64, u64, bool),
+    ) -> (u64, u64, u64, u64) {
+        let (mut free, mut nfree, mut nalloc, mut req) = (0, 0, 0, 0);
+        let mut addr = start;
+        let mut prev = 0u64;
+        let mut prev_was_free = false;
+        while addr < end {
+            // SAFETY: inside the region.
+            let h = match unsafe { self.hdr(addr) } {
+                Ok(h) => h,
+                Err(e) => {
+                    problems.push(e.to_string());
+                    return (free, nfree, nalloc, req);
+                }
+            };
+            if h.prev != prev {
+                problems.push(format!(
+                    "block {addr:#x}: previous block recorded as {:#x}, is {prev:#x}",
+                    h.prev
+                ));
+            }
+            if h.prev_free() != prev_was_free {
+                problems.push(format!("block {addr:#x}: stale previous-free flag"));
+            }
+            if h.free() && prev_was_free {
+                problems.push(format!("block {addr:#x}: two adjacent free blocks"));
+            }
+            if h.addr + h.size > end {
+                problems.push(format!("block {addr:#x} runs past its region end {end:#x}"));
+                return (free, nfree, nalloc, req);
+            }
+            if h.last() != (h.addr + h.size == end) {
+                problems.push(format!("block {addr:#x}: wrong last-of-region flag"));
+            }
+            if h.free() {
+                free += h.size;
+                nfree += 1;
+            } else {
+                nalloc += 1;
+                // SAFETY: a verified allocated header.
+                req += unsafe { rd(addr + 24) };
+                // SAFETY: allocated block inside the region.
+                if let Err(e) = unsafe { self.allocated(addr + HEADER) } {
+                    problems.push(e.to_string());
+                }
+            }
+            visit(addr, h.size, h.free());
+            prev_was_free = h.free();
+            prev = addr;
+            addr += h.size;
+        }
+        (free, nfree, nalloc, req)
+    }
+
+    /// Checks the free lists against the bitmaps and the block classes; appends problems.
+    ///
+    /// # Safety
+    /// The heap's regions must be mapped.
+    pub unsafe fn check_lists(&self, problems: &mut Vec<String>) -> u64 {
+        let mut n = 0;
+        for fl in 0..FL_COUNT {
+            for sl in 0..SL_COUNT {
+                let has = self.sl_bitmap[fl] & (1 << sl) != 0;
+                let head = self.heads[fl][sl];
+                if has != (head != 0) {
+                    problems.push(format!("free list ({fl},{sl}): bitmap disagrees"));
+                }
+                let mut b = head;
+                let mut prev = 0;
+                let mut guard = 0u64;
+                while b != 0 {
+                    guard += 1;
+                    if guard > 1 << 26 {
+                        problems.push(format!("free list ({fl},{sl}) loops"));
+                        break;
+                    }
+                    // SAFETY: free-list members are free blocks inside regions.
+                    match unsafe { self.hdr(b) } {
+                        Ok(h) if h.free() && mapping(h.size) == (fl, sl) => {}
+                        Ok(_) => problems.push(format!("block {b:#x} in the wrong free list")),
+                        Err(e) => {
+                            problems.push(e.to_string());
+                            break;
+                        }
+                    }
+                    // SAFETY: as above.
+                    unsafe {
+                        if rd(b + 40) != prev {
+                            problems.push(format!("block {b:#x}: broken back link"));
+                        }
+                        prev = b;
+                        b = rd(b + 32);
+                    }
+                    n += 1;
+                }
+            }
+            if (self.fl_bitmap & (1 << fl) != 0) != (self.sl_bitmap[fl] != 0) {
+                problems.push(format!("first-level bitmap disagrees at {fl}"));
+            }
+        }
+        n
+    }
+
+    /// Rebuilds the free lists and counters from the blocks themselves (after a process died
+    /// holding the lock): walks each region, merges adjacent free blocks, relinks. Regions
+    /// whose headers are damaged are reported in `problems` and left out.
+    ///
+    /// # Safety
+    /// The regions must be this heap's, mapped; the caller holds the lock.
+    pub unsafe fn rebuild(&mut self, regions: &[(u64, u64)], problems: &mut Vec<String>) {
+        self.fl_bitmap = 0;
+        self.sl_bitmap = [0; FL_COUNT];
+        self.heads = [[0; SL_COUNT]; FL_COUNT];
+        let total: u64 = regions.iter().map(|(s, e)| e - s).sum();
+        self.counters = HeapCounters {
+            total,
+            regions: regions.len() as u64,
+            ..HeapCounters::default()
+        };
+        for &(start, end) in regions {
+            let mut addr = start;
+            let mut prev = 0u64;
+            let mut run: Option<(u64, u64, u64)> = None; // (addr, size, prev) of a free run
+            while addr < end {
+                // SAFETY: inside the region.
+                let h = match unsafe { self.hdr(addr) } {
+                    Ok(h) if h.addr + h.size <= end => h,
+                    _ => {
+                        problems.push(format!(
+                            "region [{start:#x}, {end:#x}): damaged block at {addr:#x}; its \
+                             rest is left out of the heap"
+                        ));
+                        break;
+                    }
+                };
+                if h.free() {
+                    run = Some(match run {
+                        Some((a, s, p)) => (a, s + h.size, p),
+                        None => (addr, h.size, prev),
+                    });
+                } else {
+                    if let Some((a, s, p)) = run.take() {
+                        // SAFETY: the run lies in the region.
+                        // A free run always follows an allocated block or starts the region.
+                        unsafe {
+                            self.set_hdr(a, p, s, F_FREE);
+                            self.insert(a, s);
+                            self.set_hdr(addr, a, h.size, (h.flags & !F_PREV_FREE) | F_PREV_FREE);
+                        }
+                    } else {
+                        // SAFETY: inside the region.
+                        unsafe { self.set_hdr(addr, prev, h.size, h.flags & !F_PREV_FREE) };
+                    }
+                    self.counters.alloc_count += 1;
+                    // SAFETY: verified allocated header.
+                    self.counters.requested += unsafe { rd(addr + 24) };
+                }
+                prev = if h.free() {
+                    run.map_or(addr, |r| r.0)
+                } else {
+                    addr
+                };
+                addr += h.size;
+            }
+            if let Some((a, s, p)) = run {
+                // SAFETY: the final run lies in the region.
+                unsafe {
+                    self.set_hdr(a, p, s, F_FREE | F_LAST);
+                    self.insert(a, s);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 1 MiB of 4096-aligned memory, on the heap.
+    struct Arena(Vec<u8>);
+    impl Arena {
+        fn base(&self) -> u64 {
+            (self.0.as_ptr() as u64).next_multiple_of(4096)
+        }
+    }
+
+    fn heap() -> (Box<HeapCore>, Arena) {
+        // SAFETY: HeapCore is plain integers: all-zero is a valid empty heap.
+        let mut h: Box<HeapCore> = unsafe { Box::new(std::mem::zeroed()) };
+        h.init();
+        (h, Arena(vec![0; (1 << 20) + 4096]))
+    }
+
+    #[test]
+    fn mapping_classes() {
+        assert_eq!(mapping(64), (0, 2));
+        assert_eq!(mapping(1023), (0, 31));
+        assert_eq!(mapping(1024), (1, 0));
+        let (f, s) = mapping_search(1025);
+        assert!(f > 1 || s > 0);
+    }
+
+    #[test]
+    fn alloc_free_merge_and_validate() {
+        let (mut h, a) = heap();
+        let base = a.base();
+        let mut problems = Vec::new();
+        // SAFETY: the arena is ours, mapped, 4096-aligned, and outlives the heap use here.
+        unsafe {
+            h.add_region(base, 1 << 20);
+            let p1 = h.alloc(100, 1).unwrap().unwrap();
+            let p2 = h.alloc(5000, 4096).unwrap().unwrap();
+            assert_eq!(p2 % 4096, 0);
+            let p3 = h.alloc(33, 64).unwrap().unwrap();
+            assert_eq!(p3 % 64, 0);
+            h.walk_region(base, base + (1 << 20), &mut problems, |_, _, _| {});
+            h.check_lists(&mut problems);
+            assert!(problems.is_empty(), "{problems:?}");
+            assert_eq!(h.free(p2).unwrap().size % GRAIN, 0);
+            assert_eq!(h.free(p2), Err(HeapError::DoubleFree { ptr: p2 }));
+            h.free(p1).unwrap();
+            let f = h.free(p3).unwrap();
+            assert_eq!(
+                f,
+                FreedBlock {
+                    addr: base,
+                    size: 1 << 20
+                }
+            );
+            assert_eq!(h.counters.free, 1 << 20);
+            assert_eq!(h.counters.alloc_count, 0);
+        }
+    }
+
+    #[test]
+    fn overflow_into_next_header_is_caught() {
+        let (mut h, a) = heap();
+        let base = a.base();
+        // SAFETY: as above; the test deliberately writes past p1's block into p2's header.
+        unsafe {
+            h.add_region(base, 1 << 20);
+            let p1 = h.alloc(64, 1).unwrap().unwrap();
+            let p2 = h.alloc(64, 1).unwrap().unwrap();
+            let (_, usable) = h.sizes(p1).unwrap();
+            std::ptr::write_bytes((p1 + usable) as *mut u8, 0xab, 8);
+            assert!(matches!(h.free(p2), Err(HeapError::Corrupt { .. })));
+        }
+    }
+
+    #[test]
+    fn carve_whole_region_and_middle() {
+        let (mut h, a) = heap();
+        let base = a.base();
+        // SAFETY: as above.
+        unsafe {
+            h.add_region(base, 1 << 20);
+            let p = h.alloc(100, 1).unwrap().unwrap();
+            let f = h.free(p).unwrap();
+            h.carve(f, base + 65536, base + 131072).unwrap();
+            assert_eq!(h.counters.total, (1 << 20) - 65536);
+            let mut problems = Vec::new();
+            h.walk_region(base, base + 65536, &mut problems, |_, _, _| {});
+            h.walk_region(base + 131072, base + (1 << 20), &mut problems, |_, _, _| {});
+            h.check_lists(&mut problems);
+            assert!(problems.is_empty(), "{problems:?}");
+        }
+    }
+}

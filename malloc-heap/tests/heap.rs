@@ -1,0 +1,458 @@
+//! The shared heap between real processes.
+//!
+//! The test process is the primary; secondaries are this test binary re-executed (see
+//! `memplane-testkit`), attached to the same memory and heap, driven by line commands. Checked:
+//! objects allocated in a secondary are read and freed by the primary and the reverse; two
+//! processes with two threads each allocate, fill, check and free concurrently; a secondary grows
+//! the heap while other secondaries are attached, and they see the new memory; freeing
+//! everything gives every page back (kernel free-page count back to its baseline with hugepages);
+//! a growth whose sync fails in one secondary is rolled back and reported; a process killed
+//! while holding the heap lock does not hang the others (the heap is repaired and validates);
+//! memzones (DPDK's memzone test cases, lookup from another process); `validate()` finds a
+//! trampled header.
+
+use std::path::Path;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use memplane_core::txn::Timeouts;
+use memplane_heap::memzone::IOVA_CONTIG;
+use memplane_heap::{AllocError, Heap, MemzoneError, ZoneSpec};
+use memplane_hugepage::memory::{default_hugepage_size, free_hugepages};
+use memplane_hugepage::{Backing, MemOptions, Memory};
+use memplane_testkit::{Child, TestDir, child_dir, hex, hexnum, serve, unhex};
+use memplane_unix::{Channel, ChannelConfig, MpChannel, ProcType};
+
+fn timeouts() -> Timeouts {
+    Timeouts {
+        step: Duration::from_secs(2),
+        margin: Duration::from_millis(500),
+    }
+}
+
+struct Primary {
+    heap: Heap<MpChannel>,
+    _ch: Channel,
+}
+
+fn primary(dir: &TestDir, opts: MemOptions) -> Primary {
+    let ch = Channel::open(
+        ChannelConfig::new()
+            .runtime_dir(dir.path())
+            .proc_type(ProcType::Primary),
+    )
+    .unwrap();
+    let (mem, _) = Memory::primary(ch.shared(), dir.path(), "mph", &opts, timeouts()).unwrap();
+    let heap = Heap::primary(mem).unwrap();
+    Primary { heap, _ch: ch }
+}
+
+fn write(p: u64, b: &[u8]) {
+    // SAFETY: test code writing into a live heap allocation of at least `b.len()` bytes.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), p as *mut u8, b.len()) }
+}
+
+fn read(p: u64, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    // SAFETY: test code reading a live heap allocation of at least `n` bytes.
+    unsafe { std::ptr::copy_nonoverlapping(p as *const u8, v.as_mut_ptr(), n) }
+    v
+}
+
+fn nn(p: u64) -> NonNull<u8> {
+    NonNull::new(p as *mut u8).unwrap()
+}
+
+/// The child: attach memory and heap, then obey commands.
+#[test]
+fn child() {
+    let Some(dir) = child_dir() else { return };
+    let ch = Channel::open(
+        ChannelConfig::new()
+            .runtime_dir(&dir)
+            .proc_type(ProcType::Secondary),
+    )
+    .unwrap();
+    let mem = Memory::secondary(ch.shared(), Path::new(&dir), timeouts()).unwrap();
+    let heap = Heap::secondary(mem).unwrap();
+    memplane_testkit::say(format!("ready {}", std::process::id()));
+    serve(|w| match w[0] {
+        "malloc" => match heap.malloc(hexnum(w[1]) as usize, hexnum(w[2]) as usize) {
+            Ok(p) => format!("{:x}", p.as_ptr() as u64),
+            Err(e) => format!("error {e}"),
+        },
+        "free" => match heap.free(nn(hexnum(w[1]))) {
+            Ok(()) => "ok".into(),
+            Err(e) => format!("error {e}"),
+        },
+        "write" => {
+            write(hexnum(w[1]), &unhex(w[2]));
+            "ok".into()
+        }
+        "read" => hex(&read(hexnum(w[1]), hexnum(w[2]) as usize)),
+        "failsync" => {
+            heap.memory().fail_next_syncs(hexnum(w[1]) as u32);
+            "ok".into()
+        }
+        "mz" => match heap.memzone_lookup(w[1]) {
+            Some(z) => format!("{:x} {:x}", z.addr, z.len),
+            None => "none".into(),
+        },
+        "hold" => {
+            // Take the heap lock and never give it back: the parent kills us.
+            let _ = heap.with_lock(0, || {
+                memplane_testkit::say("holding");
+                loop {
+                    std::thread::park();
+                }
+            });
+            "unreachable".into()
+        }
+        "threads" => {
+            // Two threads allocate, fill, check and free N blocks each.
+            let n = hexnum(w[1]) as usize;
+            let hs: Vec<_> = (0..2u8)
+                .map(|t| {
+                    let h = heap.clone();
+                    std::thread::spawn(move || churn(&h, n, 0x40 + t))
+                })
+                .collect();
+            let ok = hs.into_iter().all(|t| t.join().unwrap());
+            ok.to_string()
+        }
+        "validate" => match heap.validate() {
+            Ok(()) => "clean".into(),
+            Err(p) => p.join("; "),
+        },
+        x => format!("unknown {x}"),
+    });
+}
+
+/// Allocates, fills and checks `n` blocks of varied sizes, freeing as it goes; true if every
+/// block kept its contents.
+fn churn(h: &Heap<MpChannel>, n: usize, tag: u8) -> bool {
+    let mut live: Vec<(NonNull<u8>, usize, u8)> = Vec::new();
+    let mut ok = true;
+    for i in 0..n {
+        let size = [16usize, 64, 200, 1000, 5000, 70000][i % 6];
+        let p = h.malloc(size, 8 << (i % 5)).unwrap();
+        let fill = tag.wrapping_add(i as u8);
+        // SAFETY: a fresh allocation of `size` bytes.
+        unsafe { std::ptr::write_bytes(p.as_ptr(), fill, size) };
+        live.push((p, size, fill));
+        if i % 3 == 2 {
+            let (q, s, f) = live.remove(i % live.len());
+            // SAFETY: a live allocation of `s` bytes.
+            ok &= unsafe { std::slice::from_raw_parts(q.as_ptr(), s) }
+                .iter()
+                .all(|&b| b == f);
+            h.free(q).unwrap();
+        }
+    }
+    for (q, s, f) in live {
+        // SAFETY: a live allocation of `s` bytes.
+        ok &= unsafe { std::slice::from_raw_parts(q.as_ptr(), s) }
+            .iter()
+            .all(|&b| b == f);
+        h.free(q).unwrap();
+    }
+    ok
+}
+
+fn start(dir: &TestDir) -> Child {
+    let mut c = Child::start("child", dir.path(), &[]);
+    assert!(c.line().starts_with("ready"));
+    c
+}
+
+fn scenario(opts: MemOptions) {
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, opts);
+    let mut a = start(&dir);
+    let mut b = start(&dir);
+
+    // Allocated in a secondary, read and freed by the primary.
+    let x = hexnum(&a.cmd("malloc 3e8 40"));
+    assert_eq!(x % 64, 0);
+    assert_eq!(
+        a.cmd(&format!("write {x:x} {}", hex(b"from secondary a"))),
+        "ok"
+    );
+    assert_eq!(read(x, 16), b"from secondary a");
+    assert_eq!(b.cmd(&format!("read {x:x} 10")), hex(b"from secondary a"));
+    p.heap.free(nn(x)).unwrap();
+
+    // Allocated by the primary, freed by a secondary.
+    let y = p.heap.malloc(5000, 4096).unwrap().as_ptr() as u64;
+    assert_eq!(y % 4096, 0);
+    write(y, b"from the primary");
+    assert_eq!(b.cmd(&format!("read {y:x} 10")), hex(b"from the primary"));
+    assert_eq!(b.cmd(&format!("free {y:x}")), "ok");
+    assert!(
+        b.cmd(&format!("free {y:x}")).starts_with("error"),
+        "double free detected"
+    );
+
+    // A secondary grows the heap with another attached: 3 MiB at once.
+    let big = hexnum(&a.cmd("malloc 300000 1000"));
+    assert_eq!(
+        a.cmd(&format!("write {:x} {}", big + 0x2f0000, hex(b"far out"))),
+        "ok"
+    );
+    assert_eq!(
+        b.cmd(&format!("read {:x} 7", big + 0x2f0000)),
+        hex(b"far out")
+    );
+    assert_eq!(read(big + 0x2f0000, 7), b"far out");
+
+    // Two processes, two threads each, at once.
+    a.send("threads 1f4");
+    b.send("threads 1f4");
+    assert_eq!(a.line(), "true");
+    assert_eq!(b.line(), "true");
+    assert_eq!(a.cmd(&format!("free {big:x}")), "ok");
+
+    // Everything freed: every page back.
+    assert_eq!(p.heap.validate(), Ok(()));
+    let s = p.heap.stats(0).unwrap();
+    assert_eq!((s.alloc_count, s.heap_size), (0, 0), "{s:?}");
+    assert_eq!(p.heap.memory().total_used(), 0);
+    assert!(s.grows > 0 && s.shrinks > 0, "{s:?}");
+    assert_eq!(a.cmd("validate"), "clean");
+}
+
+#[test]
+fn no_huge_heap_between_processes() {
+    scenario(MemOptions::new().no_huge());
+}
+
+#[test]
+fn hugepage_heap_between_processes() {
+    let Some(size) = default_hugepage_size().filter(|&s| free_hugepages(s) >= 32) else {
+        eprintln!("SKIPPED: hugepage_heap_between_processes: fewer than 32 free hugepages");
+        return;
+    };
+    let before = free_hugepages(size);
+    scenario(MemOptions::new().backing(Backing::Memfd));
+    assert_eq!(free_hugepages(size), before, "hugepages leaked");
+}
+
+#[test]
+fn growth_rolled_back_when_a_secondary_fails_its_sync() {
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let mut a = start(&dir);
+    let mut bad = start(&dir);
+    assert_eq!(bad.cmd("failsync 1"), "ok");
+    let r = a.cmd("malloc 100000 40");
+    assert!(r.starts_with("error out of memory"), "{r}");
+    assert!(
+        r.contains("secondary failed to sync") || r.contains("rolled back"),
+        "{r}"
+    );
+    assert_eq!(p.heap.memory().total_used(), 0);
+    assert_eq!(p.heap.stats(0).unwrap().heap_size, 0);
+    assert_eq!(p.heap.validate(), Ok(()));
+    // The next growth works.
+    let x = hexnum(&a.cmd("malloc 100000 40"));
+    assert_eq!(bad.cmd(&format!("read {x:x} 4")), "00000000");
+}
+
+#[test]
+fn killed_holder_of_the_heap_lock_hangs_nobody() {
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let keep = p.heap.malloc(100, 8).unwrap();
+    let mut a = start(&dir);
+    let x = hexnum(&a.cmd("malloc 64 8"));
+    a.send("hold");
+    assert_eq!(a.line(), "holding");
+    a.kill();
+    // The next allocation repairs the heap and goes on.
+    let y = p.heap.malloc(300, 8).unwrap();
+    assert_eq!(p.heap.recoveries_seen(), 1);
+    assert_eq!(p.heap.validate(), Ok(()));
+    p.heap.free(nn(x)).unwrap();
+    p.heap.free(y).unwrap();
+    p.heap.free(keep).unwrap();
+    assert_eq!(p.heap.stats(0).unwrap().alloc_count, 0);
+}
+
+#[test]
+fn bad_requests_and_corruption_are_reported() {
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let h = &p.heap;
+    assert!(matches!(h.malloc(0, 8), Err(AllocError::BadRequest { .. })));
+    assert!(matches!(
+        h.malloc(64, 3),
+        Err(AllocError::BadRequest { .. })
+    ));
+    assert!(matches!(
+        h.malloc(usize::MAX - 8, 8),
+        Err(AllocError::BadRequest { .. })
+    ));
+    assert!(matches!(
+        h.calloc(usize::MAX / 2, 4, 8),
+        Err(AllocError::BadRequest { .. })
+    ));
+    let a = h.malloc(100, 8).unwrap();
+    let b = h.malloc(100, 8).unwrap();
+    let (_, usable) = h.sizes(a).unwrap();
+    // Trample b's header from a.
+    // SAFETY: deliberately writing past a's usable bytes, into b's header, to test detection.
+    unsafe { std::ptr::write_bytes(a.as_ptr().add(usable), 0x5a, 16) };
+    assert!(h.validate().is_err());
+    assert!(matches!(h.free(b), Err(AllocError::Heap(_))));
+    // A pointer the heap never gave out.
+    let mut local = 0u64;
+    assert!(h.free(NonNull::from(&mut local).cast()).is_err());
+}
+
+#[test]
+fn realloc_in_place_and_moving() {
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let h = &p.heap;
+    let a = h.zmalloc(1024, 64).unwrap();
+    write(a.as_ptr() as u64, b"keep me");
+    // Shrinking keeps the pointer.
+    assert_eq!(h.realloc(Some(a), 512, 64).unwrap(), a);
+    // Growing into the free space after it keeps the pointer.
+    let b = h.realloc(Some(a), 3072, 64).unwrap();
+    assert_eq!(b, a);
+    assert_eq!(read(b.as_ptr() as u64, 7), b"keep me");
+    // A block right after it forces a move; the contents follow.
+    let blocker = h.malloc(64, 8).unwrap();
+    let (_, usable) = h.sizes(b).unwrap();
+    let c = h.realloc(Some(b), usable + 100_000, 64).unwrap();
+    assert_eq!(read(c.as_ptr() as u64, 7), b"keep me");
+    // A bigger alignment than the block has moves it.
+    let d = h.realloc(Some(c), 100, 1 << 16).unwrap();
+    assert_eq!(d.as_ptr() as u64 % (1 << 16), 0);
+    assert_eq!(read(d.as_ptr() as u64, 7), b"keep me");
+    h.free(d).unwrap();
+    h.free(blocker).unwrap();
+    assert_eq!(h.validate(), Ok(()));
+}
+
+#[test]
+fn memzones_like_dpdk() {
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let h = &p.heap;
+    let z = |len, align, bound| ZoneSpec {
+        len,
+        align,
+        bound,
+        ..ZoneSpec::default()
+    };
+    let z1 = h.memzone_reserve("testzone1", z(100, 0, 0)).unwrap();
+    let z4 = h.memzone_reserve("testzone4", z(1024, 0, 0)).unwrap();
+    assert_eq!((z1.len, z4.len), (128, 1024));
+    assert_eq!(z1.addr % 64, 0);
+    assert!(z1.addr + z1.len <= z4.addr || z4.addr + z4.len <= z1.addr);
+    assert_eq!(h.memzone_lookup("testzone1"), Some(z1));
+    assert!(matches!(
+        h.memzone_reserve("testzone1", z(100, 0, 0)),
+        Err(MemzoneError::Exists(_))
+    ));
+    assert!(matches!(
+        h.memzone_reserve("", z(1, 0, 0)),
+        Err(MemzoneError::BadName(_))
+    ));
+    assert!(matches!(
+        h.memzone_reserve(&"x".repeat(32), z(1, 0, 0)),
+        Err(MemzoneError::BadName(_))
+    ));
+    assert!(h.memzone_reserve(&"x".repeat(31), z(1, 0, 0)).is_ok());
+    for a in [32u64, 128, 256, 512, 1024] {
+        let m = h
+            .memzone_reserve(&format!("align{a}"), z(100, a, 0))
+            .unwrap();
+        assert_eq!(m.addr % a.max(64), 0);
+        assert_eq!(m.len % 64, 0);
+    }
+    assert!(matches!(
+        h.memzone_reserve("al", z(100, 100, 0)),
+        Err(MemzoneError::Invalid(_))
+    ));
+    assert!(matches!(
+        h.memzone_reserve("b1", z(100, 0, u32::MAX as u64)),
+        Err(MemzoneError::Invalid(_))
+    ));
+    assert!(matches!(
+        h.memzone_reserve("b2", z(100, 0, 32)),
+        Err(MemzoneError::Invalid(_))
+    ));
+    for (i, (len, align, bound)) in [
+        (100, 128, 128),
+        (100, 256, 128),
+        (100, 64, 1024),
+        (0, 64, 1024),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let m = h
+            .memzone_reserve(&format!("bounded{i}"), z(len, align, bound))
+            .unwrap();
+        assert_eq!(m.addr % align, 0);
+        assert!(m.len >= len.max(64));
+        assert_eq!(
+            m.addr / bound,
+            (m.addr + m.len - 1) / bound,
+            "crosses {bound}"
+        );
+    }
+    assert!(matches!(
+        h.memzone_reserve(
+            "flags",
+            ZoneSpec {
+                len: 100,
+                flags: IOVA_CONTIG << 1,
+                ..ZoneSpec::default()
+            }
+        ),
+        Err(MemzoneError::Invalid(_))
+    ));
+    assert!(matches!(
+        h.memzone_reserve("huge", z(u64::MAX, 0, 0)),
+        Err(MemzoneError::Invalid(_))
+    ));
+    // Visible from another process by name.
+    let mut a = start(&dir);
+    assert_eq!(a.cmd("mz testzone4"), format!("{:x} {:x}", z4.addr, z4.len));
+    assert_eq!(a.cmd("mz nothere"), "none");
+    // Free, lookup fails, the slot is reused; the table fills up and a freed slot serves again.
+    let before = h.memzone_count();
+    h.memzone_free("testzone1").unwrap();
+    assert_eq!(h.memzone_lookup("testzone1"), None);
+    assert_eq!(a.cmd("mz testzone1"), "none");
+    assert!(matches!(
+        h.memzone_free("testzone1"),
+        Err(MemzoneError::NotFound(_))
+    ));
+    let mut n = 0;
+    loop {
+        match h.memzone_reserve(&format!("MZ_TEST_{n}"), z(1, 0, 0)) {
+            Ok(_) => n += 1,
+            Err(MemzoneError::TableFull) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(h.memzone_count(), memplane_heap::state::MAX_MEMZONES);
+    h.memzone_free("MZ_TEST_0").unwrap();
+    let zero = h.memzone_reserve("len0", z(0, 0, 0)).unwrap();
+    assert!(zero.len >= 64);
+    h.memzone_free("len0").unwrap();
+    for i in 1..n {
+        h.memzone_free(&format!("MZ_TEST_{i}")).unwrap();
+    }
+    assert_eq!(h.memzone_count(), before - 1);
+    assert!(
+        h.memzone_walk()
+            .iter()
+            .all(|m| !m.name.as_str().starts_with("MZ_TEST_"))
+    );
+}

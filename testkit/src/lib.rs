@@ -1,0 +1,167 @@
+//! Test helpers shared by memplane's crates.
+//!
+//! - [`TestDir`]: a fresh, short runtime directory per test, removed on drop;
+//! - [`Child`]: this test binary re-executed in "child" mode (as DPDK's `test_mp_secondary`
+//!   does), driven by line commands on stdin and answering on stdout; always killed and reaped;
+//! - [`child_main`]: the child side: runs a command loop when the process was started as a child.
+//!
+//! Tests wait for what a child says, never for a fixed time.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Duration;
+
+/// How long a test waits for a child's answer before failing.
+pub const ANSWER: Duration = Duration::from_secs(30);
+
+/// The environment variable that makes a test binary a child.
+pub const CHILD_ENV: &str = "MEMPLANE_TEST_CHILD_DIR";
+
+/// A fresh runtime directory, removed on drop.
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    /// Creates `/tmp/<tag>-<pid>-<n>` (short, so socket paths fit).
+    pub fn new(tag: &str) -> TestDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = PathBuf::from(format!(
+            "/tmp/{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        TestDir(p)
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process (this test binary, re-executed) driven by line commands.
+pub struct Child {
+    child: std::process::Child,
+    stdin: ChildStdin,
+    out: Receiver<String>,
+}
+
+impl Child {
+    /// Starts the test named `test` of this binary as a child working in `dir`, with extra
+    /// environment variables.
+    pub fn start(test: &str, dir: &Path, env: &[(&str, &str)]) -> Child {
+        let exe = std::env::current_exe().expect("test binary path");
+        let mut cmd = Command::new(exe);
+        cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start child");
+        let stdin = child.stdin.take().expect("child stdin");
+        let stdout = child.stdout.take().expect("child stdout");
+        let (tx, out) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // libtest may print "test name ... " on the same line first.
+                if let Some(i) = l.find("@@ ")
+                    && tx.send(l[i + 3..].to_owned()).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Child { child, stdin, out }
+    }
+
+    /// The child's next answer.
+    pub fn line(&mut self) -> String {
+        self.out
+            .recv_timeout(ANSWER)
+            .unwrap_or_else(|e| panic!("child {} said nothing: {e}", self.child.id()))
+    }
+
+    /// Sends a command and returns the answer.
+    pub fn cmd(&mut self, c: &str) -> String {
+        writeln!(self.stdin, "{c}").expect("write to child");
+        self.stdin.flush().expect("flush to child");
+        self.line()
+    }
+
+    /// Sends a command without waiting for an answer.
+    pub fn send(&mut self, c: &str) {
+        writeln!(self.stdin, "{c}").expect("write to child");
+        self.stdin.flush().expect("flush to child");
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the child with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The child side: if this process was started as a child, returns its runtime directory.
+pub fn child_dir() -> Option<PathBuf> {
+    std::env::var_os(CHILD_ENV).map(PathBuf::from)
+}
+
+/// Prints an answer the parent reads.
+pub fn say(s: impl AsRef<str>) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "@@ {}", s.as_ref());
+    let _ = o.flush();
+}
+
+/// Runs the child's command loop: each stdin line is split into words and given to `f`, whose
+/// answer is sent back; `quit` (or the end of stdin) ends it.
+pub fn serve(mut f: impl FnMut(&[&str]) -> String) {
+    for l in std::io::stdin().lock().lines().map_while(Result::ok) {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        if w.is_empty() || w[0] == "quit" {
+            break;
+        }
+        say(f(&w));
+    }
+}
+
+/// Parses a hex number.
+pub fn hexnum(s: &str) -> u64 {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex number")
+}
+
+/// Bytes as hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Hex as bytes.
+pub fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex byte"))
+        .collect()
+}
