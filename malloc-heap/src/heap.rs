@@ -336,6 +336,89 @@ where
         Ok(p.and_then(|p| NonNull::new(p as *mut u8)))
     }
 
+    /// Allocates up to `out.len()` blocks of `size` bytes aligned to `align` on `node` under one
+    /// hold of the lock (growing once if the heap is empty); returns how many were stored.
+    pub fn malloc_batch(
+        &self,
+        node: u32,
+        size: usize,
+        align: usize,
+        out: &mut [*mut u8],
+    ) -> Result<usize, AllocError> {
+        let first = self.malloc_on(node, size, align)?;
+        out[0] = first.as_ptr();
+        let i = self
+            .shared
+            .map
+            .heap_of(node)
+            .ok_or(AllocError::NoHeap(node))?;
+        let (_g, h) = self.shared.lock(i)?;
+        let mut n = 1;
+        while n < out.len() {
+            // SAFETY: lock held; the heap's regions are mapped here.
+            match unsafe { h.core.alloc(size as u64, align as u64)? } {
+                Some(p) => out[n] = p as *mut u8,
+                None => break,
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Frees every pointer of `ptrs` (all from the heap on one node) under one hold of the lock;
+    /// whole pages left unused go back as for [`Heap::free`]. Stops at the first bad pointer.
+    pub fn free_batch(&self, ptrs: &[*mut u8]) -> Result<(), AllocError> {
+        let Some(&first) = ptrs.first() else {
+            return Ok(());
+        };
+        let i = self.heap_index_of(first as u64)?;
+        let mut give_back = Vec::new();
+        {
+            let (_g, h) = self.shared.lock(i)?;
+            let shrink =
+                self.shrink.load(Ordering::Relaxed) && !self.mem.channel().on_channel_thread();
+            for &p in ptrs {
+                let p = p as u64;
+                if h.region_of(p.saturating_sub(HEADER)).is_none() {
+                    return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
+                }
+                // SAFETY: lock held; the block is in one of the heap's regions.
+                let f = unsafe { h.core.free(p)? };
+                if shrink && let Some(r) = self.carve_pages(h, f) {
+                    give_back.push(r);
+                }
+            }
+        }
+        let node = self.shared.map.node_of(i);
+        for r in give_back {
+            self.give_back(i, node, r)?;
+        }
+        Ok(())
+    }
+
+    fn give_back(&self, i: usize, node: u32, range: MemRange) -> Result<(), AllocError> {
+        if let Err(e) = self.mem.free(range, node) {
+            // The primary restores refused frees itself; a request that never reached it leaves
+            // the pages out of the heap but still mapped: put them back.
+            if matches!(
+                e,
+                MemError::Channel(_) | MemError::NoAnswer | MemError::Invalid(_)
+            ) {
+                let (_g, h) = self.shared.lock(i)?;
+                if h.insert_region(Region {
+                    start: range.addr,
+                    end: range.addr + range.len,
+                }) {
+                    // SAFETY: the pages are still mapped (the free did not happen) and belong
+                    // to nobody since we took them out.
+                    unsafe { h.core.add_region(range.addr, range.len) };
+                    h.core.counters.regions = h.nregions;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// [`Heap::malloc`], zero-filled.
     pub fn zmalloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, AllocError> {
         let p = self.malloc(size, align)?;

@@ -7,8 +7,13 @@
 //! - [`tlsf`]: the O(1) allocator over regions, with checked headers;
 //! - [`lock`]: a robust, process-shared lock (a dead holder never hangs the others);
 //! - [`state`]: the shared heap file (heaps, regions, memzones), versioned and validated;
-//! - [`heap`]: `malloc`/`free`/`realloc`, growth and shrink, stats, `validate`, `dump`.
+//! - [`heap`]: `malloc`/`free`/`realloc`, growth and shrink, stats, `validate`, `dump`;
+//! - [`memzone`]: named zones, O(1) lookup from any process;
+//! - [`boxed`]: `HeapBox`, an owner that frees on drop;
+//! - [`global`]: `#[global_allocator]` on the shared heap, with per-thread caches.
 
+pub mod boxed;
+pub mod global;
 pub mod heap;
 pub mod lock;
 pub mod memzone;

@@ -1,0 +1,94 @@
+//! A program whose every allocation goes through memplane's global allocator: collections,
+//! strings, threads, a HashMap, large buffers. Before `install` the system allocator serves;
+//! after it, the shared heap (checked by address), with frees routed back to whoever allocated
+//! each pointer, including pointers allocated before `install`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use memplane_core::txn::Timeouts;
+use memplane_heap::Heap;
+use memplane_heap::global::{self, MemplaneAlloc, is_heap_pointer};
+use memplane_hugepage::{MemOptions, Memory};
+use memplane_testkit::TestDir;
+use memplane_unix::{Channel, ChannelConfig, ProcType};
+
+#[global_allocator]
+static ALLOC: MemplaneAlloc = MemplaneAlloc;
+
+#[test]
+fn everything_runs_on_the_shared_heap() {
+    let before: Vec<String> = (0..100).map(|i| format!("before install {i}")).collect();
+    assert!(!is_heap_pointer(before[0].as_ptr()));
+
+    let dir = TestDir::new("mpg");
+    let ch = Channel::open(
+        ChannelConfig::new()
+            .runtime_dir(dir.path())
+            .proc_type(ProcType::Primary),
+    )
+    .unwrap();
+    let (mem, _) = Memory::primary(
+        ch.shared(),
+        dir.path(),
+        "mpg",
+        &MemOptions::new().no_huge(),
+        Timeouts {
+            step: Duration::from_secs(2),
+            margin: Duration::from_millis(500),
+        },
+    )
+    .unwrap();
+    let heap = Heap::primary(mem).unwrap();
+    global::install(&heap);
+
+    // Collections and strings of every size class and beyond.
+    let mut v: Vec<u64> = (0..100_000).collect();
+    assert!(is_heap_pointer(v.as_ptr().cast()));
+    v.retain(|x| x % 3 == 0);
+    let s: String = (0..5000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    assert!(is_heap_pointer(s.as_ptr()));
+    let mut m = HashMap::new();
+    let mut b = BTreeMap::new();
+    for i in 0..20_000u32 {
+        m.insert(i, format!("value {i}"));
+        b.insert(format!("key {i:08}"), vec![i as u8; (i % 300) as usize]);
+    }
+    assert_eq!(m[&777], "value 777");
+    assert_eq!(b["key 00000042"].len(), 42);
+    let small = Box::new(7u8);
+    assert!(is_heap_pointer(&*small as *const u8));
+
+    // Threads allocate and free, also each other's objects.
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut keep = Vec::new();
+                for i in 0..20_000usize {
+                    let x = vec![t as u8; 1 + (i * 7) % 400];
+                    if i % 10 == 0 {
+                        keep.push(x);
+                    }
+                }
+                keep
+            })
+        })
+        .collect();
+    let results: Vec<Vec<Vec<u8>>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (t, r) in results.iter().enumerate() {
+        assert_eq!(r.len(), 2000);
+        assert!(r.iter().all(|x| x.iter().all(|&b| b == t as u8)));
+    }
+    drop(results);
+
+    // Pointers allocated before install are freed to the system allocator.
+    drop(before);
+    assert_eq!(heap.validate(), Ok(()));
+    assert!(heap.stats(0).unwrap().alloc_count > 0);
+    drop((v, s, m, b, small));
+    assert_eq!(global::stats().errors, 0);
+    assert_eq!(heap.validate(), Ok(()));
+    global::uninstall();
+}
