@@ -979,6 +979,21 @@ where
         self.inner.map.is_pinned(range)
     }
 
+    /// The backing in use, as a word (`memfd`, `file-per-page`, `single-file`, `no-huge`).
+    pub fn backing_name(&self) -> &'static str {
+        match self.inner.map.config().header().backing {
+            backing_code::MEMFD => "memfd",
+            backing_code::FILE_PER_PAGE => "file-per-page",
+            backing_code::SINGLE_FILE => "single-file",
+            _ => "no-huge",
+        }
+    }
+
+    /// The primary's pid, as recorded in the shared configuration.
+    pub fn primary_pid(&self) -> u32 {
+        self.inner.map.config().header().primary_pid
+    }
+
     /// The NUMA node of the list holding `va`.
     pub fn node_at(&self, va: u64) -> Option<u32> {
         self.inner

@@ -225,6 +225,22 @@ fn latency_fields(samples: &mut [Duration]) -> String {
     )
 }
 
+/// The channel's counters, one line (`stats ...`; not a result line).
+fn stats(ch: &MpChannel, mode: &str) {
+    let s = ch.stats();
+    out(format!(
+        "stats mode={mode} role={:?} rx_ok={} tx_ok={} tx_failed={} outbox_queued={} outbox_delivered={} outbox_dropped={} timed_out={}",
+        ch.role(),
+        s.endpoint.rx_ok,
+        s.endpoint.tx_ok,
+        s.endpoint.tx_failed,
+        s.outbox.queued,
+        s.outbox.delivered,
+        s.outbox.dropped,
+        s.endpoint.requests_timed_out
+    ));
+}
+
 // ---- serve ----------------------------------------------------------------------------------
 
 /// Nanoseconds on a process-wide monotonic clock.
@@ -298,6 +314,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         std::process::id()
     ));
     let _ = stop.recv();
+    stats(&ch, "serve");
     ch.close();
     Ok(())
 }
@@ -338,6 +355,7 @@ fn rtt(a: RttArgs) -> Result<()> {
         "bench=rtt impl=memplane placement={placement} {}",
         latency_fields(&mut samples)
     ));
+    stats(&ch, "rtt");
     Ok(())
 }
 
@@ -383,6 +401,7 @@ fn broadcast(a: BroadcastArgs) -> Result<()> {
         a.peers,
         latency_fields(&mut samples)
     ));
+    stats(&ch, "broadcast");
     if incomplete > 0 {
         return Err(format!("{incomplete} broadcasts missed a reply").into());
     }
@@ -484,6 +503,7 @@ fn async_bench(a: AsyncArgs) -> Result<()> {
         dt.as_secs_f64(),
         a.count as f64 / dt.as_secs_f64()
     ));
+    stats(&ch, "async");
     if failed > 0 {
         return Err(format!("{failed} async requests failed").into());
     }
@@ -556,6 +576,7 @@ fn oneway(a: OnewayArgs) -> Result<()> {
         if secs > 0.0 { count as f64 / secs } else { 0.0 },
         a.count as f64 / sent.as_secs_f64()
     ));
+    stats(&ch, "oneway");
     if count != a.count {
         return Err(format!("the primary counted {count} of {} messages", a.count).into());
     }

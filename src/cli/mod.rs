@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod demo;
 pub mod hugepages;
+pub mod info;
 pub mod mp;
 
 use std::path::PathBuf;
@@ -39,6 +40,8 @@ pub enum Command {
     Mp(mp::MpCommand),
     /// The main job: a primary and secondary processes at work, no hugepages needed.
     Demo(demo::DemoArgs),
+    /// Attach as a secondary and print memory lists, heaps, memzones and peers.
+    Info(info::InfoArgs),
     /// Hugepages: sizes, counts per NUMA node, mounts; reserve and mount (root).
     Hugepages(hugepages::HugepagesArgs),
 }
@@ -202,6 +205,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Primary(o) => mp::primary(&o),
         Command::Mp(c) => mp::run(c),
         Command::Demo(a) => demo::run(a),
+        Command::Info(a) => info::run(a),
         Command::Hugepages(a) => hugepages::run(a),
     };
     match r {
