@@ -443,7 +443,7 @@ const _: () = {
     assert!(LAYOUT_340.param.end - LAYOUT_340.param.start == MAX_PARAM_LEN);
     assert!(LAYOUT_332.param.end == LAYOUT_332.len);
     assert!(LAYOUT_340.param.end + 4 == LAYOUT_340.len);
-    assert!(LAYOUT_340.param.start % 8 == 0);
+    assert!(LAYOUT_340.param.start.is_multiple_of(8));
     assert!(MAX_DATAGRAM_LEN == LAYOUT_340.len);
 };
 

@@ -122,11 +122,11 @@ impl PageSize {
 impl fmt::Display for PageSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        let s = if b % GIB == 0 {
+        let s = if b.is_multiple_of(GIB) {
             format!("{}G", b / GIB)
-        } else if b % MIB == 0 {
+        } else if b.is_multiple_of(MIB) {
             format!("{}M", b / MIB)
-        } else if b % KIB == 0 {
+        } else if b.is_multiple_of(KIB) {
             format!("{}K", b / KIB)
         } else {
             format!("{b}")
@@ -896,7 +896,7 @@ pub fn reserve_at(
         return Err(DiscoverError::NoHugepageSupport { path: global });
     }
     let size_dir = global.join(size.sysfs_name());
-    if size.bytes() % KIB != 0 || !size_dir.is_dir() {
+    if !size.bytes().is_multiple_of(KIB) || !size_dir.is_dir() {
         return Err(DiscoverError::UnsupportedSize {
             size,
             node: None,

@@ -388,7 +388,7 @@ impl MemMap {
             .ok_or_else(|| MemError::Invalid(format!("{:#x} is not in any memseg list", r.addr)))?;
         let l = self.cfg.list(li);
         let ps = l.page_size;
-        if r.len == 0 || r.addr % ps != 0 || r.len % ps != 0 {
+        if r.len == 0 || !r.addr.is_multiple_of(ps) || !r.len.is_multiple_of(ps) {
             return Err(MemError::Invalid(format!(
                 "[{:#x}, +{:#x}) is not whole pages of {ps} bytes",
                 r.addr, r.len

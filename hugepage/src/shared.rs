@@ -367,11 +367,11 @@ impl SharedConfig {
                 .and_then(|b| b.checked_add(l.base));
             if !l.page_size.is_power_of_two()
                 || l.page_size < 4096
-                || l.segs_offset % 8 != 0
+                || !l.segs_offset.is_multiple_of(8)
                 || l.segs_offset < std::mem::size_of::<Header>() as u64
                 || segs_end.is_none_or(|e| e > self.len as u64)
                 || l.base < h.va_base
-                || l.base % l.page_size != 0
+                || !l.base.is_multiple_of(l.page_size)
                 || va.is_none_or(|e| Some(e) > va_end)
             {
                 return bad(format!("memseg list {i}"));

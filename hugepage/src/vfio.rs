@@ -283,8 +283,8 @@ impl std::error::Error for DmaError {}
 
 /// Checks a range the same way for both mappers: non-empty, aligned, not wrapping.
 fn check_range(vaddr: Option<u64>, iova: u64, len: u64) -> Result<(), DmaError> {
-    let ok_one = |a: u64| a % DMA_ALIGN == 0 && a.checked_add(len).is_some();
-    let ok = len != 0 && len % DMA_ALIGN == 0 && ok_one(iova) && vaddr.is_none_or(ok_one);
+    let ok_one = |a: u64| a.is_multiple_of(DMA_ALIGN) && a.checked_add(len).is_some();
+    let ok = len != 0 && len.is_multiple_of(DMA_ALIGN) && ok_one(iova) && vaddr.is_none_or(ok_one);
     if ok {
         Ok(())
     } else {

@@ -490,7 +490,8 @@ where
             // SAFETY: lock held; the block is in one of the heap's regions.
             let (old, _) = unsafe { h.core.sizes(p)? };
             // SAFETY: as above.
-            if p % align as u64 == 0 && unsafe { h.core.resize_in_place(p, size as u64)? } {
+            if p.is_multiple_of(align as u64) && unsafe { h.core.resize_in_place(p, size as u64)? }
+            {
                 return Ok(ptr);
             }
             old

@@ -243,7 +243,7 @@ impl HeapCore {
             return Err(HeapError::Corrupt { block: addr });
         }
         let size = sf & !F_MASK;
-        if size < MIN_BLOCK || size % GRAIN != 0 {
+        if size < MIN_BLOCK || !size.is_multiple_of(GRAIN) {
             return Err(HeapError::Corrupt { block: addr });
         }
         Ok(Hdr {
@@ -346,7 +346,7 @@ impl HeapCore {
     /// The range must be mapped read-write in this process (and, for a shared heap, in every
     /// process that uses it), belong to nobody else, and be `GRAIN`-aligned.
     pub unsafe fn add_region(&mut self, addr: u64, len: u64) {
-        debug_assert!(addr % GRAIN == 0 && len % GRAIN == 0 && len >= MIN_BLOCK);
+        debug_assert!(addr.is_multiple_of(GRAIN) && len.is_multiple_of(GRAIN) && len >= MIN_BLOCK);
         // SAFETY: the range is ours (caller's guarantee).
         unsafe {
             self.set_hdr(addr, 0, len, F_FREE | F_LAST);
@@ -460,7 +460,7 @@ impl HeapCore {
     /// # Safety
     /// `ptr - HEADER` must lie inside a region of this heap (the caller checked the region).
     unsafe fn allocated(&self, ptr: u64) -> Result<Hdr, HeapError> {
-        if ptr % GRAIN != 0 || ptr < HEADER {
+        if !ptr.is_multiple_of(GRAIN) || ptr < HEADER {
             return Err(HeapError::InvalidPointer { ptr });
         }
         // SAFETY: inside a region (caller).
@@ -490,7 +490,14 @@ impl HeapCore {
         let h = unsafe { self.allocated(ptr)? };
         // SAFETY: verified header.
         let req = unsafe { rd(h.addr + 24) };
-        Ok((req, h.size - HEADER - COOKIE_LEN))
+        // With cookies, the cookie sits right after the requested bytes (rounded to 8), not at
+        // the end of the block: only the bytes before it may be used.
+        let usable = if cfg!(feature = "debug-cookies") {
+            round_up(req, 8)
+        } else {
+            h.size - HEADER - COOKIE_LEN
+        };
+        Ok((req, usable))
     }
 
     /// Frees the allocation at `ptr`, merging with free neighbours; returns the free block it
