@@ -619,3 +619,73 @@ fn every_abi_on_the_wire_and_mismatch_rejected() {
     let (_, out) = p.finish(LONG);
     assert!(out.last().unwrap().contains("rejected=1"), "{out:?}");
 }
+
+#[test]
+fn stopped_peer_never_blocks_the_sender() {
+    // A secondary that stops reading (SIGSTOP): its queue fills after 10 datagrams. The primary
+    // keeps sending and requesting; nothing blocks, the stopped peer costs only its timeout, the
+    // others answer, and when it resumes the queued datagrams reach it.
+    let dir = TestDir::new();
+    let mut cfg = ChannelConfig::new()
+        .runtime_dir(dir.path())
+        .proc_type(ProcType::Primary);
+    // Queued datagrams wait this long for the stopped peer (they are dropped after it).
+    cfg.send_timeout = Duration::from_secs(60);
+    let ch = Channel::open(cfg).unwrap();
+    let _good = listener(&dir, &["--action", "q"]);
+    let mut stopped = listener(&dir, &["--action", "q"]);
+    stopped.signal(libc::SIGSTOP);
+    let t0 = Instant::now();
+    for i in 0..50u32 {
+        let r = ch
+            .send(&message("q", &i.to_le_bytes(), Fds::none()).unwrap())
+            .unwrap();
+        assert_eq!(r.sent, 2);
+    }
+    let r = ch
+        .request(
+            &message("q", b"req", Fds::none()).unwrap(),
+            Duration::from_millis(300),
+        )
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (2, 1, true));
+    // Never blocked on the full queue: 50 sends and a request in about the request's timeout.
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(ch.stats().outbox.queued > 0);
+    stopped.signal(libc::SIGCONT);
+    // The queued messages are delivered once it reads again (message 49 is the last one sent).
+    stopped.expect_line(&format!("param={}", hex::encode(49u32.to_le_bytes())), LONG);
+}
+
+#[test]
+fn sync_request_from_a_handler_is_refused_not_a_hang() {
+    let dir = TestDir::new();
+    let ch = lib(&dir, ProcType::Primary);
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    ch.register("nested", move |ch: &MpChannel, m: Incoming| {
+        let inner = ch.request(&message("other", b"", Fds::none()).unwrap(), LONG);
+        let _ = tx.lock().unwrap().send(format!("{:?}", inner.err()));
+        let _ = ch.reply(&m.from, &message("nested", b"", Fds::none()).unwrap());
+    })
+    .unwrap();
+    let d = dir.arg();
+    let (code, out, err) = run(&[
+        "mp",
+        "request",
+        "nested",
+        "--proc-type",
+        "secondary",
+        "--runtime-dir",
+        &d,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.iter().any(|l| l.contains("nb_received=1")), "{out:?}");
+    assert_eq!(rx.recv_timeout(LONG).unwrap(), "Some(WouldDeadlock)");
+}
+
+mod hex {
+    pub fn encode(b: impl AsRef<[u8]>) -> String {
+        b.as_ref().iter().map(|x| format!("{x:02x}")).collect()
+    }
+}

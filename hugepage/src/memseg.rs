@@ -234,6 +234,20 @@ impl MemMap {
             let n = req.bytes.div_ceil(ps);
             let bytes = n * ps;
             if n > l.n_segs as u64 {
+                // The list is sized by the limits: past it, say which limit.
+                if (l.node_limit != 0 && bytes > l.node_limit)
+                    || (h.total_limit != 0 && bytes > h.total_limit)
+                {
+                    return Err(MemError::LimitExceeded {
+                        what: format!(
+                            "{} MiB asked; -m {} MiB, --socket-limit on node {} {} MiB",
+                            bytes >> 20,
+                            h.total_limit >> 20,
+                            l.node,
+                            l.node_limit >> 20
+                        ),
+                    });
+                }
                 last_err = Some(MemError::NoMemory {
                     what: format!("{} bytes is more than the whole list {li}", req.bytes),
                 });

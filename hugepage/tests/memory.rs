@@ -628,3 +628,48 @@ fn vfio_container_fd_reaches_secondaries() {
     p.mem.serve_vfio_container(fd).unwrap();
     assert_eq!(s.cmd("vfio"), "container-42");
 }
+
+#[test]
+fn secondary_of_another_layout_refuses_to_attach() {
+    let dir = Dir::new();
+    let p = primary(&dir, MemOptions::new().no_huge());
+    // Make the shared configuration look like another build's: a different layout version.
+    let f = dir.0.join(memplane_hugepage::shared::FILE_NAME);
+    let mut bytes = std::fs::read(&f).unwrap();
+    let saved = bytes.clone();
+    bytes[8] = bytes[8].wrapping_add(1); // `version` follows the 8-byte magic
+    std::fs::write(&f, &bytes).unwrap();
+    let mut s = Secondary::start(&dir, &[]);
+    let l = s.ready();
+    assert!(l.starts_with("attach-error"), "{l}");
+    assert!(l.contains("layout version"), "{l}");
+    assert!(l.contains("same memplane version"), "{l}");
+    std::fs::write(&f, &saved).unwrap();
+    drop(p);
+}
+
+#[test]
+fn per_node_limit_is_enforced() {
+    let dir = Dir::new();
+    let p = primary(
+        &dir,
+        MemOptions::new()
+            .backing(Backing::NoHuge)
+            .socket_limit(vec![6]),
+    );
+    let a = p
+        .mem
+        .alloc(&AllocSpec {
+            bytes: 4 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+    match p.mem.alloc(&AllocSpec {
+        bytes: 4 << 20,
+        ..Default::default()
+    }) {
+        Err(MemError::Txn(s)) => assert_eq!(s, memplane_core::txn::TxnStatus::LimitExceeded),
+        other => panic!("expected the --socket-limit, got {other:?}"),
+    }
+    assert_eq!(p.mem.total_used(), a.len);
+}
