@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use memplane_core::txn::Timeouts;
 use memplane_heap::memzone::IOVA_CONTIG;
-use memplane_heap::{AllocError, Heap, MemzoneError, ZoneSpec};
+use memplane_heap::{AllocError, Heap, HeapError, MemzoneError, ZoneSpec};
 use memplane_hugepage::memory::{default_hugepage_size, free_hugepages};
 use memplane_hugepage::{Backing, MemOptions, Memory};
 use memplane_testkit::{Child, TestDir, child_dir, hex, hexnum, serve, unhex};
@@ -299,11 +299,24 @@ fn bad_requests_and_corruption_are_reported() {
     let a = h.malloc(100, 8).unwrap();
     let b = h.malloc(100, 8).unwrap();
     let (_, usable) = h.sizes(a).unwrap();
-    // Trample b's header from a.
-    // SAFETY: deliberately writing past a's usable bytes, into b's header, to test detection.
+    // Write 16 bytes past a's usable size: into b's header, or with debug cookies into a's
+    // cookie first.
+    // SAFETY: deliberately writing past a's usable bytes, to test detection.
     unsafe { std::ptr::write_bytes(a.as_ptr().add(usable), 0x5a, 16) };
     assert!(h.validate().is_err());
-    assert!(matches!(h.free(b), Err(AllocError::Heap(_))));
+    if cfg!(feature = "debug-cookies") {
+        let r = h.free(a);
+        assert!(
+            matches!(r, Err(AllocError::Heap(HeapError::Overflow { .. }))),
+            "{r:?}"
+        );
+    } else {
+        let r = h.free(b);
+        assert!(
+            matches!(r, Err(AllocError::Heap(HeapError::Corrupt { .. }))),
+            "{r:?}"
+        );
+    }
     // A pointer the heap never gave out.
     let mut local = 0u64;
     assert!(h.free(NonNull::from(&mut local).cast()).is_err());
