@@ -13,6 +13,7 @@
 
 use std::cell::Cell;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -280,6 +281,8 @@ pub struct MpChannel {
     receive_errors: AtomicU64,
     /// Request sockets not in use (see [`RequestSocket`]).
     request_sockets: Mutex<Vec<RequestSocket>>,
+    /// Sender paths seen lately, and their addresses.
+    peers_seen: Mutex<std::collections::HashMap<Box<[u8]>, PeerAddr>>,
     request_seq: AtomicU64,
 }
 
@@ -608,6 +611,21 @@ impl MpChannel {
         }
     }
 
+    /// The peer address for a sender's path bytes, from a small cache so the hot path does not
+    /// allocate.
+    fn peer_of(&self, b: &[u8]) -> PeerAddr {
+        let mut c = self.peers_seen.lock();
+        if let Some(p) = c.get(b) {
+            return p.clone();
+        }
+        if c.len() >= 1024 {
+            c.clear();
+        }
+        let p = PeerAddr::new(std::ffi::OsStr::from_bytes(b));
+        c.insert(b.into(), p.clone());
+        p
+    }
+
     /// Handles one received datagram; `actions` is false on a request socket, where only
     /// answers belong (anything else is dropped and counted).
     fn handle(&self, r: crate::socket::Received, buf: &[u8], actions: bool) {
@@ -622,7 +640,7 @@ impl MpChannel {
             self.ep.stats().count_rejected_sender();
             return; // the fds close here
         }
-        let from = PeerAddr::new(r.from.unwrap_or_default());
+        let from = self.peer_of(&r.from[..r.from_len]);
         let flags = RecvFlags {
             truncated: r.truncated,
             control_truncated: r.control_truncated,
@@ -824,6 +842,7 @@ impl Channel {
             panics: AtomicU64::new(0),
             receive_errors: AtomicU64::new(0),
             request_sockets: Mutex::new(Vec::new()),
+            peers_seen: Mutex::new(std::collections::HashMap::new()),
             request_seq: AtomicU64::new(0),
         });
         let spawn = |name: &str, f: fn(&Arc<MpChannel>)| {

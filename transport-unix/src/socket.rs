@@ -10,7 +10,6 @@ use std::fmt;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -123,8 +122,10 @@ pub struct Received {
     pub truncated: bool,
     /// Some fds did not fit and were discarded by the kernel.
     pub control_truncated: bool,
-    /// The sender's socket path (`None` for an unnamed sender).
-    pub from: Option<PathBuf>,
+    /// The sender's socket path bytes (empty for an unnamed sender), without allocating.
+    pub from: [u8; 108],
+    /// Length of `from`.
+    pub from_len: usize,
     /// The sender's credentials, as the kernel saw them at send time.
     pub creds: Option<UCred>,
     /// The fds that came with it.
@@ -231,18 +232,21 @@ impl Socket {
                 _ => {}
             }
         }
-        let from = r
-            .address
-            .and_then(|a| SocketAddrUnix::try_from(a).ok())
-            .and_then(|u| {
-                u.path()
-                    .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p.to_bytes())))
-            });
+        let mut from = [0u8; 108];
+        let mut from_len = 0;
+        if let Some(u) = r.address.and_then(|a| SocketAddrUnix::try_from(a).ok())
+            && let Some(b) = u.path_bytes()
+        {
+            let b = b.split(|&c| c == 0).next().unwrap_or(b);
+            from_len = b.len().min(from.len());
+            from[..from_len].copy_from_slice(&b[..from_len]);
+        }
         Ok(Some(Received {
             len: r.bytes.min(buf.len()),
             truncated: r.flags.contains(ReturnFlags::TRUNC) || r.bytes > buf.len(),
             control_truncated: r.flags.contains(ReturnFlags::CTRUNC),
             from,
+            from_len,
             creds,
             fds: Fds(fds),
         }))
