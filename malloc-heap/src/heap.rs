@@ -312,15 +312,48 @@ where
                 ..AllocSpec::default()
             });
             drop(g);
-            if let Err(e) = grown {
-                why = e.to_string();
-                break;
-            }
-            if let Some(p) = self.try_alloc(i, size, align)? {
+            let grown = match grown {
+                Ok(r) => r,
+                Err(e) => {
+                    why = e.to_string();
+                    break;
+                }
+            };
+            let p = self.try_alloc(i, size, align)?;
+            // Space freed elsewhere meanwhile may have served us: then nobody will ever use (or
+            // free into) the new region, so it goes back now rather than never.
+            self.release_if_unused(i, grown)?;
+            if let Some(p) = p {
                 return Ok(p);
             }
         }
         Err(AllocError::OutOfMemory { size, why })
+    }
+
+    /// Gives region `r` back if it is still entirely free.
+    fn release_if_unused(&self, i: usize, r: MemRange) -> Result<(), AllocError> {
+        if !self.shrink.load(Ordering::Relaxed) || self.mem.channel().on_channel_thread() {
+            return Ok(());
+        }
+        let back = {
+            let (_g, h) = self.shared.lock(i)?;
+            let whole = h.region_of(r.addr)
+                == Some(Region {
+                    start: r.addr,
+                    end: r.addr + r.len,
+                });
+            let unused = if whole {
+                // SAFETY: lock held; `r` is one of the heap's regions (checked).
+                unsafe { h.core.unused_region(r.addr, r.len) }
+            } else {
+                None
+            };
+            unused.and_then(|f| self.carve_pages(h, f))
+        };
+        if let Some(b) = back {
+            self.give_back(i, self.shared.map.node_of(i), b)?;
+        }
+        Ok(())
     }
 
     fn try_alloc(
@@ -365,33 +398,39 @@ where
         Ok(n)
     }
 
-    /// Frees every pointer of `ptrs` (all from the heap on one node) under one hold of the lock;
-    /// whole pages left unused go back as for [`Heap::free`]. Stops at the first bad pointer.
+    /// Frees every pointer of `ptrs`, holding each heap's lock once per run of its pointers;
+    /// whole pages left unused go back to the kernel. Stops at the first bad pointer.
     pub fn free_batch(&self, ptrs: &[*mut u8]) -> Result<(), AllocError> {
-        let Some(&first) = ptrs.first() else {
-            return Ok(());
-        };
-        let i = self.heap_index_of(first as u64)?;
-        let mut give_back = Vec::new();
-        {
-            let (_g, h) = self.shared.lock(i)?;
-            let shrink =
-                self.shrink.load(Ordering::Relaxed) && !self.mem.channel().on_channel_thread();
-            for &p in ptrs {
-                let p = p as u64;
-                if h.region_of(p.saturating_sub(HEADER)).is_none() {
-                    return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
-                }
-                // SAFETY: lock held; the block is in one of the heap's regions.
-                let f = unsafe { h.core.free(p)? };
-                if shrink && let Some(r) = self.carve_pages(h, f) {
-                    give_back.push(r);
+        let shrink = self.shrink.load(Ordering::Relaxed) && !self.mem.channel().on_channel_thread();
+        let mut rest = ptrs;
+        while let Some(&first) = rest.first() {
+            // One lock hold per run of pointers of the same heap.
+            let i = self.heap_index_of(first as u64)?;
+            let mut give_back = Vec::new();
+            let mut done = 0;
+            {
+                let (_g, h) = self.shared.lock(i)?;
+                for &p in rest {
+                    let p = p as u64;
+                    if self.mem.node_at(p) != Some(self.shared.map.node_of(i)) {
+                        break;
+                    }
+                    if h.region_of(p.saturating_sub(HEADER)).is_none() {
+                        return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
+                    }
+                    // SAFETY: lock held; the block is in one of the heap's regions.
+                    let f = unsafe { h.core.free(p)? };
+                    if shrink && let Some(r) = self.carve_pages(h, f) {
+                        give_back.push(r);
+                    }
+                    done += 1;
                 }
             }
-        }
-        let node = self.shared.map.node_of(i);
-        for r in give_back {
-            self.give_back(i, node, r)?;
+            let node = self.shared.map.node_of(i);
+            for r in give_back {
+                self.give_back(i, node, r)?;
+            }
+            rest = &rest[done..];
         }
         Ok(())
     }
@@ -511,44 +550,7 @@ where
 
     /// Frees `ptr` (allocated by any process). Whole pages left unused go back to the kernel.
     pub fn free(&self, ptr: NonNull<u8>) -> Result<(), AllocError> {
-        let p = ptr.as_ptr() as u64;
-        let i = self.heap_index_of(p)?;
-        let give_back = {
-            let (_g, h) = self.shared.lock(i)?;
-            if h.region_of(p.saturating_sub(HEADER)).is_none() {
-                return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
-            }
-            // SAFETY: lock held; the block is in one of the heap's regions.
-            let f = unsafe { h.core.free(p)? };
-            if self.shrink.load(Ordering::Relaxed) && !self.mem.channel().on_channel_thread() {
-                self.carve_pages(h, f)
-            } else {
-                None
-            }
-        };
-        if let Some(range) = give_back {
-            let node = self.shared.map.node_of(i);
-            if let Err(e) = self.mem.free(range, node) {
-                // The primary restores refused frees itself; a request that never reached it
-                // leaves the pages out of the heap but still mapped: put them back.
-                if matches!(
-                    e,
-                    MemError::Channel(_) | MemError::NoAnswer | MemError::Invalid(_)
-                ) {
-                    let (_g, h) = self.shared.lock(i)?;
-                    if h.insert_region(Region {
-                        start: range.addr,
-                        end: range.addr + range.len,
-                    }) {
-                        // SAFETY: the pages are still mapped (the free did not happen) and
-                        // belong to nobody since we took them out.
-                        unsafe { h.core.add_region(range.addr, range.len) };
-                        h.core.counters.regions = h.nregions;
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.free_batch(&[ptr.as_ptr()])
     }
 
     /// If the free block `f` holds whole pages (not allocated up front), takes them out of the

@@ -521,6 +521,11 @@ impl HeapCore {
             Some(n) => Some(unsafe { self.hdr(n)? }),
             None => None,
         };
+        // A free next block is merged, and the block after it relinked: verify that one too.
+        if let Some(n) = next.filter(|n| n.free() && !n.last()) {
+            // SAFETY: `n` is not last: the block after it is inside the region.
+            unsafe { self.hdr(n.addr + n.size)? };
+        }
         let before = if prev_free {
             // SAFETY: prev_phys of a verified header points inside the region.
             let p = unsafe { self.hdr(h.prev)? };
@@ -724,6 +729,16 @@ impl HeapCore {
         // The caller keeps the region table (and the region count).
         self.counters.total -= end - start;
         Ok(())
+    }
+
+    /// If the region `[addr, addr + len)` is one free block (nobody uses any of it), that block.
+    ///
+    /// # Safety
+    /// The region must be one of this heap's, mapped; the caller holds the lock.
+    pub unsafe fn unused_region(&self, addr: u64, len: u64) -> Option<FreedBlock> {
+        // SAFETY: the first block of a region starts at its first byte.
+        let h = unsafe { self.hdr(addr) }.ok()?;
+        (h.free() && h.size == len).then_some(FreedBlock { addr, size: len })
     }
 
     /// The largest free block's size (headers included), by looking at the highest non-empty
