@@ -11,44 +11,21 @@
 //! fails its sync makes the primary roll back, after which every process agrees and no page is
 //! leaked; IOVAs; event callbacks; limits; stale files of a dead primary.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{Receiver, channel};
+use std::io::BufRead;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use memplane_core::txn::Timeouts;
 use memplane_hugepage::memory::{default_hugepage_size, free_hugepages};
 use memplane_hugepage::{AllocSpec, Backing, IovaMode, MemError, MemOptions, Memory};
+use memplane_testkit::{Child, TestDir, child_dir, hex, say, unhex};
 use memplane_unix::{Channel, ChannelConfig, MpChannel, ProcType};
-
-const T: Duration = Duration::from_secs(20);
 
 fn timeouts() -> Timeouts {
     Timeouts {
         step: Duration::from_secs(2),
         margin: Duration::from_millis(500),
-    }
-}
-
-struct Dir(PathBuf);
-impl Dir {
-    fn new() -> Dir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = PathBuf::from(format!(
-            "/tmp/mpm-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        Dir(p)
-    }
-}
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -60,87 +37,23 @@ struct Primary {
 fn primary(dir: &Dir, opts: MemOptions) -> Primary {
     let ch = Channel::open(
         ChannelConfig::new()
-            .runtime_dir(&dir.0)
+            .runtime_dir(dir.path())
             .proc_type(ProcType::Primary),
     )
     .unwrap();
-    let (mem, _setup) = Memory::primary(ch.shared(), &dir.0, "mpt", &opts, timeouts()).unwrap();
+    let (mem, _setup) = Memory::primary(ch.shared(), dir.path(), "mpt", &opts, timeouts()).unwrap();
     Primary { mem, _ch: ch }
 }
 
-/// A secondary process driven by line commands.
-struct Secondary {
-    child: Child,
-    stdin: ChildStdin,
-    out: Receiver<String>,
+type Dir = TestDir;
+type Secondary = Child;
+
+fn new_dir() -> Dir {
+    TestDir::new("mpm")
 }
 
-impl Secondary {
-    fn start(dir: &Dir, extra_env: &[(&str, &str)]) -> Secondary {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = Command::new(exe);
-        cmd.args([
-            "--exact",
-            "child_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("MEMPLANE_TEST_CHILD_DIR", &dir.0)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, out) = channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                // libtest may print "test child_process ... " on the same line first.
-                if let Some(i) = l.find("@@ ")
-                    && tx.send(l[i + 3..].to_owned()).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        Secondary { child, stdin, out }
-    }
-
-    fn line(&mut self) -> String {
-        self.out
-            .recv_timeout(T)
-            .unwrap_or_else(|e| panic!("secondary said nothing: {e}"))
-    }
-
-    fn cmd(&mut self, c: &str) -> String {
-        writeln!(self.stdin, "{c}").unwrap();
-        self.stdin.flush().unwrap();
-        self.line()
-    }
-
-    fn ready(&mut self) -> String {
-        self.line()
-    }
-}
-
-impl Drop for Secondary {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
+fn secondary(dir: &Dir, env: &[(&str, &str)]) -> Secondary {
+    Child::start("child_process", dir.path(), env)
 }
 
 fn write_at(va: u64, data: &[u8]) {
@@ -159,12 +72,8 @@ fn read_at(va: u64, len: usize) -> Vec<u8> {
 /// The child role: attach as a secondary, then obey commands. Runs only when re-executed.
 #[test]
 fn child_process() {
-    let Ok(dir) = std::env::var("MEMPLANE_TEST_CHILD_DIR") else {
+    let Some(dir) = child_dir() else {
         return;
-    };
-    let say = |s: String| {
-        println!("@@ {s}");
-        std::io::stdout().flush().unwrap();
     };
     if let Ok(va) = std::env::var("MEMPLANE_TEST_OCCUPY") {
         // Take the primary's address range first, so the attach must fail.
@@ -262,7 +171,7 @@ fn parse_range(s: &str) -> (u64, u64) {
 
 /// The scenario both modes run.
 fn shared_memory_scenario(opts: MemOptions) {
-    let dir = Dir::new();
+    let dir = new_dir();
     let p = primary(&dir, opts);
     let events = Arc::new(Mutex::new(Vec::<String>::new()));
     let ev = events.clone();
@@ -281,8 +190,8 @@ fn shared_memory_scenario(opts: MemOptions) {
         })
         .unwrap();
     write_at(a.addr + 100, b"written by the primary");
-    let mut s = Secondary::start(&dir, &[]);
-    assert!(s.ready().starts_with("ready"));
+    let mut s = secondary(&dir, &[]);
+    assert!(s.line().starts_with("ready"));
     assert_eq!(p.mem.participants_count(), 1);
     assert_eq!(
         unhex(&s.cmd(&format!("read {:x} {:x}", a.addr + 100, 22))),
@@ -428,11 +337,11 @@ static HUGE: Mutex<()> = Mutex::new(());
 
 #[test]
 fn secondary_with_taken_addresses_gets_a_clear_error() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let p = primary(&dir, MemOptions::new().no_huge());
     let base = p.mem.va_range().addr;
-    let mut s = Secondary::start(&dir, &[("MEMPLANE_TEST_OCCUPY", &base.to_string())]);
-    let l = s.ready();
+    let mut s = secondary(&dir, &[("MEMPLANE_TEST_OCCUPY", &base.to_string())]);
+    let l = s.line();
     assert!(l.starts_with("attach-error"), "{l}");
     assert!(l.contains("--base-virtaddr"), "{l}");
     assert!(l.contains(&format!("{base:#x}")), "{l}");
@@ -440,12 +349,12 @@ fn secondary_with_taken_addresses_gets_a_clear_error() {
 
 #[test]
 fn failed_sync_rolls_back_everywhere() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let p = primary(&dir, MemOptions::new().no_huge());
-    let mut good = Secondary::start(&dir, &[]);
-    let mut bad = Secondary::start(&dir, &[]);
-    good.ready();
-    bad.ready();
+    let mut good = secondary(&dir, &[]);
+    let mut bad = secondary(&dir, &[]);
+    good.line();
+    bad.line();
     assert_eq!(bad.cmd("failsync 1"), "ok");
     let used_before = p.mem.total_used();
     let r = p.mem.alloc(&AllocSpec {
@@ -484,7 +393,7 @@ fn failed_sync_rolls_back_everywhere() {
 
 #[test]
 fn limits_are_enforced_without_partial_state() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let p = primary(&dir, MemOptions::new().no_huge().total_mb(8));
     let a = p
         .mem
@@ -507,7 +416,7 @@ fn limits_are_enforced_without_partial_state() {
 
 #[test]
 fn free_of_bad_ranges_is_refused() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let p = primary(&dir, MemOptions::new().no_huge());
     let a = p
         .mem
@@ -539,7 +448,7 @@ fn free_of_bad_ranges_is_refused() {
 #[test]
 fn dma_mapper_sees_every_page_before_and_after() {
     use memplane_hugepage::vfio::{DmaCall, FakeContainer};
-    let dir = Dir::new();
+    let dir = new_dir();
     let p = primary(&dir, MemOptions::new().no_huge());
     let early = p
         .mem
@@ -614,10 +523,10 @@ fn hugepage_single_file_segments() {
 /// container: there is no VFIO device here; the fd's identity is what is checked).
 #[test]
 fn vfio_container_fd_reaches_secondaries() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let p = primary(&dir, MemOptions::new().no_huge());
-    let mut s = Secondary::start(&dir, &[]);
-    s.ready();
+    let mut s = secondary(&dir, &[]);
+    s.line();
     assert!(
         s.cmd("vfio").starts_with("error"),
         "no container served yet"
@@ -631,16 +540,16 @@ fn vfio_container_fd_reaches_secondaries() {
 
 #[test]
 fn secondary_of_another_layout_refuses_to_attach() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let p = primary(&dir, MemOptions::new().no_huge());
     // Make the shared configuration look like another build's: a different layout version.
-    let f = dir.0.join(memplane_hugepage::shared::FILE_NAME);
+    let f = dir.path().join(memplane_hugepage::shared::FILE_NAME);
     let mut bytes = std::fs::read(&f).unwrap();
     let saved = bytes.clone();
     bytes[8] = bytes[8].wrapping_add(1); // `version` follows the 8-byte magic
     std::fs::write(&f, &bytes).unwrap();
-    let mut s = Secondary::start(&dir, &[]);
-    let l = s.ready();
+    let mut s = secondary(&dir, &[]);
+    let l = s.line();
     assert!(l.starts_with("attach-error"), "{l}");
     assert!(l.contains("layout version"), "{l}");
     assert!(l.contains("same memplane version"), "{l}");
@@ -650,7 +559,7 @@ fn secondary_of_another_layout_refuses_to_attach() {
 
 #[test]
 fn per_node_limit_is_enforced() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let p = primary(
         &dir,
         MemOptions::new()

@@ -4,14 +4,12 @@
 //! each pointer, including pointers allocated before `install`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
-use memplane_core::txn::Timeouts;
-use memplane_heap::Heap;
 use memplane_heap::global::{self, MemplaneAlloc, is_heap_pointer};
-use memplane_hugepage::{MemOptions, Memory};
+use memplane_hugepage::MemOptions;
 use memplane_testkit::TestDir;
-use memplane_unix::{Channel, ChannelConfig, ProcType};
+
+mod common;
 
 #[global_allocator]
 static ALLOC: MemplaneAlloc = MemplaneAlloc;
@@ -22,25 +20,9 @@ fn everything_runs_on_the_shared_heap() {
     assert!(!is_heap_pointer(before[0].as_ptr()));
 
     let dir = TestDir::new("mpg");
-    let ch = Channel::open(
-        ChannelConfig::new()
-            .runtime_dir(dir.path())
-            .proc_type(ProcType::Primary),
-    )
-    .unwrap();
-    let (mem, _) = Memory::primary(
-        ch.shared(),
-        dir.path(),
-        "mpg",
-        &MemOptions::new().no_huge(),
-        Timeouts {
-            step: Duration::from_secs(2),
-            margin: Duration::from_millis(500),
-        },
-    )
-    .unwrap();
-    let heap = Heap::primary(mem).unwrap();
-    global::install(&heap);
+    let p = common::primary(&dir, MemOptions::new().no_huge());
+    let heap = &p.heap;
+    global::install(heap);
 
     // Collections and strings of every size class and beyond.
     let mut v: Vec<u64> = (0..100_000).collect();

@@ -13,39 +13,16 @@
 
 use std::path::Path;
 use std::ptr::NonNull;
-use std::time::Duration;
 
-use memplane_core::txn::Timeouts;
 use memplane_heap::memzone::IOVA_CONTIG;
 use memplane_heap::{AllocError, Heap, HeapError, MemzoneError, ZoneSpec};
 use memplane_hugepage::memory::{default_hugepage_size, free_hugepages};
 use memplane_hugepage::{Backing, MemOptions, Memory};
 use memplane_testkit::{Child, TestDir, child_dir, hex, hexnum, serve, unhex};
+
+mod common;
+use common::{primary, timeouts};
 use memplane_unix::{Channel, ChannelConfig, MpChannel, ProcType};
-
-fn timeouts() -> Timeouts {
-    Timeouts {
-        step: Duration::from_secs(2),
-        margin: Duration::from_millis(500),
-    }
-}
-
-struct Primary {
-    heap: Heap<MpChannel>,
-    _ch: Channel,
-}
-
-fn primary(dir: &TestDir, opts: MemOptions) -> Primary {
-    let ch = Channel::open(
-        ChannelConfig::new()
-            .runtime_dir(dir.path())
-            .proc_type(ProcType::Primary),
-    )
-    .unwrap();
-    let (mem, _) = Memory::primary(ch.shared(), dir.path(), "mph", &opts, timeouts()).unwrap();
-    let heap = Heap::primary(mem).unwrap();
-    Primary { heap, _ch: ch }
-}
 
 fn write(p: u64, b: &[u8]) {
     // SAFETY: test code writing into a live heap allocation of at least `b.len()` bytes.

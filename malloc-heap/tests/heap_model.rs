@@ -7,18 +7,15 @@
 
 use std::ptr::NonNull;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
 
-use memplane_core::txn::Timeouts;
-use memplane_heap::Heap;
-use memplane_hugepage::{MemOptions, Memory};
+use memplane_hugepage::MemOptions;
 use memplane_testkit::TestDir;
-use memplane_unix::{Channel, ChannelConfig, MpChannel, ProcType};
 use proptest::prelude::*;
 
+mod common;
+
 struct Fixture {
-    heap: Heap<MpChannel>,
-    _ch: Channel,
+    p: common::Primary,
     _dir: TestDir,
 }
 
@@ -26,28 +23,8 @@ fn fixture() -> &'static Mutex<Fixture> {
     static F: OnceLock<Mutex<Fixture>> = OnceLock::new();
     F.get_or_init(|| {
         let dir = TestDir::new("mphm");
-        let ch = Channel::open(
-            ChannelConfig::new()
-                .runtime_dir(dir.path())
-                .proc_type(ProcType::Primary),
-        )
-        .unwrap();
-        let (mem, _) = Memory::primary(
-            ch.shared(),
-            dir.path(),
-            "mphm",
-            &MemOptions::new().no_huge(),
-            Timeouts {
-                step: Duration::from_secs(2),
-                margin: Duration::from_millis(500),
-            },
-        )
-        .unwrap();
-        Mutex::new(Fixture {
-            heap: Heap::primary(mem).unwrap(),
-            _ch: ch,
-            _dir: dir,
-        })
+        let p = common::primary(&dir, MemOptions::new().no_huge());
+        Mutex::new(Fixture { p, _dir: dir })
     })
 }
 
@@ -109,7 +86,7 @@ proptest! {
     #[test]
     fn heap_matches_its_model(ops in proptest::collection::vec(op(), 1..60)) {
         let f = fixture().lock().unwrap_or_else(|e| e.into_inner());
-        let h = &f.heap;
+        let h = &f.p.heap;
         let mut live: Vec<Live> = Vec::new();
         let mut tag = 1u8;
         for o in ops {
