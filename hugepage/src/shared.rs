@@ -139,12 +139,114 @@ const _: () = {
     assert!(std::mem::align_of::<Header>() == 8);
 };
 
-/// The shared configuration, mapped in this process.
-pub struct SharedConfig {
+/// A file in the runtime directory mapped shared, read-write, wherever the kernel puts it; the
+/// mapping goes with the value. The memory configuration and the heap's state are both kept in
+/// one.
+pub struct SharedFile {
     ptr: *mut u8,
     len: usize,
     _file: File,
     path: PathBuf,
+}
+
+// SAFETY: the value owns a shared mapping; what is read or written through it is the owner's
+// business (atomics or locks in the mapped data).
+unsafe impl Send for SharedFile {}
+// SAFETY: as above.
+unsafe impl Sync for SharedFile {}
+
+impl SharedFile {
+    /// Creates `path` anew (removing a leftover), `len` bytes of zeros, mode 0600, and maps it.
+    pub fn create(path: &Path, len: usize) -> std::io::Result<SharedFile> {
+        let _ = std::fs::remove_file(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)?;
+        file.set_len(len as u64)?;
+        Self::map(file, path, len)
+    }
+
+    /// Opens `path` read-write and maps all of it.
+    pub fn open(path: &Path) -> std::io::Result<SharedFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)?;
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+        Self::map(file, path, len)
+    }
+
+    fn map(file: File, path: &Path, len: usize) -> std::io::Result<SharedFile> {
+        if len == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidData));
+        }
+        // SAFETY: a fresh shared mapping of `len` bytes of our own open file, placed wherever the
+        // kernel chooses; it touches no existing mapping.
+        let p = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                file.as_fd(),
+                0,
+            )
+        }?;
+        Ok(SharedFile {
+            ptr: p.cast(),
+            len,
+            _file: file,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The mapping's first byte (page aligned).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Its length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty mapping (never: creation refuses it).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the file; the mapping stays until the value is dropped.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for SharedFile {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are the mapping made in `map`; nothing borrows from `self` any
+        // more.
+        unsafe {
+            let _ = rustix::mm::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+/// The shared configuration, mapped in this process.
+pub struct SharedConfig {
+    file: SharedFile,
+    ptr: *mut u8,
+    len: usize,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics or through fields that are
@@ -211,26 +313,12 @@ fn cstr(b: &[u8]) -> &[u8] {
 }
 
 impl SharedConfig {
-    fn map(file: File, path: PathBuf, len: usize) -> Result<SharedConfig, MemError> {
-        // SAFETY: a fresh shared mapping of `len` bytes of our own open file, placed wherever the
-        // kernel chooses; it touches no existing mapping.
-        let p = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                file.as_fd(),
-                0,
-            )
+    fn wrap(file: SharedFile) -> SharedConfig {
+        SharedConfig {
+            ptr: file.as_ptr(),
+            len: file.len(),
+            file,
         }
-        .map_err(|e| MemError::io(format!("map {}", path.display()), e.into()))?;
-        Ok(SharedConfig {
-            ptr: p.cast(),
-            len,
-            _file: file,
-            path,
-        })
     }
 
     /// Creates the file (replacing a dead primary's) and writes the layout; the magic goes in
@@ -243,24 +331,16 @@ impl SharedConfig {
             )));
         }
         let path = dir.join(FILE_NAME);
-        let _ = std::fs::remove_file(&path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| MemError::io(format!("create {}", path.display()), e))?;
         let mut off = page_align(std::mem::size_of::<Header>() as u64);
         let mut offsets = Vec::with_capacity(spec.lists.len());
         for l in spec.lists {
             offsets.push(off);
             off = page_align(off + l.n_segs as u64 * std::mem::size_of::<Seg>() as u64);
         }
-        file.set_len(off)
-            .map_err(|e| MemError::io(format!("size {}", path.display()), e))?;
-        let cfg = SharedConfig::map(file, path, off as usize)?;
+        let cfg = SharedConfig::wrap(
+            SharedFile::create(&path, off as usize)
+                .map_err(|e| MemError::io(format!("create {}", path.display()), e))?,
+        );
         {
             // SAFETY: the file is new and only we have it mapped; the mapping is at least
             // size_of::<Header>() bytes and page aligned; a zero-filled Header is a valid value
@@ -298,27 +378,18 @@ impl SharedConfig {
     /// Maps the primary's file and checks everything in it before trusting it.
     pub fn attach(dir: &Path) -> Result<SharedConfig, MemError> {
         let path = dir.join(FILE_NAME);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => MemError::NotInitialised {
-                    dir: dir.to_owned(),
-                },
-                _ => MemError::io(format!("open {}", path.display()), e),
-            })?;
-        let len = file
-            .metadata()
-            .map_err(|e| MemError::io(format!("stat {}", path.display()), e))?
-            .len();
-        if len < std::mem::size_of::<Header>() as u64 || len > (1 << 32) {
+        let file = SharedFile::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => MemError::NotInitialised {
+                dir: dir.to_owned(),
+            },
+            _ => MemError::io(format!("open {}", path.display()), e),
+        })?;
+        if file.len() < std::mem::size_of::<Header>() || file.len() > (1 << 32) {
             return Err(MemError::Layout {
-                what: format!("{} is {len} bytes", path.display()),
+                what: format!("{} is {} bytes", path.display(), file.len()),
             });
         }
-        let cfg = SharedConfig::map(file, path, len as usize)?;
+        let cfg = SharedConfig::wrap(file);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -425,23 +496,13 @@ impl SharedConfig {
 
     /// The file's path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     /// Removes the file (the primary, at exit).
     pub fn remove(&self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.file.remove();
     }
 }
 
 use std::os::unix::ffi::OsStrExt;
-
-impl Drop for SharedConfig {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are the mapping created in `map`; nothing borrows from `self` any
-        // more.
-        unsafe {
-            let _ = rustix::mm::munmap(self.ptr.cast(), self.len);
-        }
-    }
-}

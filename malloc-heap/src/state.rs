@@ -5,13 +5,10 @@
 //! NUMA node (robust lock, allocator core, region table), and the memzone table with its hash
 //! index. The primary creates and initialises it; secondaries validate it on attach.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rustix::mm::{MapFlags, ProtFlags};
+use memplane_hugepage::shared::SharedFile;
 
 use crate::lock::RobustMutex;
 use crate::tlsf::HeapCore;
@@ -136,9 +133,7 @@ pub struct MemzoneTable {
 /// The heap file, mapped in this process.
 pub struct HeapMap {
     ptr: *mut HeapFile,
-    len: usize,
-    _file: File,
-    path: PathBuf,
+    file: SharedFile,
 }
 
 // SAFETY: the mapping is shared memory; every mutable access goes through the robust locks it
@@ -170,28 +165,6 @@ impl std::fmt::Display for StateError {
 
 impl std::error::Error for StateError {}
 
-fn map(file: File, path: PathBuf) -> Result<HeapMap, StateError> {
-    let len = std::mem::size_of::<HeapFile>();
-    // SAFETY: a fresh shared mapping of our open file at an address the kernel chooses.
-    let p = unsafe {
-        rustix::mm::mmap(
-            std::ptr::null_mut(),
-            len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::SHARED,
-            file.as_fd(),
-            0,
-        )
-    }
-    .map_err(|e| StateError::Io(format!("map {}", path.display()), e.into()))?;
-    Ok(HeapMap {
-        ptr: p.cast(),
-        len,
-        _file: file,
-        path,
-    })
-}
-
 impl HeapMap {
     /// Creates the file with `nheaps` heaps for `nodes` (primary).
     pub fn create(dir: &Path, nodes: &[u32]) -> Result<HeapMap, StateError> {
@@ -199,18 +172,12 @@ impl HeapMap {
             return Err(StateError::Layout(format!("{} heaps", nodes.len())));
         }
         let path = dir.join(FILE_NAME);
-        let _ = std::fs::remove_file(&path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
+        let file = SharedFile::create(&path, std::mem::size_of::<HeapFile>())
             .map_err(|e| StateError::Io(format!("create {}", path.display()), e))?;
-        file.set_len(std::mem::size_of::<HeapFile>() as u64)
-            .map_err(|e| StateError::Io(format!("size {}", path.display()), e))?;
-        let m = map(file, path)?;
+        let m = HeapMap {
+            ptr: file.as_ptr().cast(),
+            file,
+        };
         // SAFETY: the file is new, zero-filled and mapped only here; zero is a valid HeapFile
         // (integers, arrays, atomics; the mutexes are initialised below before use).
         unsafe {
@@ -240,24 +207,20 @@ impl HeapMap {
     /// Maps the primary's file and checks it.
     pub fn attach(dir: &Path) -> Result<HeapMap, StateError> {
         let path = dir.join(FILE_NAME);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
+        let file = SharedFile::open(&path)
             .map_err(|e| StateError::Io(format!("open {}", path.display()), e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| StateError::Io(format!("stat {}", path.display()), e))?
-            .len();
-        if len != std::mem::size_of::<HeapFile>() as u64 {
+        if file.len() != std::mem::size_of::<HeapFile>() {
             return Err(StateError::Layout(format!(
-                "{} is {len} bytes, this build expects {}",
+                "{} is {} bytes, this build expects {}",
                 path.display(),
+                file.len(),
                 std::mem::size_of::<HeapFile>()
             )));
         }
-        let m = map(file, path)?;
+        let m = HeapMap {
+            ptr: file.as_ptr().cast(),
+            file,
+        };
         let f = m.file();
         if f.magic.load(Ordering::Acquire) != MAGIC {
             return Err(StateError::Layout("magic".into()));
@@ -322,16 +285,7 @@ impl HeapMap {
 
     /// Removes the file (primary at exit).
     pub fn remove(&self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl Drop for HeapMap {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`; nothing borrows it once `self` goes.
-        unsafe {
-            let _ = rustix::mm::munmap(self.ptr.cast(), self.len);
-        }
+        self.file.remove();
     }
 }
 
