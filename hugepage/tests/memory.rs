@@ -190,7 +190,7 @@ fn shared_memory_scenario(opts: MemOptions) {
         .unwrap();
 
     // Memory the primary allocates before the secondary exists.
-    let a = p.alloc(&mem, 3 << 20).unwrap();
+    let a = alloc(&p.mem, 3 << 20).unwrap();
     write_at(a.addr + 100, b"written by the primary");
     let mut s = secondary(&dir, &[]);
     assert!(s.line().starts_with("ready"));
@@ -201,7 +201,7 @@ fn shared_memory_scenario(opts: MemOptions) {
     );
 
     // Allocated after the secondary attached: the sync maps it there.
-    let b = p.alloc(&mem, 1 << 20).unwrap();
+    let b = alloc(&p.mem, 1 << 20).unwrap();
     assert_eq!(s.cmd(&format!("mapped {:x}", b.addr)), "true");
     assert_eq!(
         s.cmd(&format!(
@@ -374,7 +374,7 @@ fn failed_sync_rolls_back_everywhere() {
     assert_eq!(ev.matches("Alloc").count(), 1, "{ev}");
     assert_eq!(ev.matches("Free").count(), 1, "{ev}");
     // And the next allocation works.
-    let r = p.alloc(&mem, 4 << 20).unwrap();
+    let r = alloc(&p.mem, 4 << 20).unwrap();
     assert_eq!(bad.cmd(&format!("mapped {:x}", r.addr)), "true");
 }
 
@@ -382,7 +382,7 @@ fn failed_sync_rolls_back_everywhere() {
 fn limits_are_enforced_without_partial_state() {
     let dir = new_dir();
     let p = primary(&dir, MemOptions::new().no_huge().total_mb(8));
-    let a = p.alloc(&mem, 6 << 20).unwrap();
+    let a = alloc(&p.mem, 6 << 20).unwrap();
     match alloc(&p.mem, 4 << 20) {
         Err(MemError::Txn(s)) => assert_eq!(s, memplane_core::txn::TxnStatus::LimitExceeded),
         other => panic!("expected the -m limit, got {other:?}"),
@@ -396,7 +396,7 @@ fn limits_are_enforced_without_partial_state() {
 fn free_of_bad_ranges_is_refused() {
     let dir = new_dir();
     let p = primary(&dir, MemOptions::new().no_huge());
-    let a = p.alloc(&mem, 2 << 20).unwrap();
+    let a = alloc(&p.mem, 2 << 20).unwrap();
     for bad in [
         memplane_core::txn::MemRange {
             addr: a.addr + 4096,
@@ -422,10 +422,10 @@ fn dma_mapper_sees_every_page_before_and_after() {
     use memplane_hugepage::vfio::{DmaCall, FakeContainer};
     let dir = new_dir();
     let p = primary(&dir, MemOptions::new().no_huge());
-    let early = p.alloc(&mem, 2 << 20).unwrap();
+    let early = alloc(&p.mem, 2 << 20).unwrap();
     let fake = Arc::new(FakeContainer::new());
     p.mem.set_dma_mapper(Some(fake.clone())).unwrap();
-    let r = p.alloc(&mem, 4 << 20).unwrap();
+    let r = alloc(&p.mem, 4 << 20).unwrap();
     p.mem.free(r, 0).unwrap();
     let ps = 2 << 20;
     let want = vec![
@@ -526,7 +526,7 @@ fn per_node_limit_is_enforced() {
             .backing(Backing::NoHuge)
             .socket_limit(vec![6]),
     );
-    let a = p.alloc(&mem, 4 << 20).unwrap();
+    let a = alloc(&p.mem, 4 << 20).unwrap();
     match alloc(&p.mem, 4 << 20) {
         Err(MemError::Txn(s)) => assert_eq!(s, memplane_core::txn::TxnStatus::LimitExceeded),
         other => panic!("expected the --socket-limit, got {other:?}"),
