@@ -669,6 +669,9 @@ impl MpChannel {
     fn service_loop(self: &Arc<Self>) {
         CHANNEL_THREAD.with(|c| c.set(true));
         let tr = self.ep.transport();
+        // A busy peer's probe said "room" last time, yet this flush delivered nothing (our own
+        // send buffer is full): then wait a millisecond instead of polling the probes, not to spin.
+        let mut woke_by_probe = false;
         loop {
             if self.stop.load(Ordering::Acquire) {
                 break;
@@ -682,6 +685,7 @@ impl MpChannel {
             let t = now();
             self.ep.expire(t, |f| self.run_callback(f));
             let ob = tr.flush(t);
+            let stalled = woke_by_probe && ob.delivered == 0;
             let next = [self.ep.next_deadline(), ob.deadline]
                 .into_iter()
                 .flatten()
@@ -694,12 +698,12 @@ impl MpChannel {
             pfds.push(PollFd::new(&self.stop_fd, PollFlags::IN));
             let wake = tr.wake_fd();
             pfds.push(PollFd::new(&wake, PollFlags::IN));
-            let sock = tr.socket().as_fd();
-            if !ob.probes.is_empty() {
-                pfds.push(PollFd::new(&sock, PollFlags::OUT));
-            }
-            for (_, p) in &ob.probes {
-                pfds.push(PollFd::new(p, PollFlags::OUT));
+            // Only the busy peers' probes: our own unconnected socket is nearly always writable,
+            // and polling it would make this loop spin (and starve the peers it waits for).
+            if !stalled {
+                for (_, p) in &ob.probes {
+                    pfds.push(PollFd::new(p, PollFlags::OUT));
+                }
             }
             let timeout = next.map(|d| {
                 let left = d.saturating_duration_since(now());
@@ -725,7 +729,8 @@ impl MpChannel {
                     }
                 }))
             };
-            let _ = rustix::event::poll(&mut pfds, timeout.as_ref());
+            let n = rustix::event::poll(&mut pfds, timeout.as_ref()).unwrap_or(0);
+            woke_by_probe = n > 0 && pfds[2..].iter().any(|p| !p.revents().is_empty());
         }
     }
 

@@ -20,6 +20,7 @@ use rustix::io::Errno;
 
 use memplane_core::time::Instant;
 use memplane_core::transport::{SendError, Transport};
+use memplane_core::wire::MAX_DATAGRAM_LEN;
 
 use crate::rundir;
 use crate::socket::{Fds, PeerAddr, Socket, probe};
@@ -37,7 +38,8 @@ pub enum Role {
 }
 
 struct Queued {
-    bytes: Vec<u8>,
+    bytes: [u8; MAX_DATAGRAM_LEN],
+    len: usize,
     fds: Fds,
     deadline: Instant,
     /// The socket to send from (so replies go there); the channel's own when `None`.
@@ -87,6 +89,8 @@ pub struct OutboxPoll {
     pub probes: Vec<(PeerAddr, OwnedFd)>,
     /// The earliest deadline of a waiting datagram.
     pub deadline: Option<Instant>,
+    /// Datagrams delivered by this flush.
+    pub delivered: usize,
 }
 
 impl UnixTransport {
@@ -177,6 +181,7 @@ impl UnixTransport {
         let mut poll = OutboxPoll {
             probes: Vec::new(),
             deadline: None,
+            delivered: 0,
         };
         let Outbox {
             peers,
@@ -192,11 +197,12 @@ impl UnixTransport {
                     continue;
                 }
                 let from = item.from.as_deref().unwrap_or(&self.sock);
-                match from.send_to(peer.path(), &item.bytes, &item.fds.borrowed()) {
+                match from.send_to(peer.path(), &item.bytes[..item.len], &item.fds.borrowed()) {
                     Ok(()) => {
                         q.items.pop_front();
                         *total -= 1;
                         stats.delivered += 1;
+                        poll.delivered += 1;
                     }
                     Err(Errno::AGAIN) => break,
                     Err(e) => {
@@ -261,23 +267,32 @@ impl UnixTransport {
         if o.total >= OUTBOX_LIMIT {
             return Err(SendError::Os(libc::ENOBUFS));
         }
+        if datagram.len() > MAX_DATAGRAM_LEN {
+            return Err(SendError::Os(libc::EMSGSIZE));
+        }
         let fds = fds
             .try_clone()
             .map_err(|e| SendError::Os(e.raw_os_error().unwrap_or(0)))?;
-        o.peers
-            .entry(to.clone())
-            .or_default()
-            .items
-            .push_back(Queued {
-                bytes: datagram.to_vec(),
-                fds,
-                deadline,
-                from: from.cloned(),
-            });
+        let mut bytes = [0u8; MAX_DATAGRAM_LEN];
+        bytes[..datagram.len()].copy_from_slice(datagram);
+        let q = o.peers.entry(to.clone()).or_default();
+        // The service thread learns of a newly busy peer (a probe to poll, the front deadline)
+        // only when woken; a queue that already waits is watched already (its front expires
+        // first, the datagrams to one peer stay in order).
+        let wake = q.items.is_empty();
+        q.items.push_back(Queued {
+            bytes,
+            len: datagram.len(),
+            fds,
+            deadline,
+            from: from.cloned(),
+        });
         o.total += 1;
         o.stats.queued += 1;
         drop(o);
-        self.wake();
+        if wake {
+            self.wake();
+        }
         Ok(())
     }
 
