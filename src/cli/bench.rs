@@ -114,7 +114,8 @@ pub struct BroadcastArgs {
     /// Broadcasts to run first, unmeasured.
     #[arg(long, default_value = "200")]
     warmup: u32,
-    /// Start only once this file exists (the go signal, once every secondary is ready).
+    /// Start only once this file exists (the go signal, once every secondary is ready); waits
+    /// at most 600 s for it and for the secondaries.
     #[arg(long = "go-file")]
     go_file: Option<PathBuf>,
 }
@@ -370,11 +371,11 @@ fn broadcast(a: BroadcastArgs) -> Result<()> {
         ch.dir().display(),
         std::process::id()
     ));
-    let give_up = Instant::now() + Duration::from_secs(60);
+    let give_up = Instant::now() + Duration::from_secs(600);
     while ch.peers()?.len() < a.peers || a.go_file.as_ref().is_some_and(|f| !f.exists()) {
         if Instant::now() > give_up {
             return Err(format!(
-                "timeout waiting for {} secondaries (found {})",
+                "gave up after 600 s waiting for {} secondaries (found {}) and the go file",
                 a.peers,
                 ch.peers()?.len()
             )
