@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{LONG, Proc, TestDir, primary, run};
+use common::{LONG, Proc, TestDir, primary, primary_with, run_in};
 use memplane::unix::socket::Socket;
 use memplane::unix::{
     Abi, Channel, ChannelConfig, Fds, Incoming, MpChannel, ProcType, Replies, message,
@@ -35,7 +35,9 @@ fn read_fd(fd: impl AsFd) -> String {
     memplane::cli::mp::peek_fd(fd)
 }
 
-fn listener(dir: &TestDir, extra: &[&str]) -> Proc {
+/// Starts `memplane mp listen` in `dir` as `proc_type` with `extra` options and waits for its
+/// `ready` line (which names the role).
+fn listen(dir: &TestDir, proc_type: &str, ready: &str, extra: &[&str]) -> Proc {
     let d = dir.arg();
     let mut args = vec![
         "mp",
@@ -43,12 +45,23 @@ fn listener(dir: &TestDir, extra: &[&str]) -> Proc {
         "--runtime-dir",
         &d,
         "--proc-type",
-        "secondary",
+        proc_type,
     ];
     args.extend_from_slice(extra);
     let mut p = Proc::memplane(&args);
-    p.expect_line("ready role=Secondary", LONG);
+    p.expect_line(ready, LONG);
     p
+}
+
+/// A secondary `memplane mp listen` in `dir` with `extra` options.
+fn listener(dir: &TestDir, extra: &[&str]) -> Proc {
+    listen(dir, "secondary", "ready role=Secondary", extra)
+}
+
+/// A primary `memplane mp listen` in `dir` answering each action of `names`.
+fn primary_listener(dir: &TestDir, names: &[String]) -> Proc {
+    let actions: Vec<&str> = names.iter().flat_map(|n| ["--action", n]).collect();
+    listen(dir, "primary", "ready role=Primary", &actions)
 }
 
 #[test]
@@ -126,21 +139,21 @@ fn primary_and_four_secondaries_both_directions() {
     }
 
     // Secondaries to the primary: sync, async, one-way.
-    let d = dir.arg();
-    let (code, out, err) = run(&[
-        "mp",
-        "request",
-        "up_req",
-        "--param",
-        "beef",
-        "--memfd",
-        "hello",
-        "--show-fds",
-        "--proc-type",
-        "secondary",
-        "--runtime-dir",
-        &d,
-    ]);
+    let (code, out, err) = run_in(
+        &dir,
+        &[
+            "mp",
+            "request",
+            "up_req",
+            "--param",
+            "beef",
+            "--memfd",
+            "hello",
+            "--show-fds",
+            "--proc-type",
+            "secondary",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(
         out.iter()
@@ -149,32 +162,34 @@ fn primary_and_four_secondaries_both_directions() {
     );
     assert!(out.iter().any(|l| l.contains("nb_sent=1 nb_received=1")));
     assert_eq!(rx.recv_timeout(LONG).unwrap(), "req fds=[\"hello\"]");
-    let (code, out, err) = run(&[
-        "mp",
-        "request",
-        "up_req",
-        "--async",
-        "--proc-type",
-        "secondary",
-        "--runtime-dir",
-        &d,
-    ]);
+    let (code, out, err) = run_in(
+        &dir,
+        &[
+            "mp",
+            "request",
+            "up_req",
+            "--async",
+            "--proc-type",
+            "secondary",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(
         out.iter().any(|l| l.contains("nb_sent=1 nb_received=1")),
         "{out:?}"
     );
-    let (code, _, err) = run(&[
-        "mp",
-        "send",
-        "up_note",
-        "--param",
-        "ab",
-        "--proc-type",
-        "secondary",
-        "--runtime-dir",
-        &d,
-    ]);
+    let (code, _, err) = run_in(
+        &dir,
+        &[
+            "mp",
+            "send",
+            "up_note",
+            "--param",
+            "ab",
+            "--proc-type",
+            "secondary",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(nrx.recv_timeout(LONG).unwrap(), vec![0xab]);
     assert_eq!(ch.stats().endpoint.rx_rejected(), 0);
@@ -201,8 +216,7 @@ fn secondary_killed_mid_request() {
     )
     .unwrap();
     silent.expect_line("request from=", LONG);
-    silent.signal(libc::SIGKILL);
-    let _ = silent.child.wait();
+    silent.kill();
     // The good secondary's answer is kept; the dead one costs only the timeout.
     assert_eq!(rx.recv_timeout(LONG).unwrap(), (2, 1, true));
     // Next request: the dead socket is found, removed and not counted.
@@ -240,14 +254,13 @@ fn stale_sockets_are_cleaned() {
 fn second_primary_refused_and_auto_becomes_secondary() {
     let dir = TestDir::new();
     let _ch = lib(&dir, ProcType::Primary);
-    let d = dir.arg();
-    let (code, _, err) = run(&["primary", "--runtime-dir", &d]);
+    let (code, _, err) = run_in(&dir, &["primary"]);
     assert_eq!(code, 1);
     assert!(
         err.contains(&format!("another primary (pid {})", std::process::id())),
         "{err}"
     );
-    let (code, out, err) = run(&["mp", "peers", "--runtime-dir", &d]);
+    let (code, out, err) = run_in(&dir, &["mp", "peers"]);
     assert_eq!(code, 0, "{err}");
     assert!(out[0].starts_with("role=Secondary"), "{out:?}");
 }
@@ -255,40 +268,30 @@ fn second_primary_refused_and_auto_becomes_secondary() {
 #[test]
 fn secondary_without_primary_fails_at_once() {
     let dir = TestDir::new();
-    let d = dir.arg();
-    let t0 = Instant::now();
-    let (code, _, err) = run(&[
-        "mp",
-        "request",
-        "x",
-        "--timeout",
-        "60000",
-        "--proc-type",
-        "secondary",
-        "--runtime-dir",
-        &d,
-    ]);
-    assert_eq!(code, 1);
-    assert!(err.contains("no primary process is running"), "{err}");
-    // It did not wait for the 60 s timeout.
-    assert!(t0.elapsed() < Duration::from_secs(30));
+    let request_fails_at_once = || {
+        let t0 = Instant::now();
+        let (code, _, err) = run_in(
+            &dir,
+            &[
+                "mp",
+                "request",
+                "x",
+                "--timeout",
+                "60000",
+                "--proc-type",
+                "secondary",
+            ],
+        );
+        assert_eq!(code, 1);
+        assert!(err.contains("no primary process is running"), "{err}");
+        // It did not wait for the 60 s timeout.
+        assert!(t0.elapsed() < Duration::from_secs(30));
+    };
+    request_fails_at_once();
     // Nor does a primary that died: its lock is gone with it.
     let mut p = primary(&dir);
-    p.signal(libc::SIGKILL);
-    let _ = p.child.wait();
-    let (code, _, err) = run(&[
-        "mp",
-        "request",
-        "x",
-        "--timeout",
-        "60000",
-        "--proc-type",
-        "secondary",
-        "--runtime-dir",
-        &d,
-    ]);
-    assert_eq!(code, 1);
-    assert!(err.contains("no primary process is running"), "{err}");
+    p.kill();
+    request_fails_at_once();
 }
 
 /// Sends raw bytes with `n` memfds from a socket of our own in `dir` to the primary.
@@ -363,17 +366,8 @@ fn good_datagram(abi: Abi) -> Vec<u8> {
 fn malformed_datagrams_rejected_without_leaks() {
     let dir = TestDir::new();
     let mut p = primary(&dir);
-    let d = dir.arg();
-    let (code, _, err) = run(&[
-        "mp",
-        "ping",
-        "--count",
-        "5",
-        "--warmup",
-        "0",
-        "--runtime-dir",
-        &d,
-    ]);
+    let ping = || run_in(&dir, &["mp", "ping", "--count", "5", "--warmup", "0"]);
+    let (code, _, err) = ping();
     assert_eq!(code, 0, "{err}");
     let fds_before = p.fd_count();
 
@@ -415,22 +409,11 @@ fn malformed_datagrams_rejected_without_leaks() {
     assert_eq!(e, libc::EINVAL, "the kernel carries at most 253 fds");
 
     // Still answering.
-    let (code, out, err) = run(&[
-        "mp",
-        "ping",
-        "--count",
-        "5",
-        "--warmup",
-        "0",
-        "--runtime-dir",
-        &d,
-    ]);
+    let (code, out, err) = ping();
     assert_eq!(code, 0, "{err} {out:?}");
     assert_eq!(p.fd_count(), fds_before, "the primary leaked fds");
-    p.signal(libc::SIGTERM);
-    let (code, out) = p.finish(LONG);
-    assert_eq!(code, 0);
-    let last = out.last().unwrap();
+    p.terminate_ok(LONG);
+    let last = p.last_line();
     assert!(last.contains(&format!("rejected={rejected}")), "{last}");
 }
 
@@ -474,10 +457,8 @@ fn sender_with_another_uid_rejected() {
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "child status {status}"
     );
-    p.signal(libc::SIGTERM);
-    let (code, out) = p.finish(LONG);
-    assert_eq!(code, 0);
-    let last = out.last().unwrap();
+    p.terminate_ok(LONG);
+    let last = p.last_line();
     assert!(last.contains("rx_ok=0 rejected=1"), "{last}");
 }
 
@@ -485,21 +466,7 @@ fn sender_with_another_uid_rejected() {
 fn thousand_async_requests_in_flight() {
     let dir = TestDir::new();
     let names: Vec<String> = (0..1000).map(|i| format!("f{i}")).collect();
-    let d = dir.arg();
-    let mut args = vec![
-        "mp",
-        "listen",
-        "--runtime-dir",
-        &d,
-        "--proc-type",
-        "primary",
-    ];
-    for n in &names {
-        args.push("--action");
-        args.push(n);
-    }
-    let mut prim = Proc::memplane(&args);
-    prim.expect_line("ready role=Primary", LONG);
+    let _prim = primary_listener(&dir, &names);
     let ch = lib(&dir, ProcType::Secondary);
     let (tx, rx) = mpsc::channel();
     for n in &names {
@@ -525,24 +492,8 @@ fn thousand_async_requests_in_flight() {
 #[test]
 fn many_threads_share_one_receiving_thread() {
     let dir = TestDir::new();
-    let d = dir.arg();
-    let mut prim = Proc::memplane(&[
-        "mp",
-        "listen",
-        "--runtime-dir",
-        &d,
-        "--proc-type",
-        "primary",
-        "--action",
-        "t0",
-        "--action",
-        "t1",
-        "--action",
-        "t2",
-        "--action",
-        "t3",
-    ]);
-    prim.expect_line("ready role=Primary", LONG);
+    let names: Vec<String> = (0..4).map(|t| format!("t{t}")).collect();
+    let _prim = primary_listener(&dir, &names);
     let ch = Arc::new(lib(&dir, ProcType::Secondary));
     let ts: Vec<_> = (0..4)
         .map(|t| {
@@ -570,23 +521,22 @@ fn many_threads_share_one_receiving_thread() {
 fn every_abi_on_the_wire_and_mismatch_rejected() {
     for abi in ["22.11", "24.11", "25.11"] {
         let dir = TestDir::new();
-        let d = dir.arg();
-        let mut p = Proc::memplane(&["primary", "--runtime-dir", &d, "--abi", abi]);
-        p.expect_line("primary ready", LONG);
-        let (code, out, err) = run(&[
-            "mp",
-            "request",
-            "memplane_ping",
-            "--param",
-            "0102",
-            "--memfd",
-            "a",
-            "--abi",
-            abi,
-            "--show-fds",
-            "--runtime-dir",
-            &d,
-        ]);
+        let _p = primary_with(&dir, &["--abi", abi]);
+        let (code, out, err) = run_in(
+            &dir,
+            &[
+                "mp",
+                "request",
+                "memplane_ping",
+                "--param",
+                "0102",
+                "--memfd",
+                "a",
+                "--abi",
+                abi,
+                "--show-fds",
+            ],
+        );
         assert_eq!(code, 0, "{err}");
         assert!(
             out.iter().any(|l| l.contains("param=0102 fds=1 fd0=\"a\"")),
@@ -595,29 +545,27 @@ fn every_abi_on_the_wire_and_mismatch_rejected() {
     }
     // 25.11 datagrams (340 bytes) to a 22.11 primary (332): rejected, counted, no answer.
     let dir = TestDir::new();
-    let d = dir.arg();
-    let mut p = Proc::memplane(&["primary", "--runtime-dir", &d, "--abi", "22.11"]);
-    p.expect_line("primary ready", LONG);
-    let (code, out, _) = run(&[
-        "mp",
-        "request",
-        "memplane_ping",
-        "--timeout",
-        "300",
-        "--abi",
-        "25.11",
-        "--runtime-dir",
-        &d,
-    ]);
+    let mut p = primary_with(&dir, &["--abi", "22.11"]);
+    let (code, out, _) = run_in(
+        &dir,
+        &[
+            "mp",
+            "request",
+            "memplane_ping",
+            "--timeout",
+            "300",
+            "--abi",
+            "25.11",
+        ],
+    );
     assert_eq!(code, 0);
     assert!(
         out.iter()
             .any(|l| l.contains("nb_sent=1 nb_received=0 timed_out=true")),
         "{out:?}"
     );
-    p.signal(libc::SIGTERM);
-    let (_, out) = p.finish(LONG);
-    assert!(out.last().unwrap().contains("rejected=1"), "{out:?}");
+    p.terminate(LONG);
+    assert!(p.last_line().contains("rejected=1"), "{}", p.report());
 }
 
 #[test]
@@ -658,6 +606,57 @@ fn stopped_peer_never_blocks_the_sender() {
 }
 
 #[test]
+fn one_peer_send_waits_for_room_then_times_out() {
+    // A secondary's one-way messages go to one peer, the primary: a full queue makes the
+    // sending thread wait for room (as a blocking socket would) instead of queueing, up to the
+    // send timeout, and it says so with a typed error; once the primary reads again, sends go
+    // through and everything that was accepted arrives in order.
+    let dir = TestDir::new();
+    let mut stopped = primary_listener(&dir, &["q".to_owned()]);
+    let mut cfg = ChannelConfig::new()
+        .runtime_dir(dir.path())
+        .proc_type(ProcType::Secondary);
+    cfg.send_timeout = Duration::from_millis(200);
+    let ch = Channel::open(cfg).unwrap();
+    let primary = ch.peers().unwrap().remove(0);
+    stopped.signal(libc::SIGSTOP);
+    let mut accepted = 0u32;
+    let err = loop {
+        match ch.send_to(
+            &primary,
+            &message("q", &accepted.to_le_bytes(), Fds::none()).unwrap(),
+        ) {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(
+            accepted < 10_000,
+            "sends to a stopped peer never ran out of room"
+        );
+    };
+    assert!(
+        matches!(
+            err,
+            memplane::unix::Error::Endpoint(memplane::core::endpoint::EndpointError::Transport(
+                memplane::core::transport::SendError::Timeout
+            ))
+        ),
+        "{err:?}"
+    );
+    // Nothing went to the outbox: the caller waited itself.
+    assert_eq!(ch.stats().outbox.queued, 0);
+    stopped.signal(libc::SIGCONT);
+    ch.send_to(
+        &primary,
+        &message("q", &accepted.to_le_bytes(), Fds::none()).unwrap(),
+    )
+    .unwrap();
+    for i in 0..=accepted {
+        stopped.expect_line(&format!("param={}", hex::encode(i.to_le_bytes())), LONG);
+    }
+}
+
+#[test]
 fn sync_request_from_a_handler_is_refused_not_a_hang() {
     let dir = TestDir::new();
     let ch = lib(&dir, ProcType::Primary);
@@ -669,16 +668,10 @@ fn sync_request_from_a_handler_is_refused_not_a_hang() {
         let _ = ch.reply(&m.from, &message("nested", b"", Fds::none()).unwrap());
     })
     .unwrap();
-    let d = dir.arg();
-    let (code, out, err) = run(&[
-        "mp",
-        "request",
-        "nested",
-        "--proc-type",
-        "secondary",
-        "--runtime-dir",
-        &d,
-    ]);
+    let (code, out, err) = run_in(
+        &dir,
+        &["mp", "request", "nested", "--proc-type", "secondary"],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.iter().any(|l| l.contains("nb_received=1")), "{out:?}");
     assert_eq!(rx.recv_timeout(LONG).unwrap(), "Some(WouldDeadlock)");

@@ -342,9 +342,31 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
         deadline: Instant,
     ) -> Result<(), EndpointError> {
         let d = Datagram::encode(self.abi, kind, msg)?;
-        let r = self.transport.send(to, d.as_bytes(), msg.fds(), deadline);
+        let r = self
+            .transport
+            .send_one(to, d.as_bytes(), msg.fds(), deadline);
         self.count_send(&r);
         r.map_err(EndpointError::Transport)
+    }
+
+    /// Sends `datagram` to each of `peers`: to a single peer with [`Transport::send_one`] (the
+    /// transport may wait for it), to several with [`Transport::send`] (a busy one must not
+    /// hold up the others).
+    fn send_each(
+        &self,
+        peers: &[PeerOf<X>],
+        datagram: &[u8],
+        fds: &FdsOf<X>,
+        deadline: Instant,
+        mut done: impl FnMut(&PeerOf<X>, Result<(), SendError>),
+    ) {
+        if let [only] = peers {
+            done(only, self.transport.send_one(only, datagram, fds, deadline));
+            return;
+        }
+        for p in peers {
+            done(p, self.transport.send(p, datagram, fds, deadline));
+        }
     }
 
     /// Answers a request from `to` with `msg` (whose name should be the request's).
@@ -393,8 +415,7 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
     ) -> Result<SendReport, EndpointError> {
         let d = Datagram::encode(self.abi, MsgKind::Msg, msg)?;
         let mut rep = SendReport::default();
-        for p in peers {
-            let r = self.transport.send(p, d.as_bytes(), msg.fds(), deadline);
+        self.send_each(peers, d.as_bytes(), msg.fds(), deadline, |_, r| {
             self.count_send(&r);
             match r {
                 Ok(()) => rep.sent += 1,
@@ -404,7 +425,7 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
                     rep.first_error.get_or_insert(e);
                 }
             }
-        }
+        });
         Ok(rep)
     }
 
@@ -418,12 +439,13 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
         waiting: Waiting<X::Notify, X::Callback>,
     ) -> Result<(RequestId, Option<FinishedOf<X>>), EndpointError> {
         let p = self.prepare_request(peers, msg, now, timeout, waiting)?;
-        for peer in peers {
-            let r = self
-                .transport
-                .send(peer, p.datagram.as_bytes(), msg.fds(), p.deadline);
-            self.sent(p.id, peer, r);
-        }
+        self.send_each(
+            peers,
+            p.datagram.as_bytes(),
+            msg.fds(),
+            p.deadline,
+            |peer, r| self.sent(p.id, peer, r),
+        );
         let finished = self.sending_done(p.id, now)?;
         Ok((p.id, finished))
     }

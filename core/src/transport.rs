@@ -56,6 +56,21 @@ pub trait Transport {
         deadline: Instant,
     ) -> Result<(), SendError>;
 
+    /// Sends to the only peer of an operation (a one-way message or a request to one peer, an
+    /// answer) for a caller that may wait: the transport may then wait here, until `deadline`,
+    /// for a busy peer to make room instead of queueing the datagram, as a blocking socket
+    /// does. It must not wait on its own receiving thread. By default the same as
+    /// [`Transport::send`].
+    fn send_one(
+        &self,
+        to: &Self::Peer,
+        datagram: &[u8],
+        fds: &Self::Fds,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        self.send(to, datagram, fds, deadline)
+    }
+
     /// Calls `f` with every peer a broadcast goes to: from a primary, each live secondary; from a
     /// secondary, the primary.
     fn for_each_peer(&self, f: &mut dyn FnMut(&Self::Peer)) -> Result<(), SendError>;

@@ -252,6 +252,11 @@ thread_local! {
     static CHANNEL_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Whether the calling thread is one of a channel's own threads (which must never block).
+pub(crate) fn on_channel_thread() -> bool {
+    CHANNEL_THREAD.with(|c| c.get())
+}
+
 /// Counters of a channel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ChannelStats {
@@ -415,7 +420,9 @@ impl MpChannel {
         now().saturating_add(self.config.send_timeout)
     }
 
-    /// Sends a one-way message to every peer.
+    /// Sends a one-way message to every peer: from a secondary, to the primary alone, which it
+    /// may wait for as [`MpChannel::send_to`] does; from the primary, never waiting on one
+    /// secondary at the others' expense (a busy one's datagram waits in the outbox).
     pub fn send(&self, msg: &Message<Fds>) -> Result<SendReport, Error> {
         let r = self.ep.send(msg, self.send_deadline())?;
         if self.role() == Role::Secondary && r.sent == 0 {
@@ -424,7 +431,11 @@ impl MpChannel {
         Ok(r)
     }
 
-    /// Sends a one-way message to one peer.
+    /// Sends a one-way message to one peer. When the peer's queue is full, a thread that may
+    /// block waits for room, at most [`ChannelConfig::send_timeout`] (then
+    /// [`SendError::Timeout`](memplane_core::transport::SendError::Timeout)), as DPDK's blocking
+    /// socket does but bounded; on the channel's own threads the datagram waits in the outbox
+    /// instead, so a handler never stalls the channel.
     pub fn send_to(&self, to: &PeerAddr, msg: &Message<Fds>) -> Result<(), Error> {
         Ok(self
             .ep
@@ -449,7 +460,7 @@ impl MpChannel {
         msg: &Message<Fds>,
         timeout: Duration,
     ) -> Result<Replies, Error> {
-        if CHANNEL_THREAD.with(|c| c.get()) {
+        if on_channel_thread() {
             return Err(Error::WouldDeadlock);
         }
         let mut rs = self.take_request_socket()?;
@@ -484,12 +495,15 @@ impl MpChannel {
         )?;
         let tr = self.ep.transport();
         for peer in peers {
+            // This thread may block (it waits for the answers next); with one peer it waits
+            // for room itself, with several a busy one must not hold up the others.
             let r = tr.send_from(
                 Some(&rs.sock),
                 peer,
                 p.datagram.as_bytes(),
                 msg.fds(),
                 p.deadline,
+                peers.len() == 1,
             );
             self.ep.sent(p.id, peer, r);
         }
@@ -912,7 +926,7 @@ impl memplane_core::channel::Channel for MpChannel {
         msg: &Message<Fds>,
         timeout: Duration,
     ) -> Result<Reply<ReplyList>, Error> {
-        if CHANNEL_THREAD.with(|c| c.get()) {
+        if on_channel_thread() {
             return Err(Error::WouldDeadlock);
         }
         let mut rs = self.take_request_socket()?;
@@ -960,6 +974,6 @@ impl memplane_core::channel::Channel for MpChannel {
     }
 
     fn on_channel_thread(&self) -> bool {
-        CHANNEL_THREAD.with(|c| c.get())
+        on_channel_thread()
     }
 }

@@ -70,7 +70,12 @@ struct Outbox {
     peers: HashMap<PeerAddr, PeerQueue>,
     total: usize,
     stats: OutboxStats,
+    /// Probe sockets of peers that callers waited for, kept for the next wait.
+    wait_probes: HashMap<PeerAddr, Arc<OwnedFd>>,
 }
+
+/// At most this many cached wait probes (then the cache starts again).
+const WAIT_PROBES: usize = 64;
 
 /// The Unix datagram transport of one process.
 pub struct UnixTransport {
@@ -187,6 +192,7 @@ impl UnixTransport {
             peers,
             total,
             stats,
+            ..
         } = &mut *o;
         peers.retain(|peer, q| {
             while let Some(item) = q.items.front() {
@@ -241,8 +247,10 @@ impl UnixTransport {
         poll
     }
 
-    /// Sends `datagram` to `to` from socket `from` (the channel's own when `None`), without
-    /// blocking: a busy peer's datagram waits in the outbox until `deadline`.
+    /// Sends `datagram` to `to` from socket `from` (the channel's own when `None`). A busy
+    /// peer's datagram waits in the outbox until `deadline`; with `wait` (a caller that may
+    /// block, sending to one peer) the caller waits for room itself instead, as a blocking
+    /// socket would, unless datagrams for that peer wait in the outbox already (order).
     pub fn send_from(
         &self,
         from: Option<&Arc<Socket>>,
@@ -250,6 +258,7 @@ impl UnixTransport {
         datagram: &[u8],
         fds: &Fds,
         deadline: Instant,
+        wait: bool,
     ) -> Result<(), SendError> {
         let sock = from.map_or(&self.sock, |s| &**s);
         let mut o = self.outbox.lock();
@@ -258,6 +267,21 @@ impl UnixTransport {
                 Ok(()) => return Ok(()),
                 Err(Errno::AGAIN) => {}
                 Err(e) => return Err(self.classify(to, e)),
+            }
+            if wait {
+                let probe = match o.wait_probes.get(to) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = Arc::new(probe(to.path()).map_err(|e| self.classify(to, e))?);
+                        if o.wait_probes.len() >= WAIT_PROBES {
+                            o.wait_probes.clear();
+                        }
+                        o.wait_probes.insert(to.clone(), p.clone());
+                        p
+                    }
+                };
+                drop(o);
+                return self.wait_and_send(sock, &probe, to, datagram, fds, deadline);
             }
         }
         // The peer is busy (or has datagrams waiting already): queue behind them.
@@ -296,6 +320,42 @@ impl UnixTransport {
         Ok(())
     }
 
+    /// Waits (until `deadline`) for `to` to have room, polling its probe, and sends.
+    fn wait_and_send(
+        &self,
+        sock: &Socket,
+        probe: &OwnedFd,
+        to: &PeerAddr,
+        datagram: &[u8],
+        fds: &Fds,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        use rustix::event::{PollFd, PollFlags};
+        loop {
+            let left = deadline.saturating_duration_since(crate::clock::now());
+            if left.is_zero() {
+                return Err(SendError::Timeout);
+            }
+            let timeout = rustix::time::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: left.subsec_nanos() as i64,
+            };
+            let mut p = [PollFd::new(probe, PollFlags::OUT)];
+            match rustix::event::poll(&mut p, Some(&timeout)) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => return Err(SendError::Os(e.raw_os_error())),
+            }
+            match sock.send_to(to.path(), datagram, &fds.borrowed()) {
+                Ok(()) => return Ok(()),
+                Err(Errno::AGAIN) => {}
+                Err(e) => {
+                    self.outbox.lock().wait_probes.remove(to);
+                    return Err(self.classify(to, e));
+                }
+            }
+        }
+    }
+
     /// Whether anything waits in the outbox.
     pub fn outbox_waiting(&self) -> bool {
         self.outbox.lock().total > 0
@@ -313,7 +373,18 @@ impl Transport for UnixTransport {
         fds: &Fds,
         deadline: Instant,
     ) -> Result<(), SendError> {
-        self.send_from(None, to, datagram, fds, deadline)
+        self.send_from(None, to, datagram, fds, deadline, false)
+    }
+
+    fn send_one(
+        &self,
+        to: &PeerAddr,
+        datagram: &[u8],
+        fds: &Fds,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        let wait = !crate::channel::on_channel_thread();
+        self.send_from(None, to, datagram, fds, deadline, wait)
     }
 
     fn for_each_peer(&self, f: &mut dyn FnMut(&PeerAddr)) -> Result<(), SendError> {
