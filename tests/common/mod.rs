@@ -3,12 +3,14 @@
 //! timeout (so tests wait for what a process says, never for a fixed time).
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::thread;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 /// The `memplane` binary under test.
@@ -49,43 +51,79 @@ impl Drop for TestDir {
     }
 }
 
-/// A child process whose stdout is read line by line; killed and reaped on drop.
+/// A child process whose stdout is read line by line on a thread (so every wait has a timeout)
+/// and whose stderr is collected for failure messages. Dropping it kills it (by pid) and reaps
+/// it, whatever happened in the test.
 pub struct Proc {
-    pub child: Child,
+    what: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
     lines: Receiver<String>,
-    pub seen: Vec<String>,
-    name: String,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    stderr_reader: Option<JoinHandle<()>>,
+    reaped: Option<ExitStatus>,
 }
 
 impl Proc {
-    /// Starts `memplane` with `args`.
-    pub fn memplane(args: &[&str]) -> Proc {
-        Proc::spawn(Command::new(memplane()).args(args), &args.join(" "))
-    }
-
-    /// Starts `cmd` with stdout piped.
-    pub fn spawn(cmd: &mut Command, name: &str) -> Proc {
-        let mut child = cmd
+    /// Starts `program` with `args`, with stdin, stdout and stderr piped; `what` names it in
+    /// failure messages and in front of each stdout line echoed to the test's stderr.
+    pub fn start<S: AsRef<OsStr>>(what: &str, program: impl AsRef<OsStr>, args: &[S]) -> Proc {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = channel();
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr_pipe = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = channel();
+        let tag = what.to_owned();
         thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{tag}] {line}");
+                if tx.send(line).is_err() {
                     break;
                 }
             }
         });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let stderr_reader = thread::spawn(move || {
+            let mut r = BufReader::new(stderr_pipe);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
         Proc {
+            what: what.to_owned(),
+            stdin: child.stdin.take(),
             child,
-            lines: rx,
+            lines,
             seen: Vec::new(),
-            name: name.to_owned(),
+            stderr,
+            stderr_reader: Some(stderr_reader),
+            reaped: None,
         }
+    }
+
+    /// Starts `memplane` with `args`; named by the words before the first option
+    /// (`memplane mp listen`).
+    pub fn memplane(args: &[&str]) -> Proc {
+        let words: Vec<&str> = args
+            .iter()
+            .copied()
+            .take_while(|a| !a.starts_with('-'))
+            .collect();
+        Proc::start(&format!("memplane {}", words.join(" ")), memplane(), args)
     }
 
     /// The pid.
@@ -93,50 +131,122 @@ impl Proc {
         self.child.id()
     }
 
-    /// Waits (at most `limit`) for a line containing `needle`; returns it.
-    pub fn expect_line(&mut self, needle: &str, limit: Duration) -> String {
-        let end = Instant::now() + limit;
+    /// Everything the process printed so far: its stdout lines and its stderr.
+    pub fn report(&self) -> String {
+        format!(
+            "{} stdout:\n{}\n{} stderr:\n{}",
+            self.what,
+            self.seen.join("\n"),
+            self.what,
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    /// The next stdout line, if one comes before `deadline`; every line read is kept in `seen`.
+    fn next_line(&mut self, deadline: Instant) -> Result<String, RecvTimeoutError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = self.lines.recv_timeout(left)?;
+        self.seen.push(line.clone());
+        Ok(line)
+    }
+
+    /// Waits (at most `limit`) for a stdout line for which `want` holds and returns it; panics
+    /// on timeout or exit.
+    pub fn expect_where(&mut self, want: impl Fn(&str) -> bool, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
         loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(needle) {
-                        return l;
-                    }
-                }
+            match self.next_line(deadline) {
+                Ok(line) if want(&line) => return line,
+                Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => panic!(
-                    "{}: no line with {needle:?} within {limit:?}; saw {:#?}",
-                    self.name, self.seen
+                    "timed out after {limit:?} waiting for a line\n{}",
+                    self.report()
                 ),
                 Err(RecvTimeoutError::Disconnected) => panic!(
-                    "{}: exited before printing {needle:?}; saw {:#?}",
-                    self.name, self.seen
+                    "{} closed its stdout before the expected line\n{}",
+                    self.what,
+                    self.report()
                 ),
             }
         }
     }
 
-    /// Waits for the process to exit (at most `limit`), collecting the rest of its output.
-    pub fn finish(&mut self, limit: Duration) -> (i32, Vec<String>) {
-        let end = Instant::now() + limit;
+    /// Waits (at most `limit`) for a line containing `needle`; returns it.
+    pub fn expect_line(&mut self, needle: &str, limit: Duration) -> String {
+        self.expect_where(|l| l.contains(needle), limit)
+    }
+
+    /// Waits (at most `limit`) for the line `line`, exactly.
+    pub fn expect_exact(&mut self, line: &str, limit: Duration) {
+        self.expect_where(|l| l == line, limit);
+    }
+
+    /// Waits for the `ready` line.
+    pub fn ready(&mut self, limit: Duration) -> String {
+        self.expect_where(|l| l.starts_with("ready"), limit)
+    }
+
+    /// Writes one line to the process's stdin.
+    pub fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to child stdin");
+        stdin.flush().expect("flush child stdin");
+    }
+
+    /// Closes stdin, reads stdout to its end and reaps the process; panics if that takes longer
+    /// than `limit` (the drop then kills it).
+    pub fn finish(&mut self, limit: Duration) -> ExitStatus {
+        self.stdin = None;
+        let deadline = Instant::now() + limit;
         loop {
-            match self
-                .lines
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-            {
-                Ok(l) => self.seen.push(l),
+            match self.next_line(deadline) {
+                Ok(_) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "{}: did not exit within {limit:?}; saw {:#?}",
-                        self.name, self.seen
-                    )
-                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{} did not exit within {limit:?}\n{}",
+                    self.what,
+                    self.report()
+                ),
             }
         }
-        let st = self.child.wait().expect("wait");
-        (st.code().unwrap_or(-1), self.seen.clone())
+        // Stdout is closed: the process has exited (or closed it on purpose; then wait blocks
+        // no longer than its exit).
+        let st = self.child.wait().expect("wait for child");
+        self.reaped = Some(st);
+        // The child is gone, so its stderr is at EOF: collect the rest of it.
+        if let Some(t) = self.stderr_reader.take() {
+            let _ = t.join();
+        }
+        st
+    }
+
+    /// [`Proc::finish`]es the process and asserts that it exited with status 0.
+    pub fn finish_ok(&mut self, limit: Duration) {
+        let st = self.finish(limit);
+        assert!(
+            st.success(),
+            "{} exited with {st}\n{}",
+            self.what,
+            self.report()
+        );
+    }
+
+    /// Asks the process to stop (SIGTERM), then [`Proc::finish`]es it.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.finish(limit)
+    }
+
+    /// Asks the process to stop (SIGTERM), then [`Proc::finish_ok`]s it.
+    pub fn terminate_ok(&mut self, limit: Duration) {
+        self.signal(libc::SIGTERM);
+        self.finish_ok(limit)
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.reaped = Some(self.child.wait().expect("wait for child"));
     }
 
     /// Sends `sig` to the process.
@@ -145,6 +255,38 @@ impl Proc {
         unsafe {
             libc::kill(self.child.id() as i32, sig);
         }
+    }
+
+    /// Everything the process printed on stdout so far, one line per entry.
+    pub fn output(&self) -> String {
+        self.seen.join("\n")
+    }
+
+    /// The last stdout line read so far.
+    pub fn last_line(&self) -> &str {
+        self.seen
+            .last()
+            .unwrap_or_else(|| panic!("{} printed nothing\n{}", self.what, self.report()))
+    }
+
+    /// Whether a stdout line read so far satisfies `want`.
+    pub fn has_line(&self, want: impl Fn(&str) -> bool) -> bool {
+        self.seen.iter().any(|l| want(l))
+    }
+
+    /// Asserts that the process printed the line `want`, exactly, on stdout (among the lines
+    /// read so far).
+    pub fn assert_line(&self, want: &str) {
+        assert!(
+            self.has_line(|l| l == want),
+            "no line {want:?}\n{}",
+            self.report()
+        );
+    }
+
+    /// Everything the process printed on stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// Number of open fds of the process.
@@ -157,8 +299,12 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if self.reaped.is_none() {
+            if let Ok(None) = self.child.try_wait() {
+                self.signal(libc::SIGKILL);
+            }
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -178,11 +324,28 @@ pub fn run(args: &[&str]) -> (i32, Vec<String>, String) {
     )
 }
 
-/// Starts `memplane primary` in `dir` and waits until it is ready.
-pub fn primary(dir: &TestDir) -> Proc {
-    let mut p = Proc::memplane(&["primary", "--runtime-dir", &dir.arg()]);
+/// Runs `memplane` with `args` and `--runtime-dir <dir>` to completion; returns (exit code,
+/// stdout lines, stderr).
+pub fn run_in(dir: &TestDir, args: &[&str]) -> (i32, Vec<String>, String) {
+    let d = dir.arg();
+    let mut all = args.to_vec();
+    all.extend(["--runtime-dir", &d]);
+    run(&all)
+}
+
+/// Starts `memplane primary` in `dir` with `extra` options and waits until it is ready.
+pub fn primary_with(dir: &TestDir, extra: &[&str]) -> Proc {
+    let d = dir.arg();
+    let mut args = vec!["primary", "--runtime-dir", &d];
+    args.extend_from_slice(extra);
+    let mut p = Proc::memplane(&args);
     p.expect_line("primary ready", Duration::from_secs(20));
     p
+}
+
+/// Starts `memplane primary` in `dir` and waits until it is ready.
+pub fn primary(dir: &TestDir) -> Proc {
+    primary_with(dir, &[])
 }
 
 /// Ten seconds: generous bound for anything that should take milliseconds.
