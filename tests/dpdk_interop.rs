@@ -9,13 +9,16 @@
 //! (DPDK's runtime directory is /var/run/dpdk). Each test uses its own `--file-prefix`, kills
 //! and reaps every process it starts, and removes its runtime directory.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use common::Proc;
 
 const MEMPLANE: &str = env!("CARGO_BIN_EXE_memplane");
 const PEER_SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/dpdk_peer.c");
@@ -166,181 +169,18 @@ impl Drop for Prefix {
 
 // ---- child processes ------------------------------------------------------------------------
 
-/// A child process whose stdout is read line by line on a thread (so every wait has a timeout)
-/// and whose stderr is collected for failure messages. Dropping it kills it (by pid) and reaps
-/// it, whatever happened in the test.
-struct Proc {
-    what: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: Arc<Mutex<String>>,
-    stderr_reader: Option<std::thread::JoinHandle<()>>,
-    reaped: Option<ExitStatus>,
-}
-
-impl Proc {
-    fn start(what: &str, program: impl AsRef<std::ffi::OsStr>, args: &[String]) -> Proc {
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {what}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr_pipe = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = mpsc::channel();
-        let tag = what.to_owned();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{tag}] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let stderr_reader = std::thread::spawn(move || {
-            let mut r = BufReader::new(stderr_pipe);
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = r.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Proc {
-            what: what.to_owned(),
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr,
-            stderr_reader: Some(stderr_reader),
-            reaped: None,
-        }
-    }
-
-    fn pid(&self) -> rustix::process::Pid {
-        rustix::process::Pid::from_raw(self.child.id() as i32).expect("child pid")
-    }
-
-    fn report(&self) -> String {
-        format!(
-            "{} stdout:\n{}\n{} stderr:\n{}",
-            self.what,
-            self.seen.join("\n"),
-            self.what,
-            self.stderr.lock().unwrap()
-        )
-    }
-
-    /// Waits for a stdout line for which `want` holds and returns it; panics on timeout or exit.
-    fn expect_line(&mut self, timeout: Duration, want: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if want(&line) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "timed out after {timeout:?} waiting for a line\n{}",
-                    self.report()
-                ),
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "{} closed its stdout before the expected line\n{}",
-                        self.what,
-                        self.report()
-                    )
-                }
-            }
-        }
-    }
-
-    /// Waits for the `ready` line.
-    fn ready(&mut self, timeout: Duration) -> String {
-        self.expect_line(timeout, |l| l.starts_with("ready"))
-    }
-
-    /// Writes one line to the child's stdin.
-    fn say(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").expect("write to child stdin");
-        stdin.flush().expect("flush child stdin");
-    }
-
-    /// Reads stdout to its end and reaps the child; panics if that takes longer than `timeout`
-    /// (the drop then kills it).
-    fn finish(&mut self, timeout: Duration) -> ExitStatus {
-        self.stdin = None;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "{} did not exit within {timeout:?}\n{}",
-                    self.what,
-                    self.report()
-                ),
-            }
-        }
-        // Stdout is closed: the process has exited (or closed it on purpose; then wait blocks
-        // no longer than its exit).
-        let st = self.child.wait().expect("wait for child");
-        self.reaped = Some(st);
-        // The child is gone, so its stderr is at EOF: collect the rest of it.
-        if let Some(t) = self.stderr_reader.take() {
-            let _ = t.join();
-        }
-        st
-    }
-
-    /// Asks the child to stop (SIGTERM), then [`Proc::finish`]es it.
-    fn terminate(&mut self, timeout: Duration) -> ExitStatus {
-        let _ = rustix::process::kill_process(self.pid(), rustix::process::Signal::TERM);
-        self.finish(timeout)
-    }
-
-    /// Everything the child printed on stdout so far, one line per entry.
-    fn output(&self) -> String {
-        self.seen.join("\n")
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.reaped.is_none() {
-            if let Ok(None) = self.child.try_wait() {
-                let _ = rustix::process::kill_process(self.pid(), rustix::process::Signal::KILL);
-            }
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// Runs a one-shot `memplane` command to completion.
 fn memplane(what: &str, args: &[String]) -> (ExitStatus, Proc) {
     let mut p = Proc::start(what, MEMPLANE, args);
     let st = p.finish(STEP_TIMEOUT);
     (st, p)
+}
+
+/// Runs a one-shot `memplane` command that must succeed.
+fn memplane_ok(what: &str, args: &[String]) -> Proc {
+    let mut p = Proc::start(what, MEMPLANE, args);
+    p.finish_ok(STEP_TIMEOUT);
+    p
 }
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -359,8 +199,7 @@ fn start_dpdk_server(peer: &Path, prefix: &Prefix) -> Proc {
 
 /// Stops the serving DPDK peer and checks it shut down cleanly.
 fn stop_dpdk_server(mut p: Proc) {
-    let st = p.terminate(STEP_TIMEOUT);
-    assert!(st.success(), "DPDK peer exited with {st}\n{}", p.report());
+    p.terminate_ok(STEP_TIMEOUT);
     assert!(p.output().contains("stopping signal=15"), "{}", p.report());
 }
 
@@ -387,34 +226,20 @@ fn check_request_round_trip(peer: &Path, asynchronous: bool) {
     let prefix = Prefix::new();
     let mut dpdk = start_dpdk_server(peer, &prefix);
 
-    let (st, mp) = memplane("memplane-request", &request_args(&prefix, asynchronous));
-    assert!(
-        st.success(),
-        "memplane mp request failed: {st}\n{}",
-        mp.report()
-    );
-    let want_reply = format!(
+    let mp = memplane_ok("memplane-request", &request_args(&prefix, asynchronous));
+    mp.assert_line(&format!(
         "reply from={}/mp_socket name=dpdk_echo param=68656c6c6f fds=1 fd0=\"from-dpdk\"",
         prefix.dir()
-    );
-    let out = mp.output();
+    ));
     assert!(
-        out.lines().any(|l| l == want_reply),
-        "no line {want_reply:?}\n{}",
-        mp.report()
-    );
-    assert!(
-        out.lines()
-            .any(|l| l.contains("nb_sent=1 nb_received=1") && l.contains("timed_out=false")),
+        mp.has_line(|l| l.contains("nb_sent=1 nb_received=1") && l.contains("timed_out=false")),
         "{}",
         mp.report()
     );
 
-    dpdk.expect_line(STEP_TIMEOUT, |l| {
-        l == "recv name=dpdk_echo param=68656c6c6f fds=1"
-    });
-    dpdk.expect_line(STEP_TIMEOUT, |l| l == "got fd0=\"hello\"");
-    dpdk.expect_line(STEP_TIMEOUT, |l| l == "replied rc=0");
+    dpdk.expect_exact("recv name=dpdk_echo param=68656c6c6f fds=1", STEP_TIMEOUT);
+    dpdk.expect_exact("got fd0=\"hello\"", STEP_TIMEOUT);
+    dpdk.expect_exact("replied rc=0", STEP_TIMEOUT);
     stop_dpdk_server(dpdk);
     eprintln!(
         "request (async={asynchronous}) round trip checked in {:?}",
@@ -450,7 +275,7 @@ fn dpdk_primary_to_memplane_listen(
     );
 
     // The DPDK peer sees memplane's socket with its own glob ...
-    dpdk.expect_line(STEP_TIMEOUT, |l| l == "peers=1");
+    dpdk.expect_exact("peers=1", STEP_TIMEOUT);
     // ... and sends once memplane's action is registered (its `ready` line comes after that).
     dpdk.say("go");
     (dpdk, listen)
@@ -483,20 +308,13 @@ fn memplane_auto_role_finds_dpdk_primary() {
     let dpdk = start_dpdk_server(peer, &prefix);
     let mut args = strings(&["mp", "peers", "--abi", DPDK_ABI, "--runtime-dir"]);
     args.push(prefix.dir().into());
-    let (st, mp) = memplane("memplane-peers", &args);
+    let mp = memplane_ok("memplane-peers", &args);
     assert!(
-        st.success(),
-        "memplane mp peers failed: {st}\n{}",
-        mp.report()
-    );
-    let out = mp.output();
-    assert!(
-        out.lines().any(|l| l.starts_with("role=Secondary ")),
+        mp.has_line(|l| l.starts_with("role=Secondary ")),
         "{}",
         mp.report()
     );
-    let want = format!("peer {}/mp_socket alive=true", prefix.dir());
-    assert!(out.lines().any(|l| l == want), "{}", mp.report());
+    mp.assert_line(&format!("peer {}/mp_socket alive=true", prefix.dir()));
     // A memplane primary must refuse the directory a DPDK primary holds.
     let mut args = strings(&["mp", "peers", "--proc-type", "primary", "--runtime-dir"]);
     args.push(prefix.dir().into());
@@ -529,40 +347,15 @@ fn dpdk_primary_broadcast_reaches_memplane() {
             "from-memplane",
         ],
     );
-    let st = dpdk.finish(STEP_TIMEOUT);
-    assert!(
-        st.success(),
-        "DPDK broadcast failed: {st}\n{}",
-        dpdk.report()
-    );
-    let out = dpdk.output();
-    assert!(
-        out.lines().any(|l| l == "nb_sent=1 nb_received=1"),
-        "{}",
-        dpdk.report()
-    );
-    assert!(
-        out.lines()
-            .any(|l| l == "reply name=memplane_echo param=70696e67 fds=1 fd0=\"from-memplane\""),
-        "{}",
-        dpdk.report()
-    );
+    dpdk.finish_ok(STEP_TIMEOUT);
+    dpdk.assert_line("nb_sent=1 nb_received=1");
+    dpdk.assert_line("reply name=memplane_echo param=70696e67 fds=1 fd0=\"from-memplane\"");
 
-    let st = listen.finish(STEP_TIMEOUT);
-    assert!(
-        st.success(),
-        "memplane listen failed: {st}\n{}",
-        listen.report()
-    );
-    let want = format!(
+    listen.finish_ok(STEP_TIMEOUT);
+    listen.assert_line(&format!(
         "request from={}/mp_socket name=memplane_echo param=70696e67 fds=1 fd0=\"hello-memplane\"",
         prefix.dir()
-    );
-    assert!(
-        listen.output().lines().any(|l| l == want),
-        "no line {want:?}\n{}",
-        listen.report()
-    );
+    ));
     eprintln!("DPDK broadcast checked in {:?}", t0.elapsed());
 }
 
@@ -583,23 +376,10 @@ fn memplane_message_reaches_dpdk() {
         "one-way",
     ]);
     args.extend(prefix.memplane_secondary());
-    let (st, mp) = memplane("memplane-send", &args);
-    assert!(
-        st.success(),
-        "memplane mp send failed: {st}\n{}",
-        mp.report()
-    );
-    assert!(
-        mp.output()
-            .lines()
-            .any(|l| l == "sent name=dpdk_echo peers=1 gone=0 failed=0"),
-        "{}",
-        mp.report()
-    );
-    dpdk.expect_line(STEP_TIMEOUT, |l| {
-        l == "recv name=dpdk_echo param=6f6e65776179 fds=1"
-    });
-    dpdk.expect_line(STEP_TIMEOUT, |l| l == "got fd0=\"one-way\"");
+    let mp = memplane_ok("memplane-send", &args);
+    mp.assert_line("sent name=dpdk_echo peers=1 gone=0 failed=0");
+    dpdk.expect_exact("recv name=dpdk_echo param=6f6e65776179 fds=1", STEP_TIMEOUT);
+    dpdk.expect_exact("got fd0=\"one-way\"", STEP_TIMEOUT);
     stop_dpdk_server(dpdk);
     eprintln!("one-way message checked in {:?}", t0.elapsed());
 }
@@ -622,12 +402,10 @@ fn abi_22_11_fd_limit_against_dpdk() {
         a
     };
 
-    let (st, mp) = memplane("memplane-send-8", &send("08", 8));
-    assert!(st.success(), "8 fds refused: {st}\n{}", mp.report());
-    dpdk.expect_line(STEP_TIMEOUT, |l| l == "recv name=dpdk_echo param=08 fds=8");
+    memplane_ok("memplane-send-8", &send("08", 8));
+    dpdk.expect_exact("recv name=dpdk_echo param=08 fds=8", STEP_TIMEOUT);
     for i in 0..8 {
-        let want = format!("got fd{i}=\"m{}\"", i + 1);
-        dpdk.expect_line(STEP_TIMEOUT, |l| l == want);
+        dpdk.expect_exact(&format!("got fd{i}=\"m{}\"", i + 1), STEP_TIMEOUT);
     }
 
     let (st, mp) = memplane("memplane-send-9", &send("09", 9));
@@ -640,9 +418,8 @@ fn abi_22_11_fd_limit_against_dpdk() {
     assert!(!mp.output().contains("sent "), "{}", mp.report());
 
     // Nothing of the refused message reached DPDK: the next thing it receives is this marker.
-    let (st, mp) = memplane("memplane-send-marker", &send("ff", 1));
-    assert!(st.success(), "{}", mp.report());
-    let next = dpdk.expect_line(STEP_TIMEOUT, |l| l.starts_with("recv "));
+    memplane_ok("memplane-send-marker", &send("ff", 1));
+    let next = dpdk.expect_where(|l| l.starts_with("recv "), STEP_TIMEOUT);
     assert_eq!(
         next,
         "recv name=dpdk_echo param=ff fds=1",
@@ -666,28 +443,13 @@ fn dpdk_primary_message_reaches_memplane() {
         &["send", "memplane_note", "hello-note"],
         &["--action", "memplane_note"],
     );
-    let st = dpdk.finish(STEP_TIMEOUT);
-    assert!(st.success(), "DPDK sendmsg failed: {st}\n{}", dpdk.report());
-    assert!(
-        dpdk.output().lines().any(|l| l == "sendmsg rc=0"),
-        "{}",
-        dpdk.report()
-    );
-    let st = listen.finish(STEP_TIMEOUT);
-    assert!(
-        st.success(),
-        "memplane listen failed: {st}\n{}",
-        listen.report()
-    );
-    let want = format!(
+    dpdk.finish_ok(STEP_TIMEOUT);
+    dpdk.assert_line("sendmsg rc=0");
+    listen.finish_ok(STEP_TIMEOUT);
+    listen.assert_line(&format!(
         "message from={}/mp_socket name=memplane_note param=6e6f7465 fds=1 fd0=\"hello-note\"",
         prefix.dir()
-    );
-    assert!(
-        listen.output().lines().any(|l| l == want),
-        "no line {want:?}\n{}",
-        listen.report()
-    );
+    ));
     eprintln!("DPDK one-way message checked in {:?}", t0.elapsed());
 }
 
@@ -723,19 +485,14 @@ fn memplane_not_ready_is_ignored_by_dpdk() {
         .abi(Abi::V22_11)
         .ready(false);
     let ch = Channel::open(cfg).expect("open memplane secondary");
-    dpdk.expect_line(STEP_TIMEOUT, |l| l == "peers=1");
+    dpdk.expect_exact("peers=1", STEP_TIMEOUT);
     dpdk.say("go");
     // The request timeout is 5 s: an ignore ends it long before.
     let sent = Instant::now();
     let st = dpdk.finish(STEP_TIMEOUT);
     let took = sent.elapsed();
     assert!(!st.success(), "nothing answered, yet: {}", dpdk.report());
-    let out = dpdk.output();
-    assert!(
-        out.lines().any(|l| l == "nb_sent=0 nb_received=0"),
-        "{}",
-        dpdk.report()
-    );
+    dpdk.assert_line("nb_sent=0 nb_received=0");
     assert!(
         took < Duration::from_secs(4),
         "DPDK waited {took:?}: the ignore did not reach it\n{}",
@@ -754,17 +511,10 @@ fn memplane_not_ready_is_ignored_by_dpdk() {
     .expect("register");
     ch.set_ready();
     let mut dpdk = broadcast("dpdk-broadcast-ready");
-    dpdk.expect_line(STEP_TIMEOUT, |l| l == "peers=1");
+    dpdk.expect_exact("peers=1", STEP_TIMEOUT);
     dpdk.say("go");
-    let st = dpdk.finish(STEP_TIMEOUT);
-    assert!(st.success(), "{}", dpdk.report());
-    assert!(
-        dpdk.output()
-            .lines()
-            .any(|l| l == "reply name=memplane_late param=6c617465 fds=0"),
-        "{}",
-        dpdk.report()
-    );
+    dpdk.finish_ok(STEP_TIMEOUT);
+    dpdk.assert_line("reply name=memplane_late param=6c617465 fds=0");
     ch.close();
     eprintln!("not-ready ignore checked in {:?}", t0.elapsed());
 }
