@@ -189,6 +189,68 @@ fn begin(tr: &Tr<Callback>, peers: &[u32], waiting: Waiting<Wake, Callback>) -> 
         .unwrap()
 }
 
+/// A new table holding one request "q" to `peers`, entered and sent (which completes nothing).
+fn sent_request(peers: &[u32], waiting: Waiting<Wake, Callback>) -> (Arc<Tr<Callback>>, RequestId) {
+    let tr: Arc<Tr<Callback>> = Arc::new(Tracker::new());
+    let id = begin(&tr, peers, waiting);
+    assert!(tr.sending_done(id, BEFORE).unwrap().is_none());
+    (tr, id)
+}
+
+/// [`answer`] on a model thread of its own.
+fn spawn_answer(
+    tr: &Arc<Tr<Callback>>,
+    peer: u32,
+    reply: bool,
+) -> thread::JoinHandle<(bool, bool)> {
+    let tr = tr.clone();
+    spawn(move || answer(&tr, peer, reply))
+}
+
+/// [`timer`] on a model thread of its own.
+fn spawn_timer(tr: &Arc<Tr<Callback>>) -> thread::JoinHandle<usize> {
+    let tr = tr.clone();
+    spawn(move || timer(&tr))
+}
+
+/// What the threads of one sync race saw (see [`sync_race`]).
+struct SyncRace {
+    tr: Arc<Tr<Callback>>,
+    id: RequestId,
+    /// What the requester's `wait` returned.
+    r: Reply<Replies>,
+    /// The reply matched the request.
+    matched: bool,
+    /// The reply completed the request as an async one.
+    completed: bool,
+    /// How many requests the timer expired.
+    expired: usize,
+    /// How many times the waiter was notified.
+    notifications: usize,
+}
+
+/// A sync request to peer 1, sent; then the requester waits with `clock` while one thread
+/// delivers the reply and the timer expires the request at its deadline.
+fn sync_race(clock: Clock) -> SyncRace {
+    let w = TestWaiter::new(clock);
+    let (tr, id) = sent_request(&[1], Waiting::Sync(w.notifier()));
+
+    let replier = spawn_answer(&tr, 1, true);
+    let timer_thread = spawn_timer(&tr);
+    let r = tr.wait(id, BEFORE, &w).unwrap();
+    let (matched, completed) = replier.join().unwrap();
+    let expired = timer_thread.join().unwrap();
+    SyncRace {
+        tr,
+        id,
+        r,
+        matched,
+        completed,
+        expired,
+        notifications: w.notifications(),
+    }
+}
+
 /// Counts model iterations and the outcome of each, outside the model.
 struct Explored {
     iterations: StdAtomicUsize,
@@ -247,27 +309,13 @@ fn sync_reply_races_timer() {
     const REPLY: usize = 0;
     const TIMER: usize = 1;
     explore("sync reply vs timer", 2, |ex| {
-        let tr: Arc<Tr<Callback>> = Arc::new(Tracker::new());
-        let w = TestWaiter::new(Clock::Frozen);
-        let id = begin(&tr, &[1], Waiting::Sync(w.notifier()));
-        assert!(tr.sending_done(id, BEFORE).unwrap().is_none());
+        let s = sync_race(Clock::Frozen);
+        let r = &s.r;
 
-        let replier = {
-            let tr = tr.clone();
-            spawn(move || answer(&tr, 1, true))
-        };
-        let timer_thread = {
-            let tr = tr.clone();
-            spawn(move || timer(&tr))
-        };
-        let r = tr.wait(id, BEFORE, &w).unwrap();
-        let (matched, completed) = replier.join().unwrap();
-        let expired = timer_thread.join().unwrap();
-
-        assert!(!completed, "a sync completion never leaves as async");
-        assert_eq!(usize::from(matched) + expired, 1, "exactly one outcome");
-        assert_eq!(w.notifications(), 1, "the waiter is woken exactly once");
-        if matched {
+        assert!(!s.completed, "a sync completion never leaves as async");
+        assert_eq!(usize::from(s.matched) + s.expired, 1, "exactly one outcome");
+        assert_eq!(s.notifications, 1, "the waiter is woken exactly once");
+        if s.matched {
             assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 1, false));
             assert_eq!(r.replies.len(), 1);
             assert_eq!(r.replies[0].0, 1);
@@ -275,9 +323,9 @@ fn sync_reply_races_timer() {
             assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 0, true));
             assert!(r.replies.is_empty());
         }
-        assert!(tr.is_empty());
-        assert!(matches!(tr.cancel(id), Err(PendingError::Unknown)));
-        ex.record(if matched { REPLY } else { TIMER });
+        assert!(s.tr.is_empty());
+        assert!(matches!(s.tr.cancel(s.id), Err(PendingError::Unknown)));
+        ex.record(if s.matched { REPLY } else { TIMER });
     });
 }
 
@@ -290,39 +338,25 @@ fn sync_reply_races_timer_and_own_deadline() {
     const TIMER: usize = 1;
     const WAITER: usize = 2;
     explore("sync reply vs timer vs waiter", 3, |ex| {
-        let tr: Arc<Tr<Callback>> = Arc::new(Tracker::new());
-        let w = TestWaiter::new(Clock::Elapsed);
-        let id = begin(&tr, &[1], Waiting::Sync(w.notifier()));
-        assert!(tr.sending_done(id, BEFORE).unwrap().is_none());
+        let s = sync_race(Clock::Elapsed);
+        let r = &s.r;
 
-        let replier = {
-            let tr = tr.clone();
-            spawn(move || answer(&tr, 1, true))
-        };
-        let timer_thread = {
-            let tr = tr.clone();
-            spawn(move || timer(&tr))
-        };
-        let r = tr.wait(id, BEFORE, &w).unwrap();
-        let (matched, _) = replier.join().unwrap();
-        let expired = timer_thread.join().unwrap();
-
-        let by_waiter = w.notifications() == 0;
+        let by_waiter = s.notifications == 0;
         assert_eq!(
-            usize::from(matched) + expired + usize::from(by_waiter),
+            usize::from(s.matched) + s.expired + usize::from(by_waiter),
             1,
             "exactly one outcome"
         );
-        assert_eq!(w.notifications(), usize::from(matched) + expired);
-        if matched {
+        assert_eq!(s.notifications, usize::from(s.matched) + s.expired);
+        if s.matched {
             assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 1, false));
         } else {
             assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 0, true));
         }
-        assert!(tr.is_empty());
-        ex.record(if matched {
+        assert!(s.tr.is_empty());
+        ex.record(if s.matched {
             REPLY
-        } else if expired == 1 {
+        } else if s.expired == 1 {
             TIMER
         } else {
             WAITER
@@ -339,19 +373,11 @@ fn async_two_answers_race_timer(ignore: bool) {
     const SECOND: usize = 1;
     const TIMER: usize = 2;
     explore("async two answers vs timer", 3, move |ex| {
-        let tr: Arc<Tr<Callback>> = Arc::new(Tracker::new());
         let (fired, cb) = fired();
-        let id = begin(&tr, &[1, 2], Waiting::Async(cb));
-        assert!(tr.sending_done(id, BEFORE).unwrap().is_none());
+        let (tr, _) = sent_request(&[1, 2], Waiting::Async(cb));
 
-        let first = {
-            let tr = tr.clone();
-            spawn(move || answer(&tr, 1, true))
-        };
-        let second = {
-            let tr = tr.clone();
-            spawn(move || answer(&tr, 2, !ignore))
-        };
+        let first = spawn_answer(&tr, 1, true);
+        let second = spawn_answer(&tr, 2, !ignore);
         let expired = timer(&tr);
         let (m1, c1) = first.join().unwrap();
         let (m2, c2) = second.join().unwrap();
@@ -398,19 +424,11 @@ fn async_cancel_races_reply_and_timer() {
     const REPLY: usize = 1;
     const TIMER: usize = 2;
     explore("async cancel vs reply vs timer", 3, |ex| {
-        let tr: Arc<Tr<Callback>> = Arc::new(Tracker::new());
         let (fired, cb) = fired();
-        let id = begin(&tr, &[1], Waiting::Async(cb));
-        assert!(tr.sending_done(id, BEFORE).unwrap().is_none());
+        let (tr, id) = sent_request(&[1], Waiting::Async(cb));
 
-        let replier = {
-            let tr = tr.clone();
-            spawn(move || answer(&tr, 1, true))
-        };
-        let timer_thread = {
-            let tr = tr.clone();
-            spawn(move || timer(&tr))
-        };
+        let replier = spawn_answer(&tr, 1, true);
+        let timer_thread = spawn_timer(&tr);
         let cancelled = match tr.cancel(id) {
             Ok(Cancelled::Pending(Waiting::Async(cb))) => {
                 // Handed back, not run: dropping it here must not count as a run.
@@ -468,14 +486,8 @@ fn dummy_async_completes_at_sending_done() {
         let (fired1, cb) = fired();
         let id1 = begin(&tr, &[1], Waiting::Async(cb));
 
-        let timer_thread = {
-            let tr = tr.clone();
-            spawn(move || timer(&tr))
-        };
-        let replier = {
-            let tr = tr.clone();
-            spawn(move || answer(&tr, 1, true))
-        };
+        let timer_thread = spawn_timer(&tr);
+        let replier = spawn_answer(&tr, 1, true);
         let f0 = tr
             .sending_done(id0, BEFORE)
             .unwrap()
@@ -562,15 +574,10 @@ fn begin_races_completion_of_same_key() {
     const REFUSED: usize = 0;
     const ENTERED: usize = 1;
     explore("begin vs completion", 2, |ex| {
-        let tr: Arc<Tr<Callback>> = Arc::new(Tracker::new());
         let (fired1, cb) = fired();
-        let first = begin(&tr, &[1], Waiting::Async(cb));
-        assert!(tr.sending_done(first, BEFORE).unwrap().is_none());
+        let (tr, first) = sent_request(&[1], Waiting::Async(cb));
 
-        let replier = {
-            let tr = tr.clone();
-            spawn(move || answer(&tr, 1, true))
-        };
+        let replier = spawn_answer(&tr, 1, true);
         let (fired2, cb) = fired();
         let second = tr.begin(name("q"), &[1], DEADLINE, Waiting::Async(cb));
         let (matched, completed) = replier.join().unwrap();
