@@ -656,6 +656,40 @@ fn one_peer_send_waits_for_room_then_times_out() {
     }
 }
 
+/// The scheduling policy (`SCHED_*`) of each thread of process `pid`, by thread name.
+fn thread_policies(pid: u32) -> Vec<(String, i32)> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let tid: i32 = t.file_name().to_str().unwrap().parse().unwrap();
+        // SAFETY: sched_getscheduler only reads the policy of thread `tid`.
+        v.push((comm.trim_end().to_owned(), unsafe { libc::sched_getscheduler(tid) }));
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn batch_scheduling_applies_to_the_channel_threads_only() {
+    let dir = TestDir::new();
+    let _primary = primary(&dir);
+    let plain = listener(&dir, &["--action", "q"]);
+    let batch = listener(&dir, &["--action", "q", "--batch-sched"]);
+    // Both are ready, so their threads run and are named.
+    let policy = |p: &Proc, name: &str| {
+        thread_policies(p.pid())
+            .into_iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, pol)| pol)
+            .collect::<Vec<_>>()
+    };
+    for name in ["mp-recv", "mp-service"] {
+        assert_eq!(policy(&batch, name), vec![libc::SCHED_BATCH], "{name}");
+        assert_eq!(policy(&plain, name), vec![libc::SCHED_OTHER], "{name}");
+    }
+    assert_eq!(policy(&batch, "memplane"), vec![libc::SCHED_OTHER]);
+}
+
 #[test]
 fn sync_request_from_a_handler_is_refused_not_a_hang() {
     let dir = TestDir::new();

@@ -72,6 +72,10 @@ pub struct ChannelOpts {
     /// primary, secondary or auto.
     #[arg(long = "proc-type", default_value = "auto")]
     pub proc_type: ProcType,
+    /// Run the channel's threads under SCHED_BATCH (more throughput when processes share a
+    /// CPU, slower wake-ups when the CPU is busy).
+    #[arg(long = "batch-sched")]
+    pub batch_sched: bool,
 }
 
 fn parse_abi(s: &str) -> Result<Abi, String> {
@@ -154,7 +158,8 @@ impl ChannelOpts {
         let mut c = ChannelConfig::new()
             .file_prefix(self.file_prefix.clone())
             .proc_type(self.proc_type)
-            .abi(self.abi);
+            .abi(self.abi)
+            .batch_scheduling(self.batch_sched);
         if let Some(d) = &self.runtime_dir {
             c = c.runtime_dir(d.clone());
         }
