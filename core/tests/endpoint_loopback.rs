@@ -258,6 +258,35 @@ impl Cluster {
             .unwrap();
     }
 
+    /// On every node, registers an [`echo`] action for each of `names`, then completes init.
+    fn echo_everywhere(&self, names: &[&str]) {
+        for (i, n) in self.nodes.iter().enumerate() {
+            for name in names {
+                self.register(i, name, echo());
+            }
+            n.ep.set_init_complete();
+        }
+    }
+
+    /// A sync request from node `from`, started at `now`, that must be accepted; its reply.
+    fn request_at(
+        &self,
+        from: usize,
+        msg: &Message<Tokens>,
+        now: Instant,
+        timeout: Duration,
+    ) -> Reply<Replies> {
+        self.nodes[from]
+            .ep
+            .request_sync(msg, now, timeout, &Park)
+            .unwrap()
+    }
+
+    /// A sync request from node `from`, started now, that must be accepted; its reply.
+    fn request(&self, from: usize, msg: &Message<Tokens>, timeout: Duration) -> Reply<Replies> {
+        self.request_at(from, msg, clock(), timeout)
+    }
+
     /// Sends raw bytes to node `to` as if from node `from`.
     fn raw(&self, from: u32, to: u32, bytes: Vec<u8>, nfds: usize) {
         let tx = self.net.lock().unwrap().get(&to).unwrap().clone();
@@ -289,21 +318,9 @@ fn echo() -> Handler {
 #[test]
 fn broadcast_and_request_to_primary() {
     let c = Cluster::new(4);
-    for i in 0..=4 {
-        c.register(i, "echo", echo());
-        c.node(i).ep.set_init_complete();
-    }
+    c.echo_everywhere(&["echo"]);
     // Primary to every secondary.
-    let r = c
-        .node(0)
-        .ep
-        .request_sync(
-            &c.msg("echo", b"hi", 2),
-            clock(),
-            Duration::from_secs(5),
-            &Park,
-        )
-        .unwrap();
+    let r = c.request(0, &c.msg("echo", b"hi", 2), Duration::from_secs(5));
     assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (4, 4, false));
     let mut from: Vec<u32> = r.replies.0.iter().map(|(p, _)| *p).collect();
     from.sort();
@@ -313,16 +330,7 @@ fn broadcast_and_request_to_primary() {
         assert_eq!(m.num_fds(), 2);
     }
     // A secondary to the primary.
-    let r = c
-        .node(3)
-        .ep
-        .request_sync(
-            &c.msg("echo", b"up", 0),
-            clock(),
-            Duration::from_secs(5),
-            &Park,
-        )
-        .unwrap();
+    let r = c.request(3, &c.msg("echo", b"up", 0), Duration::from_secs(5));
     assert_eq!((r.nb_sent, r.nb_received), (1, 1));
     assert_eq!(r.replies.0[0].0, 0);
 }
@@ -338,11 +346,7 @@ fn silent_peer_costs_only_its_timeout() {
     }
     // Node 3 has no action "q" and has finished init: it answers nothing.
     let t0 = clock();
-    let r = c
-        .node(0)
-        .ep
-        .request_sync(&c.msg("q", b"", 0), t0, Duration::from_millis(200), &Park)
-        .unwrap();
+    let r = c.request_at(0, &c.msg("q", b"", 0), t0, Duration::from_millis(200));
     let took = clock().saturating_duration_since(t0);
     assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (3, 2, true));
     assert!(took >= Duration::from_millis(200));
@@ -356,21 +360,14 @@ fn ignore_from_initialising_peer() {
     c.node(0).ep.set_init_complete();
     c.register(1, "q", echo());
     // Node 2 is still initialising and has no action: it sends "ignore".
-    let r = c
-        .node(0)
-        .ep
-        .request_sync(&c.msg("q", b"", 0), clock(), Duration::from_secs(5), &Park)
-        .unwrap();
+    let r = c.request(0, &c.msg("q", b"", 0), Duration::from_secs(5));
     assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 1, false));
 }
 
 #[test]
 fn async_fires_once_including_dummy() {
     let c = Cluster::new(2);
-    for i in 0..=2 {
-        c.register(i, "q", echo());
-        c.node(i).ep.set_init_complete();
-    }
+    c.echo_everywhere(&["q"]);
     let (tx, rx) = channel();
     let tx2 = tx.clone();
     let s = c
@@ -422,11 +419,7 @@ fn malformed_datagrams_are_counted_and_release_fds() {
     c.raw(1, 0, good.clone(), 2); // num_fds says 0, two arrived
     c.raw(1, 0, good[..332].to_vec(), 0);
     // The primary still answers a good request afterwards.
-    let r = c
-        .node(1)
-        .ep
-        .request_sync(&c.msg("q", b"x", 0), clock(), Duration::from_secs(5), &Park)
-        .unwrap();
+    let r = c.request(1, &c.msg("q", b"x", 0), Duration::from_secs(5));
     assert_eq!(r.nb_received, 1);
     let s = c.node(0).ep.stats().snapshot();
     assert_eq!(s.rx_malformed, 3);
@@ -440,29 +433,18 @@ fn malformed_datagrams_are_counted_and_release_fds() {
 #[test]
 fn many_requesters_through_one_receiving_thread() {
     let c = Arc::new(Cluster::new(2));
-    for i in 0..=2 {
-        c.register(i, "q0", echo());
-        c.register(i, "q1", echo());
-        c.register(i, "q2", echo());
-        c.register(i, "q3", echo());
-        c.node(i).ep.set_init_complete();
-    }
+    c.echo_everywhere(&["q0", "q1", "q2", "q3"]);
     let mut ts = Vec::new();
     for t in 0..4 {
         let c = c.clone();
         ts.push(thread::spawn(move || {
             let name = format!("q{t}");
             for k in 0..200u32 {
-                let r = c
-                    .node(0)
-                    .ep
-                    .request_sync(
-                        &c.msg(&name, &k.to_le_bytes(), 0),
-                        clock(),
-                        Duration::from_secs(10),
-                        &Park,
-                    )
-                    .unwrap();
+                let r = c.request(
+                    0,
+                    &c.msg(&name, &k.to_le_bytes(), 0),
+                    Duration::from_secs(10),
+                );
                 assert_eq!((r.nb_sent, r.nb_received), (2, 2));
                 for (_, m) in &r.replies.0 {
                     assert_eq!(m.param(), k.to_le_bytes());
