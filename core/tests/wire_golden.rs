@@ -8,7 +8,7 @@
 #![cfg(target_endian = "little")]
 
 use memplane_core::message::{FdCount, Message, MsgKind};
-use memplane_core::wire::{self, Abi, Datagram, DecodeError, EncodeError, RecvFlags};
+use memplane_core::wire::{self, Abi, Datagram, DecodeError, EncodeError, Layout, RecvFlags};
 
 const NAME: &[u8] = b"mp_malloc_sync";
 const PARAM: [u8; 5] = [1, 2, 3, 4, 5];
@@ -81,30 +81,28 @@ fn encode(abi: Abi, kind: MsgKind, m: &Message<FdCount>) -> Vec<u8> {
 
 #[test]
 fn layouts_match_the_literal_offsets() {
-    let l = Abi::V22_11.layout();
     assert_eq!(
-        (
-            l.kind.clone(),
-            l.name.clone(),
-            l.len_param.clone(),
-            l.num_fds.clone(),
-            l.param.clone(),
-            l.len
-        ),
-        (0..4, 4..68, 68..72, 72..76, 76..332, 332)
+        Abi::V22_11.layout(),
+        &Layout {
+            kind: 0..4,
+            name: 4..68,
+            len_param: 68..72,
+            num_fds: 72..76,
+            param: 76..332,
+            len: 332
+        }
     );
     assert_eq!(Abi::V24_11.layout(), Abi::V22_11.layout());
-    let l = Abi::V25_11.layout();
     assert_eq!(
-        (
-            l.kind.clone(),
-            l.name.clone(),
-            l.len_param.clone(),
-            l.num_fds.clone(),
-            l.param.clone(),
-            l.len
-        ),
-        (0..4, 8..72, 72..76, 76..80, 80..336, 340)
+        Abi::V25_11.layout(),
+        &Layout {
+            kind: 0..4,
+            name: 8..72,
+            len_param: 72..76,
+            num_fds: 76..80,
+            param: 80..336,
+            len: 340
+        }
     );
     assert_eq!(
         Abi::ALL.map(Abi::datagram_len),
@@ -113,6 +111,16 @@ fn layouts_match_the_literal_offsets() {
     );
     assert_eq!(Abi::ALL.map(Abi::max_fds), [8, 253, 253], "fd limits");
     assert_eq!(wire::MAX_DATAGRAM_LEN, 340);
+}
+
+/// Both `golden(abi)` and the encoding of the reference message are `expected`.
+fn assert_golden_is(abi: Abi, expected: &[u8]) {
+    assert_eq!(golden(abi), expected, "{abi}: golden");
+    assert_eq!(
+        encode(abi, MsgKind::Request, &reference()),
+        expected,
+        "{abi}: encoded"
+    );
 }
 
 /// The 22.11 golden datagram spelled out completely, as a cross-check of `build`.
@@ -126,12 +134,8 @@ fn golden_22_11_literal_prefix() {
     expected[68..72].copy_from_slice(&[0x05, 0x00, 0x00, 0x00]);
     expected[72..76].copy_from_slice(&[0x02, 0x00, 0x00, 0x00]);
     expected[76..81].copy_from_slice(&[0x01, 0x02, 0x03, 0x04, 0x05]);
-    assert_eq!(golden(Abi::V22_11), expected);
+    assert_golden_is(Abi::V22_11, &expected);
     assert_eq!(golden(Abi::V24_11), expected);
-    assert_eq!(
-        encode(Abi::V22_11, MsgKind::Request, &reference()),
-        expected
-    );
 }
 
 /// The 25.11 golden datagram spelled out completely, as a cross-check of `build`.
@@ -143,11 +147,7 @@ fn golden_25_11_literal_prefix() {
     expected[72..76].copy_from_slice(&[0x05, 0x00, 0x00, 0x00]);
     expected[76..80].copy_from_slice(&[0x02, 0x00, 0x00, 0x00]);
     expected[80..85].copy_from_slice(&[0x01, 0x02, 0x03, 0x04, 0x05]);
-    assert_eq!(golden(Abi::V25_11), expected);
-    assert_eq!(
-        encode(Abi::V25_11, MsgKind::Request, &reference()),
-        expected
-    );
+    assert_golden_is(Abi::V25_11, &expected);
 }
 
 #[test]
