@@ -187,6 +187,26 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+/// Runs `test` with the C peer and a fresh prefix, then says how long `what` took; skips (after
+/// printing why) when the peer cannot be had.
+fn interop(what: &str, test: impl FnOnce(&Path, &Prefix)) {
+    let Some(peer) = peer_binary() else { return };
+    let t0 = Instant::now();
+    let prefix = Prefix::new();
+    test(peer, &prefix);
+    eprintln!("{what} checked in {:?}", t0.elapsed());
+}
+
+/// [`interop`] with the C peer serving as the DPDK primary for the whole of `test`, and stopped
+/// cleanly after it.
+fn against_dpdk_server(what: &str, test: impl FnOnce(&mut Proc, &Prefix)) {
+    interop(what, |peer, prefix| {
+        let mut dpdk = start_dpdk_server(peer, prefix);
+        test(&mut dpdk, prefix);
+        stop_dpdk_server(dpdk);
+    });
+}
+
 /// Starts the C peer as the DPDK primary in `serve` mode and waits until it is ready.
 fn start_dpdk_server(peer: &Path, prefix: &Prefix) -> Proc {
     let mut args = prefix.eal_args();
@@ -221,42 +241,39 @@ fn request_args(prefix: &Prefix, asynchronous: bool) -> Vec<String> {
     a
 }
 
-fn check_request_round_trip(peer: &Path, asynchronous: bool) {
-    let t0 = Instant::now();
-    let prefix = Prefix::new();
-    let mut dpdk = start_dpdk_server(peer, &prefix);
+fn check_request_round_trip(asynchronous: bool) {
+    let what = format!("request (async={asynchronous}) round trip");
+    against_dpdk_server(&what, |dpdk, prefix| {
+        let mp = memplane_ok("memplane-request", &request_args(prefix, asynchronous));
+        mp.assert_line(&format!(
+            "reply from={}/mp_socket name=dpdk_echo param=68656c6c6f fds=1 fd0=\"from-dpdk\"",
+            prefix.dir()
+        ));
+        assert!(
+            mp.has_line(|l| l.contains("nb_sent=1 nb_received=1") && l.contains("timed_out=false")),
+            "{}",
+            mp.report()
+        );
 
-    let mp = memplane_ok("memplane-request", &request_args(&prefix, asynchronous));
-    mp.assert_line(&format!(
-        "reply from={}/mp_socket name=dpdk_echo param=68656c6c6f fds=1 fd0=\"from-dpdk\"",
-        prefix.dir()
-    ));
-    assert!(
-        mp.has_line(|l| l.contains("nb_sent=1 nb_received=1") && l.contains("timed_out=false")),
-        "{}",
-        mp.report()
-    );
-
-    dpdk.expect_exact("recv name=dpdk_echo param=68656c6c6f fds=1", STEP_TIMEOUT);
-    dpdk.expect_exact("got fd0=\"hello\"", STEP_TIMEOUT);
-    dpdk.expect_exact("replied rc=0", STEP_TIMEOUT);
-    stop_dpdk_server(dpdk);
-    eprintln!(
-        "request (async={asynchronous}) round trip checked in {:?}",
-        t0.elapsed()
-    );
+        dpdk.expect_exact("recv name=dpdk_echo param=68656c6c6f fds=1", STEP_TIMEOUT);
+        dpdk.expect_exact("got fd0=\"hello\"", STEP_TIMEOUT);
+        dpdk.expect_exact("replied rc=0", STEP_TIMEOUT);
+    });
 }
 
 /// Starts the C peer as the DPDK primary in `mode` (`broadcast ...` or `send ...`), waiting for
 /// one secondary and a go line, then `memplane mp listen` (`listen_args`, `--show-fds --count 1`)
 /// as that secondary; once memplane is ready (its actions registered) and DPDK has seen its
-/// socket, tells DPDK to go. Returns both processes.
-fn dpdk_primary_to_memplane_listen(
+/// socket, tells DPDK to go. Then both must exit successfully, DPDK having printed each line of
+/// `dpdk_prints` and memplane the line `memplane_prints`.
+fn check_dpdk_primary_to_memplane_listen(
     peer: &Path,
     prefix: &Prefix,
     mode: &[&str],
     listen_args: &[&str],
-) -> (Proc, Proc) {
+    dpdk_prints: &[&str],
+    memplane_prints: &str,
+) {
     let mut args = prefix.eal_args();
     args.extend(strings(mode));
     args.extend(strings(&["--wait-peers", "1", "--wait-stdin"]));
@@ -278,7 +295,13 @@ fn dpdk_primary_to_memplane_listen(
     dpdk.expect_exact("peers=1", STEP_TIMEOUT);
     // ... and sends once memplane's action is registered (its `ready` line comes after that).
     dpdk.say("go");
-    (dpdk, listen)
+
+    dpdk.finish_ok(STEP_TIMEOUT);
+    for line in dpdk_prints {
+        dpdk.assert_line(line);
+    }
+    listen.finish_ok(STEP_TIMEOUT);
+    listen.assert_line(memplane_prints);
 }
 
 // ---- the tests ------------------------------------------------------------------------------
@@ -287,170 +310,149 @@ fn dpdk_primary_to_memplane_listen(
 /// action sees the fd's contents and replies with its own memfd.
 #[test]
 fn memplane_requests_dpdk_primary() {
-    let Some(peer) = peer_binary() else { return };
-    check_request_round_trip(peer, false);
+    check_request_round_trip(false);
 }
 
 /// a'. The same with an async request (the callback prints the same lines).
 #[test]
 fn memplane_requests_dpdk_primary_async() {
-    let Some(peer) = peer_binary() else { return };
-    check_request_round_trip(peer, true);
+    check_request_round_trip(true);
 }
 
 /// memplane's `--proc-type auto` recognises a DPDK primary (by the lock it holds on `config`)
 /// and becomes a secondary whose only peer is DPDK's `mp_socket`.
 #[test]
 fn memplane_auto_role_finds_dpdk_primary() {
-    let Some(peer) = peer_binary() else { return };
-    let t0 = Instant::now();
-    let prefix = Prefix::new();
-    let dpdk = start_dpdk_server(peer, &prefix);
-    let mut args = strings(&["mp", "peers", "--abi", DPDK_ABI, "--runtime-dir"]);
-    args.push(prefix.dir().into());
-    let mp = memplane_ok("memplane-peers", &args);
-    assert!(
-        mp.has_line(|l| l.starts_with("role=Secondary ")),
-        "{}",
-        mp.report()
-    );
-    mp.assert_line(&format!("peer {}/mp_socket alive=true", prefix.dir()));
-    // A memplane primary must refuse the directory a DPDK primary holds.
-    let mut args = strings(&["mp", "peers", "--proc-type", "primary", "--runtime-dir"]);
-    args.push(prefix.dir().into());
-    let (st, mp) = memplane("memplane-primary", &args);
-    assert!(!st.success(), "{}", mp.report());
-    assert!(
-        mp.stderr_text().contains("a DPDK primary"),
-        "{}",
-        mp.report()
-    );
-    stop_dpdk_server(dpdk);
-    eprintln!("auto role checked in {:?}", t0.elapsed());
+    against_dpdk_server("auto role", |_, prefix| {
+        let mut args = strings(&["mp", "peers", "--abi", DPDK_ABI, "--runtime-dir"]);
+        args.push(prefix.dir().into());
+        let mp = memplane_ok("memplane-peers", &args);
+        assert!(
+            mp.has_line(|l| l.starts_with("role=Secondary ")),
+            "{}",
+            mp.report()
+        );
+        mp.assert_line(&format!("peer {}/mp_socket alive=true", prefix.dir()));
+        // A memplane primary must refuse the directory a DPDK primary holds.
+        let mut args = strings(&["mp", "peers", "--proc-type", "primary", "--runtime-dir"]);
+        args.push(prefix.dir().into());
+        let (st, mp) = memplane("memplane-primary", &args);
+        assert!(!st.success(), "{}", mp.report());
+        assert!(
+            mp.stderr_text().contains("a DPDK primary"),
+            "{}",
+            mp.report()
+        );
+    });
 }
 
 /// b. The DPDK primary broadcasts a request with a memfd (`rte_mp_request_sync` to every
 /// `mp_socket_*`); `memplane mp listen` receives it and replies with its own memfd.
 #[test]
 fn dpdk_primary_broadcast_reaches_memplane() {
-    let Some(peer) = peer_binary() else { return };
-    let t0 = Instant::now();
-    let prefix = Prefix::new();
-    let (mut dpdk, mut listen) = dpdk_primary_to_memplane_listen(
-        peer,
-        &prefix,
-        &["broadcast", "memplane_echo", "hello-memplane"],
-        &[
-            "--action",
-            "memplane_echo",
-            "--reply-memfd",
-            "from-memplane",
-        ],
-    );
-    dpdk.finish_ok(STEP_TIMEOUT);
-    dpdk.assert_line("nb_sent=1 nb_received=1");
-    dpdk.assert_line("reply name=memplane_echo param=70696e67 fds=1 fd0=\"from-memplane\"");
-
-    listen.finish_ok(STEP_TIMEOUT);
-    listen.assert_line(&format!(
-        "request from={}/mp_socket name=memplane_echo param=70696e67 fds=1 fd0=\"hello-memplane\"",
-        prefix.dir()
-    ));
-    eprintln!("DPDK broadcast checked in {:?}", t0.elapsed());
+    interop("DPDK broadcast", |peer, prefix| {
+        check_dpdk_primary_to_memplane_listen(
+            peer,
+            prefix,
+            &["broadcast", "memplane_echo", "hello-memplane"],
+            &[
+                "--action",
+                "memplane_echo",
+                "--reply-memfd",
+                "from-memplane",
+            ],
+            &[
+                "nb_sent=1 nb_received=1",
+                "reply name=memplane_echo param=70696e67 fds=1 fd0=\"from-memplane\"",
+            ],
+            &format!(
+                "request from={}/mp_socket name=memplane_echo param=70696e67 fds=1 fd0=\"hello-memplane\"",
+                prefix.dir()
+            ),
+        );
+    });
 }
 
 /// c. A one-way message from memplane reaches the DPDK action with its fd.
 #[test]
 fn memplane_message_reaches_dpdk() {
-    let Some(peer) = peer_binary() else { return };
-    let t0 = Instant::now();
-    let prefix = Prefix::new();
-    let mut dpdk = start_dpdk_server(peer, &prefix);
-    let mut args = strings(&[
-        "mp",
-        "send",
-        "dpdk_echo",
-        "--param",
-        "6f6e65776179",
-        "--memfd",
-        "one-way",
-    ]);
-    args.extend(prefix.memplane_secondary());
-    let mp = memplane_ok("memplane-send", &args);
-    mp.assert_line("sent name=dpdk_echo peers=1 gone=0 failed=0");
-    dpdk.expect_exact("recv name=dpdk_echo param=6f6e65776179 fds=1", STEP_TIMEOUT);
-    dpdk.expect_exact("got fd0=\"one-way\"", STEP_TIMEOUT);
-    stop_dpdk_server(dpdk);
-    eprintln!("one-way message checked in {:?}", t0.elapsed());
+    against_dpdk_server("one-way message", |dpdk, prefix| {
+        let mut args = strings(&[
+            "mp",
+            "send",
+            "dpdk_echo",
+            "--param",
+            "6f6e65776179",
+            "--memfd",
+            "one-way",
+        ]);
+        args.extend(prefix.memplane_secondary());
+        let mp = memplane_ok("memplane-send", &args);
+        mp.assert_line("sent name=dpdk_echo peers=1 gone=0 failed=0");
+        dpdk.expect_exact("recv name=dpdk_echo param=6f6e65776179 fds=1", STEP_TIMEOUT);
+        dpdk.expect_exact("got fd0=\"one-way\"", STEP_TIMEOUT);
+    });
 }
 
 /// c'. The 22.11 ABI carries at most 8 fds: 8 memfds reach DPDK, 9 are refused by memplane
 /// before anything is sent.
 #[test]
 fn abi_22_11_fd_limit_against_dpdk() {
-    let Some(peer) = peer_binary() else { return };
-    let t0 = Instant::now();
-    let prefix = Prefix::new();
-    let mut dpdk = start_dpdk_server(peer, &prefix);
-    let send = |param: &str, fds: usize| {
-        let mut a = strings(&["mp", "send", "dpdk_echo", "--param", param]);
-        for i in 1..=fds {
-            a.push("--memfd".into());
-            a.push(format!("m{i}"));
+    against_dpdk_server("22.11 fd limit", |dpdk, prefix| {
+        let send = |param: &str, fds: usize| {
+            let mut a = strings(&["mp", "send", "dpdk_echo", "--param", param]);
+            for i in 1..=fds {
+                a.push("--memfd".into());
+                a.push(format!("m{i}"));
+            }
+            a.extend(prefix.memplane_secondary());
+            a
+        };
+
+        memplane_ok("memplane-send-8", &send("08", 8));
+        dpdk.expect_exact("recv name=dpdk_echo param=08 fds=8", STEP_TIMEOUT);
+        for i in 0..8 {
+            dpdk.expect_exact(&format!("got fd{i}=\"m{}\"", i + 1), STEP_TIMEOUT);
         }
-        a.extend(prefix.memplane_secondary());
-        a
-    };
 
-    memplane_ok("memplane-send-8", &send("08", 8));
-    dpdk.expect_exact("recv name=dpdk_echo param=08 fds=8", STEP_TIMEOUT);
-    for i in 0..8 {
-        dpdk.expect_exact(&format!("got fd{i}=\"m{}\"", i + 1), STEP_TIMEOUT);
-    }
+        let (st, mp) = memplane("memplane-send-9", &send("09", 9));
+        assert!(!st.success(), "9 fds accepted on 22.11\n{}", mp.report());
+        let err = mp.stderr_text();
+        assert!(
+            err.contains("9 fds attached, the 22.11 ABI carries at most 8"),
+            "unclear error: {err:?}"
+        );
+        assert!(!mp.output().contains("sent "), "{}", mp.report());
 
-    let (st, mp) = memplane("memplane-send-9", &send("09", 9));
-    assert!(!st.success(), "9 fds accepted on 22.11\n{}", mp.report());
-    let err = mp.stderr_text();
-    assert!(
-        err.contains("9 fds attached, the 22.11 ABI carries at most 8"),
-        "unclear error: {err:?}"
-    );
-    assert!(!mp.output().contains("sent "), "{}", mp.report());
-
-    // Nothing of the refused message reached DPDK: the next thing it receives is this marker.
-    memplane_ok("memplane-send-marker", &send("ff", 1));
-    let next = dpdk.expect_where(|l| l.starts_with("recv "), STEP_TIMEOUT);
-    assert_eq!(
-        next,
-        "recv name=dpdk_echo param=ff fds=1",
-        "{}",
-        dpdk.report()
-    );
-    stop_dpdk_server(dpdk);
-    eprintln!("22.11 fd limit checked in {:?}", t0.elapsed());
+        // Nothing of the refused message reached DPDK: the next thing it receives is this marker.
+        memplane_ok("memplane-send-marker", &send("ff", 1));
+        let next = dpdk.expect_where(|l| l.starts_with("recv "), STEP_TIMEOUT);
+        assert_eq!(
+            next,
+            "recv name=dpdk_echo param=ff fds=1",
+            "{}",
+            dpdk.report()
+        );
+    });
 }
 
 /// c''. The DPDK primary's one-way message (`rte_mp_sendmsg` to every `mp_socket_*`) with a
 /// memfd reaches `memplane mp listen`.
 #[test]
 fn dpdk_primary_message_reaches_memplane() {
-    let Some(peer) = peer_binary() else { return };
-    let t0 = Instant::now();
-    let prefix = Prefix::new();
-    let (mut dpdk, mut listen) = dpdk_primary_to_memplane_listen(
-        peer,
-        &prefix,
-        &["send", "memplane_note", "hello-note"],
-        &["--action", "memplane_note"],
-    );
-    dpdk.finish_ok(STEP_TIMEOUT);
-    dpdk.assert_line("sendmsg rc=0");
-    listen.finish_ok(STEP_TIMEOUT);
-    listen.assert_line(&format!(
-        "message from={}/mp_socket name=memplane_note param=6e6f7465 fds=1 fd0=\"hello-note\"",
-        prefix.dir()
-    ));
-    eprintln!("DPDK one-way message checked in {:?}", t0.elapsed());
+    interop("DPDK one-way message", |peer, prefix| {
+        check_dpdk_primary_to_memplane_listen(
+            peer,
+            prefix,
+            &["send", "memplane_note", "hello-note"],
+            &["--action", "memplane_note"],
+            &["sendmsg rc=0"],
+            &format!(
+                "message from={}/mp_socket name=memplane_note param=6e6f7465 fds=1 fd0=\"hello-note\"",
+                prefix.dir()
+            ),
+        );
+    });
 }
 
 /// An in-process memplane secondary that is not ready yet (its actions are not all registered)
@@ -460,61 +462,59 @@ fn dpdk_primary_message_reaches_memplane() {
 #[test]
 fn memplane_not_ready_is_ignored_by_dpdk() {
     use memplane::unix::{Abi, Channel, ChannelConfig, Fds, Incoming, MpChannel, ProcType};
-    let Some(peer) = peer_binary() else { return };
-    let t0 = Instant::now();
-    let prefix = Prefix::new();
-    let broadcast = |what: &str| {
-        let mut args = prefix.eal_args();
-        args.extend(strings(&[
-            "broadcast",
-            "memplane_late",
-            "too-early",
-            "--wait-peers",
-            "1",
-            "--wait-stdin",
-        ]));
-        let mut dpdk = Proc::start(what, peer, &args);
-        dpdk.ready(INIT_TIMEOUT);
-        dpdk
-    };
+    interop("not-ready ignore", |peer, prefix| {
+        let broadcast = |what: &str| {
+            let mut args = prefix.eal_args();
+            args.extend(strings(&[
+                "broadcast",
+                "memplane_late",
+                "too-early",
+                "--wait-peers",
+                "1",
+                "--wait-stdin",
+            ]));
+            let mut dpdk = Proc::start(what, peer, &args);
+            dpdk.ready(INIT_TIMEOUT);
+            dpdk
+        };
 
-    let mut dpdk = broadcast("dpdk-broadcast-early");
-    let cfg = ChannelConfig::new()
-        .runtime_dir(prefix.dir())
-        .proc_type(ProcType::Secondary)
-        .abi(Abi::V22_11)
-        .ready(false);
-    let ch = Channel::open(cfg).expect("open memplane secondary");
-    dpdk.expect_exact("peers=1", STEP_TIMEOUT);
-    dpdk.say("go");
-    // The request timeout is 5 s: an ignore ends it long before.
-    let sent = Instant::now();
-    let st = dpdk.finish(STEP_TIMEOUT);
-    let took = sent.elapsed();
-    assert!(!st.success(), "nothing answered, yet: {}", dpdk.report());
-    dpdk.assert_line("nb_sent=0 nb_received=0");
-    assert!(
-        took < Duration::from_secs(4),
-        "DPDK waited {took:?}: the ignore did not reach it\n{}",
-        dpdk.report()
-    );
-    drop(dpdk);
+        let mut dpdk = broadcast("dpdk-broadcast-early");
+        let cfg = ChannelConfig::new()
+            .runtime_dir(prefix.dir())
+            .proc_type(ProcType::Secondary)
+            .abi(Abi::V22_11)
+            .ready(false);
+        let ch = Channel::open(cfg).expect("open memplane secondary");
+        dpdk.expect_exact("peers=1", STEP_TIMEOUT);
+        dpdk.say("go");
+        // The request timeout is 5 s: an ignore ends it long before.
+        let sent = Instant::now();
+        let st = dpdk.finish(STEP_TIMEOUT);
+        let took = sent.elapsed();
+        assert!(!st.success(), "nothing answered, yet: {}", dpdk.report());
+        dpdk.assert_line("nb_sent=0 nb_received=0");
+        assert!(
+            took < Duration::from_secs(4),
+            "DPDK waited {took:?}: the ignore did not reach it\n{}",
+            dpdk.report()
+        );
+        drop(dpdk);
 
-    // Register and become ready: the next DPDK primary's broadcast is answered.
-    ch.register("memplane_late", |ch: &MpChannel, m: Incoming| {
-        if m.is_request() {
-            let reply = memplane::unix::message(m.msg.name().as_str(), b"late", Fds::none())
-                .expect("reply message");
-            let _ = ch.reply(&m.from, &reply);
-        }
-    })
-    .expect("register");
-    ch.set_ready();
-    let mut dpdk = broadcast("dpdk-broadcast-ready");
-    dpdk.expect_exact("peers=1", STEP_TIMEOUT);
-    dpdk.say("go");
-    dpdk.finish_ok(STEP_TIMEOUT);
-    dpdk.assert_line("reply name=memplane_late param=6c617465 fds=0");
-    ch.close();
-    eprintln!("not-ready ignore checked in {:?}", t0.elapsed());
+        // Register and become ready: the next DPDK primary's broadcast is answered.
+        ch.register("memplane_late", |ch: &MpChannel, m: Incoming| {
+            if m.is_request() {
+                let reply = memplane::unix::message(m.msg.name().as_str(), b"late", Fds::none())
+                    .expect("reply message");
+                let _ = ch.reply(&m.from, &reply);
+            }
+        })
+        .expect("register");
+        ch.set_ready();
+        let mut dpdk = broadcast("dpdk-broadcast-ready");
+        dpdk.expect_exact("peers=1", STEP_TIMEOUT);
+        dpdk.say("go");
+        dpdk.finish_ok(STEP_TIMEOUT);
+        dpdk.assert_line("reply name=memplane_late param=6c617465 fds=0");
+        ch.close();
+    });
 }

@@ -152,6 +152,7 @@ impl Proc {
 
     /// Waits (at most `limit`) for a stdout line for which `want` holds and returns it; panics
     /// on timeout or exit.
+    #[track_caller]
     pub fn expect_where(&mut self, want: impl Fn(&str) -> bool, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
         loop {
@@ -172,21 +173,25 @@ impl Proc {
     }
 
     /// Waits (at most `limit`) for a line containing `needle`; returns it.
+    #[track_caller]
     pub fn expect_line(&mut self, needle: &str, limit: Duration) -> String {
         self.expect_where(|l| l.contains(needle), limit)
     }
 
     /// Waits (at most `limit`) for the line `line`, exactly.
+    #[track_caller]
     pub fn expect_exact(&mut self, line: &str, limit: Duration) {
         self.expect_where(|l| l == line, limit);
     }
 
     /// Waits for the `ready` line.
+    #[track_caller]
     pub fn ready(&mut self, limit: Duration) -> String {
         self.expect_where(|l| l.starts_with("ready"), limit)
     }
 
     /// Writes one line to the process's stdin.
+    #[track_caller]
     pub fn say(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
         writeln!(stdin, "{line}").expect("write to child stdin");
@@ -195,6 +200,7 @@ impl Proc {
 
     /// Closes stdin, reads stdout to its end and reaps the process; panics if that takes longer
     /// than `limit` (the drop then kills it).
+    #[track_caller]
     pub fn finish(&mut self, limit: Duration) -> ExitStatus {
         self.stdin = None;
         let deadline = Instant::now() + limit;
@@ -221,6 +227,7 @@ impl Proc {
     }
 
     /// [`Proc::finish`]es the process and asserts that it exited with status 0.
+    #[track_caller]
     pub fn finish_ok(&mut self, limit: Duration) {
         let st = self.finish(limit);
         assert!(
@@ -232,18 +239,21 @@ impl Proc {
     }
 
     /// Asks the process to stop (SIGTERM), then [`Proc::finish`]es it.
+    #[track_caller]
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
         self.signal(libc::SIGTERM);
         self.finish(limit)
     }
 
     /// Asks the process to stop (SIGTERM), then [`Proc::finish_ok`]s it.
+    #[track_caller]
     pub fn terminate_ok(&mut self, limit: Duration) {
         self.signal(libc::SIGTERM);
         self.finish_ok(limit)
     }
 
     /// Kills the process with SIGKILL and reaps it.
+    #[track_caller]
     pub fn kill(&mut self) {
         self.signal(libc::SIGKILL);
         self.reaped = Some(self.child.wait().expect("wait for child"));
@@ -263,10 +273,12 @@ impl Proc {
     }
 
     /// The last stdout line read so far.
+    #[track_caller]
     pub fn last_line(&self) -> &str {
-        self.seen
-            .last()
-            .unwrap_or_else(|| panic!("{} printed nothing\n{}", self.what, self.report()))
+        match self.seen.last() {
+            Some(l) => l,
+            None => panic!("{} printed nothing\n{}", self.what, self.report()),
+        }
     }
 
     /// Whether a stdout line read so far satisfies `want`.
@@ -276,6 +288,7 @@ impl Proc {
 
     /// Asserts that the process printed the line `want`, exactly, on stdout (among the lines
     /// read so far).
+    #[track_caller]
     pub fn assert_line(&self, want: &str) {
         assert!(
             self.has_line(|l| l == want),
