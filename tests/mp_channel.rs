@@ -659,11 +659,16 @@ fn one_peer_send_waits_for_room_then_times_out() {
 /// The scheduling policy (`SCHED_*`) of each thread of process `pid`, by thread name.
 fn thread_policies(pid: u32) -> Vec<(String, i32)> {
     let mut v = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
         let tid: i32 = t.file_name().to_str().unwrap().parse().unwrap();
         // SAFETY: sched_getscheduler only reads the policy of thread `tid`.
-        v.push((comm.trim_end().to_owned(), unsafe { libc::sched_getscheduler(tid) }));
+        v.push((comm.trim_end().to_owned(), unsafe {
+            libc::sched_getscheduler(tid)
+        }));
     }
     v.sort();
     v
