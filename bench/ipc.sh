@@ -8,6 +8,9 @@
 #   - broadcast from the primary to 1, 2, 4, 8 secondaries (sync request to all);
 #   - async requests per second from a secondary, W in flight (W distinct names);
 #   - one-way messages per second from a secondary, counted by the primary.
+# memplane runs twice: with its defaults, and with --batch-sched (its channel threads under
+# SCHED_BATCH, so a datagram does not preempt the running thread: bursts on a shared CPU), shown
+# as memplane-batch.
 # and prints every result line plus a markdown table with the ratios memplane/DPDK and
 # memplane/bare and the targets.
 #
@@ -220,7 +223,11 @@ wait_idle() {
 record() {
   local what=$1 logf=$2
   if grep -q '^bench=' "$logf"; then
-    grep '^bench=' "$logf" | tee -a "$RESULTS" >&2
+    # memplane run with --batch-sched is reported as its own implementation, memplane-batch
+    case "$what" in
+      memplane-batch*) grep '^bench=' "$logf" | sed 's/ impl=memplane / impl=memplane-batch /' ;;
+      *) grep '^bench=' "$logf" ;;
+    esac | tee -a "$RESULTS" >&2
     # memplane's channel counters (outbox use), kept as comments under the results
     grep '^stats ' "$logf" | sed "s/^/# $what: /" >>"$RESULTS" || true
   else
@@ -276,22 +283,31 @@ p2p() { # PLACEMENT
   start_bg "$WORK/mp-serve-$SEQ0.log" "${PIN[@]}" "$BIN/memplane" mp bench serve --abi 22.11 \
     --runtime-dir "$rt" --proc-type primary --window "$MAXW"
   local mpid=$BG_PID
-  if wait_ready "$pid" "$WORK/dpdk-serve-$SEQ0.log" && wait_ready "$mpid" "$WORK/mp-serve-$SEQ0.log"; then
+  local rtb="$WORK/rtb-$SEQ0"
+  start_bg "$WORK/mpb-serve-$SEQ0.log" "${PIN[@]}" "$BIN/memplane" mp bench serve --abi 22.11 \
+    --runtime-dir "$rtb" --proc-type primary --window "$MAXW" --batch-sched
+  local bpid=$BG_PID
+  if wait_ready "$pid" "$WORK/dpdk-serve-$SEQ0.log" && wait_ready "$mpid" "$WORK/mp-serve-$SEQ0.log" \
+    && wait_ready "$bpid" "$WORK/mpb-serve-$SEQ0.log"; then
     local MP=(--abi 22.11 --runtime-dir "$rt" --proc-type secondary)
+    local MPB=(--abi 22.11 --runtime-dir "$rtb" --proc-type secondary --batch-sched)
     run_fg "dpdk rtt $pl" "${PIN[@]}" "$BIN/dpdk_bench" "${SEC[@]}" rtt --count "$RTT_N" --warmup "$RTT_WARM"
     run_fg "memplane rtt $pl" "${PIN[@]}" "$BIN/memplane" mp bench rtt "${MP[@]}" --count "$RTT_N" --warmup "$RTT_WARM"
+    run_fg "memplane-batch rtt $pl" "${PIN[@]}" "$BIN/memplane" mp bench rtt "${MPB[@]}" --count "$RTT_N" --warmup "$RTT_WARM"
     for w in $WINDOWS; do
       run_fg "dpdk async W=$w $pl" "${PIN[@]}" "$BIN/dpdk_bench" "${SEC[@]}" async --count "$ASYNC_N" --warmup "$ASYNC_WARM" --window "$w"
       run_fg "memplane async W=$w $pl" "${PIN[@]}" "$BIN/memplane" mp bench async "${MP[@]}" --count "$ASYNC_N" --warmup "$ASYNC_WARM" --window "$w"
+      run_fg "memplane-batch async W=$w $pl" "${PIN[@]}" "$BIN/memplane" mp bench async "${MPB[@]}" --count "$ASYNC_N" --warmup "$ASYNC_WARM" --window "$w"
     done
     run_fg "dpdk oneway $pl" "${PIN[@]}" "$BIN/dpdk_bench" "${SEC[@]}" oneway --count "$ONEWAY_N"
     run_fg "memplane oneway $pl" "${PIN[@]}" "$BIN/memplane" mp bench oneway "${MP[@]}" --count "$ONEWAY_N"
+    run_fg "memplane-batch oneway $pl" "${PIN[@]}" "$BIN/memplane" mp bench oneway "${MPB[@]}" --count "$ONEWAY_N"
   else
     echo "FAILED: primaries did not start ($pl)" >>"$FAILURES"
   fi
-  stop "$pid" "$mpid"
+  stop "$pid" "$mpid" "$bpid"
   grep '^stats ' "$WORK/mp-serve-$SEQ0.log" 2>/dev/null | sed "s/^/# memplane primary $pl: /" >>"$RESULTS" || true
-  rm -rf "/var/run/dpdk/$prefix" "$rt"
+  rm -rf "/var/run/dpdk/$prefix" "$rt" "$rtb"
   rm -f /dev/hugepages/"$prefix"map_*
 }
 
@@ -309,8 +325,11 @@ broadcast() { # PLACEMENT IMPL K
     start_bg "$plog" "${PIN[@]}" "$BIN/dpdk_bench" "${PRIM[@]}" broadcast --peers "$k" \
       --count "$BC_N" --warmup "$BC_WARM" --go-file "$go"
   else
+    local extra=()
+    [ "$impl" = memplane-batch ] && extra=(--batch-sched)
     start_bg "$plog" "${PIN[@]}" "$BIN/memplane" mp bench broadcast --abi 22.11 --runtime-dir "$rt" \
-      --proc-type primary --peers "$k" --count "$BC_N" --warmup "$BC_WARM" --go-file "$go"
+      --proc-type primary --peers "$k" --count "$BC_N" --warmup "$BC_WARM" --go-file "$go" \
+      "${extra[@]+"${extra[@]}"}"
   fi
   prim=$BG_PID
   wait_ready "$prim" "$plog" || ok=0
@@ -321,7 +340,7 @@ broadcast() { # PLACEMENT IMPL K
       start_bg "$slog" "${PIN[@]}" "$BIN/dpdk_bench" "${SEC[@]}" serve --window 1
     else
       start_bg "$slog" "${PIN[@]}" "$BIN/memplane" mp bench serve --abi 22.11 --runtime-dir "$rt" \
-        --proc-type secondary --window 1
+        --proc-type secondary --window 1 "${extra[@]+"${extra[@]}"}"
     fi
     secs+=("$BG_PID")
     wait_ready "$BG_PID" "$slog" || ok=0
@@ -351,6 +370,7 @@ for r in $(seq "$REPEAT"); do
       log "== run $r/$REPEAT, placement $pl: broadcast to $k"
       broadcast "$pl" dpdk "$k"
       broadcast "$pl" memplane "$k"
+      broadcast "$pl" memplane-batch "$k"
     done
   done
 done
@@ -381,31 +401,31 @@ table() {
       return rate ? sprintf("%.0fk", x / 1000) : sprintf("%.1f", x)
     }
     function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "–" : sprintf("%.2f×", a / b) }
-    function row(pl, label, bench, extra, metric, kind,   b, d, m, rate, target, met) {
+    function row(pl, label, bench, extra, metric, kind,   b, d, m, mb, rate, target) {
       rate = (metric == "per_s")
       b = med(pl "|" bench "|bare|" extra, metric)
       d = med(pl "|" bench "|dpdk|" extra, metric)
       m = med(pl "|" bench "|memplane|" extra, metric)
-      target = ""; met = ""
-      if (kind == "rtt") {
-        target = "≤ 0.6× DPDK, ≤ 1.3× bare"
-        if (m != "" && d != "" && b != "") met = (m <= 0.6 * d && m <= 1.3 * b) ? "yes" : "no"
-      } else if (kind == "bcast") {
-        target = "≤ 0.25× DPDK"
-        if (m != "" && d != "") met = (m <= 0.25 * d) ? "yes" : "no"
-      } else if (kind == "rate") {
-        target = "≥ 2× DPDK"
-        if (m != "" && d != "") met = (m >= 2 * d) ? "yes" : "no"
-      }
-      printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", label, num(b, rate), num(d, rate), num(m, rate), ratio(m, d), ratio(m, b), target, met
+      mb = med(pl "|" bench "|memplane-batch|" extra, metric)
+      target = ""
+      if (kind == "rtt") target = "≤ 0.6× DPDK, ≤ 1.3× bare"
+      else if (kind == "bcast") target = "≤ 0.25× DPDK"
+      else if (kind == "rate") target = "≥ 2× DPDK"
+      printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", label, num(b, rate), num(d, rate), num(m, rate), ratio(m, d), ratio(m, b), num(mb, rate), ratio(mb, d), target, verdict(kind, m, d, b), verdict(kind, mb, d, b)
+    }
+    function verdict(kind, m, d, b) {
+      if (kind == "rtt") return (m == "" || d == "" || b == "") ? "" : (m <= 0.6 * d && m <= 1.3 * b) ? "yes" : "no"
+      if (kind == "bcast") return (m == "" || d == "") ? "" : (m <= 0.25 * d) ? "yes" : "no"
+      if (kind == "rate") return (m == "" || d == "") ? "" : (m >= 2 * d) ? "yes" : "no"
+      return ""
     }
     END {
       np = split(placements, pls, " "); nw = split(windows, ws, " "); nk = split(ks, kk, " ")
       for (p = 1; p <= np; p++) {
         pl = pls[p]
         printf "\n### placement: %s\n\n", pl
-        print "| benchmark | bare AF_UNIX | DPDK 22.11 | memplane | memplane/DPDK | memplane/bare | target | met |"
-        print "|---|---|---|---|---|---|---|---|"
+        print "| benchmark | bare AF_UNIX | DPDK 22.11 | memplane | memplane/DPDK | memplane/bare | memplane --batch-sched | batch/DPDK | target | met | met (batch) |"
+        print "|---|---|---|---|---|---|---|---|---|---|---|"
         row(pl, "round trip, median (µs)", "rtt", "", "p50_us", "rtt")
         row(pl, "round trip, p99 (µs)", "rtt", "", "p99_us", "")
         row(pl, "round trip, minimum (µs)", "rtt", "", "min_us", "")
