@@ -631,18 +631,21 @@ impl MpChannel {
 
     fn receive_loop(self: &Arc<Self>) {
         CHANNEL_THREAD.with(|c| c.set(true));
-        let mut buf = vec![0u8; RECV_BUF];
+        let mut batch = crate::socket::RecvBatch::new();
         let sock = self.ep.transport().socket();
-        // One blocking recvmsg per datagram; `shutdown` wakes us with a datagram to ourselves.
-        while !self.stop.load(Ordering::Acquire) {
-            match sock.recv(&mut buf, true) {
-                Ok(Some(r)) => {
-                    if self.stop.load(Ordering::Acquire) {
-                        break;
+        // One blocking recvmmsg takes whatever is queued (up to BATCH datagrams); `shutdown`
+        // wakes us with a datagram to ourselves.
+        'outer: while !self.stop.load(Ordering::Acquire) {
+            match sock.recv_batch(&mut batch, true) {
+                Ok(n) => {
+                    for i in 0..n {
+                        if self.stop.load(Ordering::Acquire) {
+                            break 'outer;
+                        }
+                        let (r, bytes) = batch.take(i);
+                        self.handle(r, bytes, true);
                     }
-                    self.handle(r, &buf, true);
                 }
-                Ok(None) => {}
                 // A receive error is never fatal: DPDK's thread exits here and the process
                 // goes deaf. Count it and go on.
                 Err(_) => {

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -141,7 +141,8 @@ pub struct Socket {
 impl Socket {
     /// Creates a socket bound at `path`, replacing a leftover file there, and asks for the
     /// senders' credentials on every datagram. The socket itself blocks (so the receiving thread
-    /// sleeps in `recvmsg`, one syscall per datagram); every send passes `MSG_DONTWAIT`.
+    /// sleeps in `recvmmsg` and takes what is queued in one call); every send passes
+    /// `MSG_DONTWAIT`.
     pub fn bind(path: &Path) -> Result<Socket, Error> {
         crate::rundir::check_socket_path(path)?;
         let fd = net::socket_with(
@@ -252,6 +253,72 @@ impl Socket {
         }))
     }
 
+    /// Receives up to [`BATCH`] datagrams with one `recvmmsg`: waits for the first if `wait`,
+    /// then takes what else is queued without waiting. Returns how many arrived (0 when nothing
+    /// is waiting and `wait` is false); [`RecvBatch::take`] hands each out.
+    pub fn recv_batch(&self, b: &mut RecvBatch, wait: bool) -> Result<usize, Errno> {
+        b.clear();
+        let flags = libc::MSG_CMSG_CLOEXEC
+            | libc::MSG_TRUNC
+            | if wait {
+                libc::MSG_WAITFORONE
+            } else {
+                libc::MSG_DONTWAIT
+            };
+        // The headers point into `b`'s buffers, which outlive the call and are not touched
+        // until it returns.
+        let mut iovs: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
+            iov_base: b.bufs[i].as_mut_ptr().cast(),
+            iov_len: RECV_BUF,
+        });
+        // SAFETY: an all-zero mmsghdr is a valid value (null pointers, zero lengths); every
+        // field the kernel reads is set below.
+        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for (i, h) in hdrs.iter_mut().enumerate() {
+            h.msg_hdr.msg_name = (&raw mut b.addrs[i]).cast();
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = &raw mut iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = b.ctrl[i].0.as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = CMSG_BUF as _;
+        }
+        let n = loop {
+            // SAFETY: `hdrs` holds BATCH valid headers whose name, iovec and control pointers
+            // address live buffers of the stated sizes (a sockaddr_un, RECV_BUF bytes, CMSG_BUF
+            // bytes aligned for cmsghdr), exclusively borrowed for the call; a null timeout is
+            // allowed.
+            let r = unsafe {
+                libc::recvmmsg(
+                    self.fd.as_raw_fd(),
+                    hdrs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    flags,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r >= 0 {
+                break r as usize;
+            }
+            match Errno::from_raw_os_error(io::Error::last_os_error().raw_os_error().unwrap_or(0)) {
+                Errno::INTR => continue,
+                Errno::AGAIN => return Ok(0),
+                e => return Err(e),
+            }
+        };
+        // msg_controllen is size_t with glibc and socklen_t with musl: the cast is needed there.
+        #[allow(clippy::unnecessary_cast)]
+        for (i, h) in hdrs.iter().take(n).enumerate() {
+            b.meta[i] = Meta {
+                len: h.msg_len as usize,
+                flags: h.msg_hdr.msg_flags,
+                namelen: h.msg_hdr.msg_namelen as usize,
+                controllen: h.msg_hdr.msg_controllen as usize,
+            };
+        }
+        b.n = n;
+        Ok(n)
+    }
+
     /// Sets how long a waiting receive blocks at most (`SO_RCVTIMEO`; zero is not allowed).
     pub fn set_recv_timeout(&self, d: std::time::Duration) -> Result<(), Errno> {
         let d = d.max(std::time::Duration::from_micros(1));
@@ -261,6 +328,144 @@ impl Socket {
     /// Removes the socket file.
     pub fn unlink(&self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// How many datagrams one [`Socket::recv_batch`] takes at most (the kernel queues 10 per socket
+/// by default, `net.unix.max_dgram_qlen`).
+pub const BATCH: usize = 16;
+
+#[repr(C, align(8))]
+struct Control([u8; CMSG_BUF]);
+
+#[derive(Clone, Copy, Default)]
+struct Meta {
+    len: usize,
+    flags: libc::c_int,
+    namelen: usize,
+    controllen: usize,
+}
+
+/// The buffers of a batched receive: [`BATCH`] datagrams with their senders and control data.
+/// Allocated once per receiving thread.
+pub struct RecvBatch {
+    bufs: Box<[[u8; RECV_BUF]; BATCH]>,
+    ctrl: Box<[Control; BATCH]>,
+    addrs: [libc::sockaddr_un; BATCH],
+    meta: [Meta; BATCH],
+    n: usize,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        RecvBatch::new()
+    }
+}
+
+impl RecvBatch {
+    /// Empty buffers.
+    pub fn new() -> Self {
+        RecvBatch {
+            bufs: vec![[0u8; RECV_BUF]; BATCH]
+                .into_boxed_slice()
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("BATCH buffers")),
+            ctrl: (0..BATCH)
+                .map(|_| Control([0; CMSG_BUF]))
+                .collect::<Vec<_>>()
+                .into_boxed_slice()
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("BATCH control buffers")),
+            // SAFETY: sockaddr_un is plain data; all zeroes is a valid (unnamed) address.
+            addrs: unsafe { std::mem::zeroed() },
+            meta: [Meta::default(); BATCH],
+            n: 0,
+        }
+    }
+
+    /// Closes the fds of datagrams not taken yet and forgets them.
+    fn clear(&mut self) {
+        for i in 0..self.n {
+            drop(self.take(i));
+        }
+        self.n = 0;
+    }
+
+    /// Datagram `i` of the last receive (`i` < what it returned): its metadata, fds (owned
+    /// from here on; a second call for the same `i` has none) and bytes.
+    pub fn take(&mut self, i: usize) -> (Received, &[u8]) {
+        let m = self.meta[i];
+        let fds = self.take_control(i);
+        let mut from = [0u8; 108];
+        let mut from_len = 0;
+        let off = std::mem::offset_of!(libc::sockaddr_un, sun_path);
+        if m.namelen > off {
+            let path = &self.addrs[i].sun_path[..(m.namelen - off).min(108)];
+            for (d, &c) in from.iter_mut().zip(path) {
+                if c == 0 {
+                    break;
+                }
+                *d = c as u8;
+                from_len += 1;
+            }
+        }
+        let r = Received {
+            len: m.len.min(RECV_BUF),
+            truncated: m.flags & libc::MSG_TRUNC != 0 || m.len > RECV_BUF,
+            control_truncated: m.flags & libc::MSG_CTRUNC != 0,
+            from,
+            from_len,
+            creds: fds.1,
+            fds: Fds(fds.0),
+        };
+        (r, &self.bufs[i][..m.len.min(RECV_BUF)])
+    }
+
+    /// Parses datagram `i`'s control data: owns its fds, reads its credentials; marks it taken.
+    fn take_control(&mut self, i: usize) -> (Vec<OwnedFd>, Option<UCred>) {
+        let len = std::mem::take(&mut self.meta[i].controllen).min(CMSG_BUF);
+        let buf = &self.ctrl[i].0[..len];
+        let align = |n: usize| n.next_multiple_of(size_of::<usize>());
+        let hdr = align(size_of::<libc::cmsghdr>());
+        let mut fds = Vec::new();
+        let mut creds = None;
+        let mut at = 0;
+        while at + hdr <= buf.len() {
+            // SAFETY: `at + hdr <= buf.len()` bytes are there to read, cmsghdr is plain data
+            // (any bit pattern is a value), and read_unaligned needs no alignment.
+            let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+            let (cmsg_len, level, kind) = (h.cmsg_len as usize, h.cmsg_level, h.cmsg_type);
+            if cmsg_len < hdr || at + cmsg_len > buf.len() {
+                break;
+            }
+            let data = &buf[at + hdr..at + cmsg_len];
+            if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+                for c in data.chunks_exact(4) {
+                    let raw = i32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+                    // SAFETY: the kernel installed this fd in our table for this datagram
+                    // (SCM_RIGHTS), and nothing else owns it: this is its only owner.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            } else if level == libc::SOL_SOCKET && kind == libc::SCM_CREDENTIALS && data.len() >= 12
+            {
+                let f =
+                    |o: usize| u32::from_ne_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]);
+                creds = Some(UCred {
+                    pid: rustix::process::Pid::from_raw(f(0) as i32)
+                        .unwrap_or(rustix::process::Pid::INIT),
+                    uid: rustix::process::Uid::from_raw(f(4)),
+                    gid: rustix::process::Gid::from_raw(f(8)),
+                });
+            }
+            at += align(cmsg_len);
+        }
+        (fds, creds)
+    }
+}
+
+impl Drop for RecvBatch {
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 
@@ -275,4 +480,72 @@ pub fn probe(to: &Path) -> Result<OwnedFd, Errno> {
     )?;
     net::connect(&fd, &SocketAddrUnix::new(to)?)?;
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = PathBuf::from(format!("/tmp/mps-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn batch_takes_everything_queued_in_order_with_fds_and_credentials() {
+        let d = dir("batch");
+        let rx = Socket::bind(&d.join("rx")).unwrap();
+        let tx = Socket::bind(&d.join("tx")).unwrap();
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        for i in 0..5u8 {
+            let fds = if i == 2 { vec![w.as_fd()] } else { vec![] };
+            tx.send_to(rx.path(), &[i; 7], &fds).unwrap();
+        }
+        let mut b = RecvBatch::new();
+        assert_eq!(rx.recv_batch(&mut b, true).unwrap(), 5);
+        for i in 0..5u8 {
+            let (m, bytes) = b.take(i as usize);
+            assert_eq!(bytes, &[i; 7]);
+            assert!(!m.truncated && !m.control_truncated);
+            assert_eq!(
+                &m.from[..m.from_len],
+                tx.path().as_os_str().as_encoded_bytes()
+            );
+            let c = m.creds.expect("credentials");
+            assert_eq!(c.uid, rustix::process::getuid());
+            assert_eq!(c.pid, rustix::process::getpid());
+            assert_eq!(m.fds.0.len(), usize::from(i == 2));
+        }
+        // Taking again gives no fds a second time.
+        assert!(b.take(2).0.fds.0.is_empty());
+        assert_eq!(rx.recv_batch(&mut b, false).unwrap(), 0);
+        drop((r, w));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn fds_not_taken_are_closed_and_long_datagrams_are_marked() {
+        let d = dir("close");
+        let rx = Socket::bind(&d.join("rx")).unwrap();
+        let tx = Socket::bind(&d.join("tx")).unwrap();
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        tx.send_to(rx.path(), b"a", &[w.as_fd(), w.as_fd()])
+            .unwrap();
+        tx.send_to(rx.path(), &vec![1u8; RECV_BUF + 1], &[])
+            .unwrap();
+        drop(w);
+        let mut b = RecvBatch::new();
+        assert_eq!(rx.recv_batch(&mut b, true).unwrap(), 2);
+        let (m, bytes) = b.take(1);
+        assert!(m.truncated);
+        assert_eq!(bytes.len(), RECV_BUF);
+        // Datagram 0's two write ends were never taken: the next receive closes them, so the
+        // pipe reads end-of-file (every write end is closed) instead of blocking.
+        assert_eq!(rx.recv_batch(&mut b, false).unwrap(), 0);
+        let mut one = [0u8; 1];
+        assert_eq!(rustix::io::read(&r, &mut one).unwrap(), 0);
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }
