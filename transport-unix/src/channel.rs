@@ -264,6 +264,17 @@ thread_local! {
     static CHANNEL_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Names thread `h` (at most 15 bytes, as the kernel keeps).
+fn set_thread_name<T>(h: &thread::JoinHandle<T>, name: &str) {
+    use std::os::unix::thread::JoinHandleExt;
+    let Ok(c) = std::ffi::CString::new(&name.as_bytes()[..name.len().min(15)]) else {
+        return;
+    };
+    // SAFETY: `h` is not joined, so its pthread_t is valid; `c` is a NUL-terminated string of
+    // at most 15 bytes plus the NUL (the kernel's limit) that outlives the call.
+    unsafe { libc::pthread_setname_np(h.as_pthread_t(), c.as_ptr()) };
+}
+
 /// Puts thread `h` under `SCHED_BATCH` (static priority 0, as that policy requires).
 fn set_batch_policy<T>(h: &thread::JoinHandle<T>) -> std::io::Result<()> {
     use std::os::unix::thread::JoinHandleExt;
@@ -901,9 +912,11 @@ impl Channel {
                 .name(name.to_owned())
                 .spawn(move || f(&c))
                 .map_err(|e| Error::io("spawn channel thread", e))?;
+            // Name and policy are set here, before `open` returns, not by the thread itself
+            // (it may not have run yet, and tools look for these names). Best effort: a kernel
+            // without SCHED_BATCH keeps the default policy.
+            set_thread_name(&h, name);
             if batch {
-                // Set here, before `open` returns, not by the thread itself (it may not have
-                // run yet). Best effort: a kernel without SCHED_BATCH keeps the default policy.
                 let _ = set_batch_policy(&h);
             }
             Ok::<_, Error>(h)
