@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{LONG, Proc, TestDir, primary, primary_with, run_in};
+use common::{LONG, Proc, TestDir, primary, primary_with, run_in, test_dir};
 use memplane::unix::socket::Socket;
 use memplane::unix::{
     Abi, Channel, ChannelConfig, Fds, Incoming, MpChannel, ProcType, Replies, message,
@@ -66,7 +66,7 @@ fn primary_listener(dir: &TestDir, names: &[String]) -> Proc {
 
 #[test]
 fn primary_and_four_secondaries_both_directions() {
-    let dir = TestDir::new();
+    let dir = test_dir();
     let ch = lib(&dir, ProcType::Primary);
     let (tx, rx) = mpsc::channel::<String>();
     let tx = Mutex::new(tx);
@@ -197,7 +197,7 @@ fn primary_and_four_secondaries_both_directions() {
 
 #[test]
 fn secondary_killed_mid_request() {
-    let dir = TestDir::new();
+    let dir = test_dir();
     let ch = lib(&dir, ProcType::Primary);
     let _good = listener(&dir, &["--action", "slow"]);
     let mut silent = listener(&dir, &["--action", "slow", "--no-reply"]);
@@ -235,7 +235,7 @@ fn stale_socket(path: &Path) {
 
 #[test]
 fn stale_sockets_are_cleaned() {
-    let dir = TestDir::new();
+    let dir = test_dir();
     std::fs::create_dir_all(dir.path()).unwrap();
     let old = dir.path().join("mp_socket_4242_dead");
     stale_socket(&old);
@@ -252,7 +252,7 @@ fn stale_sockets_are_cleaned() {
 
 #[test]
 fn second_primary_refused_and_auto_becomes_secondary() {
-    let dir = TestDir::new();
+    let dir = test_dir();
     let _ch = lib(&dir, ProcType::Primary);
     let (code, _, err) = run_in(&dir, &["primary"]);
     assert_eq!(code, 1);
@@ -267,7 +267,7 @@ fn second_primary_refused_and_auto_becomes_secondary() {
 
 #[test]
 fn secondary_without_primary_fails_at_once() {
-    let dir = TestDir::new();
+    let dir = test_dir();
     let request_fails_at_once = || {
         let t0 = Instant::now();
         let (code, _, err) = run_in(
@@ -364,7 +364,7 @@ fn good_datagram(abi: Abi) -> Vec<u8> {
 
 #[test]
 fn malformed_datagrams_rejected_without_leaks() {
-    let dir = TestDir::new();
+    let dir = test_dir();
     let mut p = primary(&dir);
     let ping = || run_in(&dir, &["mp", "ping", "--count", "5", "--warmup", "0"]);
     let (code, _, err) = ping();
@@ -423,7 +423,7 @@ fn sender_with_another_uid_rejected() {
         eprintln!("SKIPPED: sender_with_another_uid_rejected needs root to setuid(65534)");
         return;
     }
-    let dir = TestDir::new();
+    let dir = test_dir();
     let mut p = primary(&dir);
     // Connect as root (the directory is 0700), then drop to uid 65534 and send a valid request.
     let s = rustix::net::socket(
@@ -464,7 +464,7 @@ fn sender_with_another_uid_rejected() {
 
 #[test]
 fn thousand_async_requests_in_flight() {
-    let dir = TestDir::new();
+    let dir = test_dir();
     let names: Vec<String> = (0..1000).map(|i| format!("f{i}")).collect();
     let _prim = primary_listener(&dir, &names);
     let ch = lib(&dir, ProcType::Secondary);
@@ -491,7 +491,7 @@ fn thousand_async_requests_in_flight() {
 
 #[test]
 fn many_threads_share_one_receiving_thread() {
-    let dir = TestDir::new();
+    let dir = test_dir();
     let names: Vec<String> = (0..4).map(|t| format!("t{t}")).collect();
     let _prim = primary_listener(&dir, &names);
     let ch = Arc::new(lib(&dir, ProcType::Secondary));
@@ -520,7 +520,7 @@ fn many_threads_share_one_receiving_thread() {
 #[test]
 fn every_abi_on_the_wire_and_mismatch_rejected() {
     for abi in ["22.11", "24.11", "25.11"] {
-        let dir = TestDir::new();
+        let dir = test_dir();
         let _p = primary_with(&dir, &["--abi", abi]);
         let (code, out, err) = run_in(
             &dir,
@@ -544,7 +544,7 @@ fn every_abi_on_the_wire_and_mismatch_rejected() {
         );
     }
     // 25.11 datagrams (340 bytes) to a 22.11 primary (332): rejected, counted, no answer.
-    let dir = TestDir::new();
+    let dir = test_dir();
     let mut p = primary_with(&dir, &["--abi", "22.11"]);
     let (code, out, _) = run_in(
         &dir,
@@ -573,7 +573,7 @@ fn stopped_peer_never_blocks_the_sender() {
     // A secondary that stops reading (SIGSTOP): its queue fills after 10 datagrams. The primary
     // keeps sending and requesting; nothing blocks, the stopped peer costs only its timeout, the
     // others answer, and when it resumes the queued datagrams reach it.
-    let dir = TestDir::new();
+    let dir = test_dir();
     let mut cfg = ChannelConfig::new()
         .runtime_dir(dir.path())
         .proc_type(ProcType::Primary);
@@ -611,7 +611,7 @@ fn one_peer_send_waits_for_room_then_times_out() {
     // sending thread wait for room (as a blocking socket would) instead of queueing, up to the
     // send timeout, and it says so with a typed error; once the primary reads again, sends go
     // through and everything that was accepted arrives in order.
-    let dir = TestDir::new();
+    let dir = test_dir();
     let mut stopped = primary_listener(&dir, &["q".to_owned()]);
     let mut cfg = ChannelConfig::new()
         .runtime_dir(dir.path())
@@ -676,7 +676,7 @@ fn thread_policies(pid: u32) -> Vec<(String, i32)> {
 
 #[test]
 fn batch_scheduling_applies_to_the_channel_threads_only() {
-    let dir = TestDir::new();
+    let dir = test_dir();
     let _primary = primary(&dir);
     let plain = listener(&dir, &["--action", "q"]);
     let batch = listener(&dir, &["--action", "q", "--batch-sched"]);
@@ -702,7 +702,7 @@ fn batch_scheduling_applies_to_the_channel_threads_only() {
 
 #[test]
 fn sync_request_from_a_handler_is_refused_not_a_hang() {
-    let dir = TestDir::new();
+    let dir = test_dir();
     let ch = lib(&dir, ProcType::Primary);
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);

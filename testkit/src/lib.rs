@@ -40,6 +40,11 @@ impl TestDir {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// The path as a string, for command lines.
+    pub fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
 }
 
 impl Drop for TestDir {

@@ -5,9 +5,7 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -18,37 +16,11 @@ pub fn memplane() -> &'static str {
     env!("CARGO_BIN_EXE_memplane")
 }
 
-/// A fresh, empty runtime directory, removed on drop. Short, so socket paths fit.
-pub struct TestDir(PathBuf);
+pub use memplane_testkit::TestDir;
 
-impl TestDir {
-    /// Creates `/tmp/mpt-<pid>-<n>`.
-    pub fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = PathBuf::from(format!(
-            "/tmp/mpt-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        TestDir(p)
-    }
-
-    /// The path.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// The path as a string, for command lines.
-    pub fn arg(&self) -> String {
-        self.0.display().to_string()
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh, empty runtime directory `/tmp/mpt-<pid>-<n>`, removed on drop.
+pub fn test_dir() -> TestDir {
+    TestDir::new("mpt")
 }
 
 /// A child process whose stdout is read line by line on a thread (so every wait has a timeout)
