@@ -1,0 +1,481 @@
+//! DPDK's `malloc_perf_autotest` protocol (app/test/test_malloc_perf.c, described in
+//! shared/reference/dpdk-multiprocess.md section 7.5) on memplane's shared heap, next to DPDK
+//! 22.11's own run of that test, with the ratios memplane / DPDK.
+//!
+//! memplane runs as a primary made by `memplane::Config::new().runtime_dir(..)
+//! .proc_type(ProcType::Primary)`: with hugepages (memfds, memplane's default when hugepages are
+//! free) and with `--no-huge`. For each of the sizes 64 B .. 1 GiB: time allocating up to the
+//! maximum number of runs (10000 for malloc and zmalloc, 2559 for memzones; stop at the first
+//! failure, runs = successes), time a memset of every block (memzones: estimated from the
+//! reference memset speed), time freeing them all; each column is microseconds per operation.
+//! A table stops at the first size where nothing could be allocated ("Interrupted: out of
+//! memory."), as DPDK's does. Alignment 0 everywhere (each allocator's default: 32 bytes for
+//! memplane, 64 for DPDK). Memzones: unique names `test-mz-<hex>`, flags 1GB | SIZE_HINT_ONLY,
+//! any node.
+//!
+//! DPDK: `echo malloc_perf_autotest | dpdk-test -l 0-1 --no-pci --file-prefix=<prefix>`, its
+//! tables parsed from its output. With `--reps R` everything runs R times (interleaved) and the
+//! combined tables show medians per cell.
+//!
+//! `cargo bench -p memplane --bench malloc_perf -- [--reps R] [--modes huge,nohuge]
+//! [--dpdk-test PATH | --no-dpdk]`
+
+#[path = "../malloc-heap/benches/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::ptr::NonNull;
+use std::time::Instant;
+
+use common::{Args, RunDir, dpdk_cleanup, median};
+use memplane::heap::ZoneSpec;
+use memplane::unix::{MpChannel, ProcType};
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+const GIB: usize = 1 << 30;
+const SIZES: [usize; 10] = [
+    64,
+    128,
+    KIB,
+    4 * KIB,
+    64 * KIB,
+    MIB,
+    2 * MIB,
+    4 * MIB,
+    16 * MIB,
+    GIB,
+];
+const MAX_RUNS: usize = 10_000;
+const MZ_MAX_RUNS: usize = 2559;
+/// RTE_MEMZONE_1GB | RTE_MEMZONE_SIZE_HINT_ONLY, as DPDK's test asks.
+const MZ_FLAGS: u32 = 0x2 | 0x4;
+
+type Heap = memplane::heap::Heap<MpChannel>;
+
+/// One row: runs, alloc, free, total, memset (us per op).
+#[derive(Clone, Copy, Debug, Default)]
+struct Row {
+    runs: f64,
+    alloc: f64,
+    free: f64,
+    total: f64,
+    memset: f64,
+}
+
+/// One run of the three tables: (table, size) -> row.
+type Tables = BTreeMap<(&'static str, usize), Row>;
+
+const TABLES: [&str; 3] = ["malloc", "zmalloc", "memzone"];
+
+fn us(t: Instant, runs: usize) -> f64 {
+    t.elapsed().as_secs_f64() * 1e6 / runs as f64
+}
+
+/// DPDK's reference: 20 memsets of 1 GiB; microseconds per GiB.
+fn reference_memset(h: &Heap) -> f64 {
+    let mut size = GIB;
+    let p = loop {
+        match h.malloc(size, 0) {
+            Ok(p) => break p,
+            Err(_) if size > 64 * MIB => size /= 2,
+            Err(e) => panic!("reference block: {e}"),
+        }
+    };
+    let t = Instant::now();
+    for _ in 0..20 {
+        // SAFETY: a live block of `size` bytes.
+        unsafe { std::ptr::write_bytes(std::hint::black_box(p.as_ptr()), 0, size) };
+    }
+    let per_gib = t.elapsed().as_secs_f64() * 1e6 / 20.0 * (GIB as f64 / size as f64);
+    h.free(p).expect("free the reference block");
+    println!(
+        "Reference memset: {:.2} GiB/s ({:.4} us/MiB), 20 memsets of a {} MiB block{}",
+        1e6 / per_gib,
+        per_gib / 1024.0,
+        size / MIB,
+        if size < GIB {
+            " (1 GiB could not be allocated)"
+        } else {
+            ""
+        }
+    );
+    per_gib
+}
+
+/// What the heap and the memory hold when an allocation failed (not in DPDK's output).
+fn oom_note(h: &Heap) -> String {
+    let st = h.all_stats();
+    let (size, free, largest, regions) = st.iter().fold((0, 0, 0, 0), |a, s| {
+        (
+            a.0 + s.heap_size,
+            a.1 + s.free,
+            a.2.max(s.largest_free),
+            a.3 + s.regions,
+        )
+    });
+    format!(
+        "heap {} MiB in {regions} regions, {} MiB free, largest free block {} MiB; pages in use \
+         {} MiB; free hugepages {}",
+        size >> 20,
+        free >> 20,
+        largest >> 20,
+        h.memory().total_used() >> 20,
+        common::free_hugepages()
+    )
+}
+
+fn header(name: &str, memset: &str) {
+    println!(
+        "{name:<18} {:>10} {:>11} {:>11} {:>11} {:>11} {:>15}",
+        "Size (B)", "Runs", "Alloc (us)", "Free (us)", "Total (us)", memset
+    );
+}
+
+fn print_row(size: usize, r: &Row) {
+    println!(
+        "{:<18} {size:>10} {:>11} {:>11.2} {:>11.2} {:>11.2} {:>15.2}",
+        "", r.runs as u64, r.alloc, r.free, r.total, r.memset
+    );
+}
+
+fn malloc_table(h: &Heap, zero: bool, out: &mut Tables) {
+    let name = if zero { "zmalloc" } else { "malloc" };
+    header(name, "memset (us)");
+    let mut ptrs: Vec<NonNull<u8>> = Vec::with_capacity(MAX_RUNS);
+    let mut last_err = String::new();
+    for size in SIZES {
+        ptrs.clear();
+        let t = Instant::now();
+        for _ in 0..MAX_RUNS {
+            let r = if zero {
+                h.zmalloc(size, 0)
+            } else {
+                h.malloc(size, 0)
+            };
+            match r {
+                Ok(p) => ptrs.push(p),
+                Err(e) => {
+                    last_err = e.to_string();
+                    break;
+                }
+            }
+        }
+        let runs = ptrs.len();
+        if runs == 0 {
+            println!("Interrupted: out of memory. ({last_err}; {})", oom_note(h));
+            break;
+        }
+        let alloc = us(t, runs);
+        let t = Instant::now();
+        for p in &ptrs {
+            // SAFETY: a live block of `size` bytes.
+            unsafe { std::ptr::write_bytes(p.as_ptr(), 0, size) };
+        }
+        let memset = us(t, runs);
+        let t = Instant::now();
+        for p in &ptrs {
+            h.free(*p).expect("free");
+        }
+        let free = us(t, runs);
+        let r = Row {
+            runs: runs as f64,
+            alloc,
+            free,
+            total: alloc + free,
+            memset,
+        };
+        print_row(size, &r);
+        out.insert((name, size), r);
+    }
+}
+
+fn memzone_table(h: &Heap, us_per_gib: f64, out: &mut Tables) {
+    header("memzone", "est.memset (us)");
+    let mut names: Vec<String> = (0..MZ_MAX_RUNS)
+        .map(|_| String::with_capacity(32))
+        .collect();
+    let mut serial = 0u64;
+    let mut last_err = String::new();
+    for size in SIZES {
+        let t = Instant::now();
+        let mut runs = 0;
+        for n in names.iter_mut() {
+            n.clear();
+            serial += 1;
+            let _ = write!(n, "test-mz-{serial:x}");
+            let spec = ZoneSpec {
+                len: size as u64,
+                flags: MZ_FLAGS,
+                ..ZoneSpec::default()
+            };
+            if let Err(e) = h.memzone_reserve(n, spec) {
+                last_err = e.to_string();
+                break;
+            }
+            runs += 1;
+        }
+        if runs == 0 {
+            println!("Interrupted: out of memory. ({last_err}; {})", oom_note(h));
+            break;
+        }
+        let alloc = us(t, runs);
+        let t = Instant::now();
+        for n in &names[..runs] {
+            h.memzone_free(n).expect("memzone_free");
+        }
+        let free = us(t, runs);
+        let r = Row {
+            runs: runs as f64,
+            alloc,
+            free,
+            total: alloc + free,
+            memset: us_per_gib * size as f64 / GIB as f64,
+        };
+        print_row(size, &r);
+        out.insert(("memzone", size), r);
+    }
+}
+
+fn memplane_run(no_huge: bool) -> (String, Tables) {
+    let dir = RunDir::new(if no_huge { "mpb-perf-nh" } else { "mpb-perf" });
+    let mut cfg = memplane::Config::new()
+        .runtime_dir(&dir.0)
+        .proc_type(ProcType::Primary);
+    if no_huge {
+        cfg = cfg.no_huge();
+    }
+    let p = cfg.init().expect("memplane primary");
+    let backing = p
+        .setup
+        .as_ref()
+        .map_or("?".to_owned(), |s| s.backing.to_owned());
+    println!("== memplane malloc_perf ({backing})");
+    let h = p.heap();
+    let per_gib = reference_memset(h);
+    let mut t = Tables::new();
+    malloc_table(h, false, &mut t);
+    malloc_table(h, true, &mut t);
+    memzone_table(h, per_gib, &mut t);
+    assert_eq!(h.validate(), Ok(()));
+    drop(p);
+    (backing, t)
+}
+
+/// Runs DPDK's own test and parses its three tables (DPDK logs them on stderr, as `USER1:`
+/// lines: `Performance: rte_malloc`, then a header and one line of six numbers per size).
+fn dpdk_run(bin: &str) -> Option<Tables> {
+    let prefix = common::dpdk_prefix("perf");
+    let mut c = Command::new(bin)
+        .args(["-l", "0-1", "--no-pci"])
+        .arg(format!("--file-prefix={prefix}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| eprintln!("malloc_perf: cannot run {bin}: {e}"))
+        .ok()?;
+    if let Some(mut i) = c.stdin.take() {
+        let _ = writeln!(i, "malloc_perf_autotest");
+    }
+    let out = c.wait_with_output().ok()?;
+    dpdk_cleanup(&prefix);
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("== DPDK 22.11 malloc_perf_autotest (dpdk-test)");
+    let mut t = Tables::new();
+    let mut table = None;
+    for l in text.lines() {
+        let lt = l
+            .trim_start_matches("RTE>>")
+            .trim_start_matches("USER1:")
+            .trim();
+        if let Some(name) = lt.strip_prefix("Performance: ") {
+            table = match name.trim() {
+                "rte_malloc" => Some("malloc"),
+                "rte_zmalloc" => Some("zmalloc"),
+                "rte_memzone_reserve" => Some("memzone"),
+                _ => None,
+            };
+            println!("{lt}");
+            continue;
+        }
+        if lt.starts_with("Result") || lt.contains("Size (B)") || lt.contains("Interrupted") {
+            println!("{lt}");
+        }
+        let nums: Vec<f64> = lt
+            .split_whitespace()
+            .map_while(|w| w.parse().ok())
+            .collect();
+        if let (Some(tb), 6) = (table, nums.len()) {
+            println!("{lt}");
+            t.insert(
+                (tb, nums[0] as usize),
+                Row {
+                    runs: nums[1],
+                    alloc: nums[2],
+                    free: nums[3],
+                    total: nums[4],
+                    memset: nums[5],
+                },
+            );
+        }
+    }
+    if t.is_empty() {
+        eprintln!("malloc_perf: no table in dpdk-test's output:\n{text}");
+        return None;
+    }
+    Some(t)
+}
+
+fn med(runs: &[Tables], table: &'static str, size: usize) -> Option<Row> {
+    let rows: Vec<Row> = runs
+        .iter()
+        .filter_map(|t| t.get(&(table, size)).copied())
+        .collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let m = |f: fn(&Row) -> f64| median(&mut rows.iter().map(f).collect::<Vec<_>>());
+    Some(Row {
+        runs: m(|r| r.runs),
+        alloc: m(|r| r.alloc),
+        free: m(|r| r.free),
+        total: m(|r| r.total),
+        memset: m(|r| r.memset),
+    })
+}
+
+fn combined(label: &str, mp: &[Tables], dpdk: &[Tables]) {
+    println!();
+    println!(
+        "## malloc_perf: memplane ({label}) vs DPDK 22.11 (median of {} memplane / {} DPDK runs; \
+         us per operation; ratio = memplane / DPDK)",
+        mp.len(),
+        dpdk.len()
+    );
+    for table in TABLES {
+        println!();
+        println!("### {table}");
+        println!();
+        println!(
+            "| size | runs mp / DPDK | alloc mp | alloc DPDK | free mp | free DPDK | total mp | \
+             total DPDK | alloc ratio | free ratio | total ratio | target | |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for size in SIZES {
+            let (a, d) = (med(mp, table, size), med(dpdk, table, size));
+            let Some(a) = a else {
+                if let Some(d) = d {
+                    // memplane could not allocate a single block of this size.
+                    println!(
+                        "| {} | 0 / {} | out of memory | {:.2} | - | {:.2} | - | {:.2} | - | - | - \
+                         | {} | NOT met (memplane: Interrupted: out of memory) |",
+                        human(size),
+                        d.runs,
+                        d.alloc,
+                        d.free,
+                        d.total,
+                        if table == "memzone" {
+                            "<= 0.1x (alloc)"
+                        } else {
+                            "<= 0.8x (total)"
+                        }
+                    );
+                }
+                continue;
+            };
+            let r = |x: f64, y: Option<f64>| y.map_or("-".to_owned(), |y| format!("{:.3}", x / y));
+            // memzones: the reservation; heap rows: alloc + free.
+            let (lim, val) = if table == "memzone" {
+                (0.1, d.map(|d| a.alloc / d.alloc))
+            } else if size <= 64 * KIB {
+                (0.5, d.map(|d| a.total / d.total))
+            } else {
+                (0.8, d.map(|d| a.total / d.total))
+            };
+            println!(
+                "| {} | {} / {} | {:.2} | {} | {:.2} | {} | {:.2} | {} | {} | {} | {} | <= {lim}x {} | {} |",
+                human(size),
+                a.runs,
+                d.map_or("-".into(), |d| format!("{}", d.runs)),
+                a.alloc,
+                d.map_or("-".into(), |d| format!("{:.2}", d.alloc)),
+                a.free,
+                d.map_or("-".into(), |d| format!("{:.2}", d.free)),
+                a.total,
+                d.map_or("-".into(), |d| format!("{:.2}", d.total)),
+                r(a.alloc, d.map(|d| d.alloc)),
+                r(a.free, d.map(|d| d.free)),
+                r(a.total, d.map(|d| d.total)),
+                if table == "memzone" {
+                    "(alloc)"
+                } else {
+                    "(total)"
+                },
+                match val {
+                    Some(v) if v <= lim => "met",
+                    Some(_) => "NOT met",
+                    None => "-",
+                }
+            );
+        }
+    }
+}
+
+fn human(size: usize) -> String {
+    match size {
+        s if s >= GIB => format!("{} GiB", s / GIB),
+        s if s >= MIB => format!("{} MiB", s / MIB),
+        s if s >= KIB => format!("{} KiB", s / KIB),
+        s => format!("{s} B"),
+    }
+}
+
+fn main() {
+    let args = Args::get();
+    let reps = args.num("--reps", 1);
+    let modes = args
+        .value("--modes")
+        .unwrap_or_else(|| "huge,nohuge".into());
+    let dpdk_test = if args.flag("--no-dpdk") {
+        None
+    } else {
+        Some(
+            args.value("--dpdk-test")
+                .unwrap_or_else(|| "dpdk-test".into()),
+        )
+    };
+    let mut huge = Vec::new();
+    let mut nohuge = Vec::new();
+    let mut huge_label = String::new();
+    let mut dpdk = Vec::new();
+    for rep in 0..reps {
+        eprintln!("malloc_perf: rep {}/{reps}", rep + 1);
+        if modes.split(',').any(|m| m == "huge") {
+            let (b, t) = memplane_run(false);
+            huge_label = b;
+            huge.push(t);
+        }
+        if modes.split(',').any(|m| m == "nohuge") {
+            nohuge.push(memplane_run(true).1);
+        }
+        if let Some(d) = &dpdk_test
+            && let Some(t) = dpdk_run(d)
+        {
+            dpdk.push(t);
+        }
+    }
+    if !huge.is_empty() {
+        combined(&huge_label, &huge, &dpdk);
+    }
+    if !nohuge.is_empty() {
+        combined("no-huge", &nohuge, &dpdk);
+    }
+}

@@ -1,0 +1,321 @@
+//! Allocation + free pairs of 16, 64 and 256 bytes, with a working set of 16 live blocks per
+//! thread (each pair frees the oldest block and allocates a new one, then writes its first
+//! byte), on 1 and 2 threads (pinned to CPUs 0 and 1, as DPDK's lcores `-l 0-1`), for:
+//!
+//! - `memplane-global`: memplane's global allocator (`MemplaneAlloc` installed as the
+//!   `#[global_allocator]` of the `global_pairs` bench binary, which this one runs: `--global-bin`);
+//! - `memplane-heap`: the shared heap directly (`Heap::malloc` / `Heap::free`);
+//! - `glibc`: the system allocator; `jemalloc` (`tikv_jemallocator::Jemalloc`) and `mimalloc`
+//!   (`mimalloc::MiMalloc`), each called through its `GlobalAlloc` impl, not installed;
+//! - `dpdk`: DPDK 22.11's `rte_malloc` / `rte_free` in a DPDK primary with hugepages
+//!   (`interop/dpdk_malloc_bench.c`, `--dpdk-bin`).
+//!
+//! Every implementation runs `--reps` times (interleaved); the table shows medians of the
+//! nanoseconds per pair (the slowest thread's time / pairs per thread) and of the two-thread
+//! speedup in throughput. `bench=pairs ...` lines carry every sample.
+//!
+//! `cargo bench -p memplane-heap --bench alloc_pairs -- [--reps R] [--global-bin PATH]
+//! [--dpdk-bin PATH] [--no-huge]`
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
+use std::ptr::{NonNull, null_mut};
+use std::sync::Barrier;
+use std::time::Instant;
+
+use common::{Args, MpPrimary, Proc, RunDir, dpdk_cleanup, dpdk_cmd, median, parse_kv, pin_to_cpu};
+use memplane_heap::Heap;
+use memplane_unix::MpChannel;
+
+const RING: usize = 16;
+const SIZES: [usize; 3] = [16, 64, 256];
+
+/// One allocator under test.
+trait Alloc: Sync {
+    fn alloc(&self, size: usize) -> *mut u8;
+    /// # Safety
+    /// `p` came from `alloc(size)` of this allocator and is live.
+    unsafe fn free(&self, p: *mut u8, size: usize);
+}
+
+struct Via<A: GlobalAlloc + Sync>(A);
+
+impl<A: GlobalAlloc + Sync> Alloc for Via<A> {
+    #[inline]
+    fn alloc(&self, size: usize) -> *mut u8 {
+        // SAFETY: a non-zero size with alignment 8 is a valid layout.
+        unsafe { self.0.alloc(Layout::from_size_align_unchecked(size, 8)) }
+    }
+    #[inline]
+    unsafe fn free(&self, p: *mut u8, size: usize) {
+        // SAFETY: caller's guarantee: allocated here with this layout.
+        unsafe {
+            self.0
+                .dealloc(p, Layout::from_size_align_unchecked(size, 8))
+        }
+    }
+}
+
+struct Direct<'a>(&'a Heap<MpChannel>);
+
+impl Alloc for Direct<'_> {
+    #[inline]
+    fn alloc(&self, size: usize) -> *mut u8 {
+        self.0.malloc(size, 8).map_or(null_mut(), |p| p.as_ptr())
+    }
+    #[inline]
+    unsafe fn free(&self, p: *mut u8, _size: usize) {
+        if let Some(p) = NonNull::new(p) {
+            self.0.free(p).expect("heap free");
+        }
+    }
+}
+
+/// One thread's loop: returns the nanoseconds of `n` measured pairs.
+fn worker<A: Alloc>(a: &A, size: usize, n: u64, start: &Barrier) -> u64 {
+    let mut ring = [null_mut::<u8>(); RING];
+    let pair = |ring: &mut [*mut u8; RING], i: u64| {
+        let k = i as usize % RING;
+        // SAFETY: ring[k] is a live block of `size` bytes from `a`.
+        unsafe { a.free(ring[k], size) };
+        let p = std::hint::black_box(a.alloc(size));
+        assert!(!p.is_null(), "allocation failed");
+        // SAFETY: a fresh block of at least 1 byte.
+        unsafe { p.write_volatile(i as u8) };
+        ring[k] = p;
+    };
+    for r in ring.iter_mut() {
+        *r = a.alloc(size);
+        assert!(!r.is_null(), "allocation failed");
+    }
+    for i in 0..n / 10 {
+        pair(&mut ring, i);
+    }
+    start.wait();
+    let t0 = Instant::now();
+    for i in 0..n {
+        pair(&mut ring, i);
+    }
+    let ns = t0.elapsed().as_nanos() as u64;
+    for p in ring {
+        // SAFETY: live blocks of `size` bytes from `a`.
+        unsafe { a.free(p, size) };
+    }
+    ns
+}
+
+/// Runs `threads` workers (thread t pinned to CPU t); returns (ns per pair of the slowest
+/// thread, million pairs per second in total).
+fn run<A: Alloc>(a: &A, size: usize, threads: usize, n: u64) -> (f64, f64) {
+    let start = Barrier::new(threads);
+    let times: Vec<u64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let start = &start;
+                s.spawn(move || {
+                    pin_to_cpu(t);
+                    worker(a, size, n, start)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("worker")).collect()
+    });
+    let slowest = *times.iter().max().expect("a thread") as f64;
+    (
+        slowest / n as f64,
+        threads as f64 * n as f64 / (slowest / 1e9) / 1e6,
+    )
+}
+
+type Samples = BTreeMap<(String, usize, usize), Vec<(f64, f64)>>;
+
+fn record(s: &mut Samples, imp: &str, size: usize, threads: usize, n: u64, r: (f64, f64)) {
+    println!(
+        "bench=pairs impl={imp} size={size} threads={threads} n={n} ns_per_pair={:.2} \
+         mpairs_per_s={:.3}",
+        r.0, r.1
+    );
+    s.entry((imp.to_owned(), size, threads))
+        .or_default()
+        .push(r);
+}
+
+fn collect(s: &mut Samples, line: &str) {
+    let m = parse_kv(line);
+    if m.get("bench").map(String::as_str) != Some("pairs") {
+        return;
+    }
+    let imp = m["impl"].clone();
+    let size = common::field(&m, "size") as usize;
+    let threads = common::field(&m, "threads") as usize;
+    let n = common::field(&m, "n") as u64;
+    let r = (
+        common::field(&m, "ns_per_pair"),
+        common::field(&m, "mpairs_per_s"),
+    );
+    record(s, &imp, size, threads, n, r);
+}
+
+fn main() {
+    let args = Args::get();
+    let reps = args.num("--reps", 5) as usize;
+    let fast_n = args.num("--count", 10_000_000);
+    let slow_n = args.num("--slow-count", 1_000_000);
+    let dpdk = common::dpdk_bin(&args);
+    let global = args.value("--global-bin");
+    let dir = RunDir::new("mpb-pairs");
+    let p = MpPrimary::start(&dir.0, args.flag("--no-huge"), true);
+    println!(
+        "# alloc_pairs: memplane backing {}, page size {} KiB; reps {reps}; {fast_n} pairs per \
+         thread (heap direct and DPDK: {slow_n})",
+        p.setup.backing,
+        p.setup.page_size >> 10
+    );
+    let mut s = Samples::new();
+    for rep in 0..reps {
+        eprintln!("alloc_pairs: rep {}/{reps}", rep + 1);
+        for threads in [1, 2] {
+            for size in SIZES {
+                record(
+                    &mut s,
+                    "glibc",
+                    size,
+                    threads,
+                    fast_n,
+                    run(&Via(System), size, threads, fast_n),
+                );
+                record(
+                    &mut s,
+                    "jemalloc",
+                    size,
+                    threads,
+                    fast_n,
+                    run(&Via(tikv_jemallocator::Jemalloc), size, threads, fast_n),
+                );
+                record(
+                    &mut s,
+                    "mimalloc",
+                    size,
+                    threads,
+                    fast_n,
+                    run(&Via(mimalloc::MiMalloc), size, threads, fast_n),
+                );
+                record(
+                    &mut s,
+                    "memplane-heap",
+                    size,
+                    threads,
+                    slow_n,
+                    run(&Direct(p.heap()), size, threads, slow_n),
+                );
+            }
+        }
+        if let Some(g) = &global {
+            let mut c = std::process::Command::new(g);
+            c.args(["--reps", "1", "--count", &fast_n.to_string()]);
+            if args.flag("--no-huge") {
+                c.arg("--no-huge");
+            }
+            let out = c.output().expect("run global_pairs");
+            assert!(out.status.success(), "global_pairs failed");
+            for l in String::from_utf8_lossy(&out.stdout).lines() {
+                collect(&mut s, l);
+            }
+        }
+        if let Some(bin) = &dpdk {
+            let prefix = common::dpdk_prefix("pairs");
+            for threads in ["1", "2"] {
+                for size in SIZES {
+                    let size = size.to_string();
+                    let count = slow_n.to_string();
+                    let mode = [
+                        "pairs",
+                        "--size",
+                        &size,
+                        "--threads",
+                        threads,
+                        "--count",
+                        &count,
+                        "--reps",
+                        "1",
+                    ];
+                    let mut d = Proc::start(dpdk_cmd(bin, &prefix, false, &mode), "dpdk pairs");
+                    let l = d.expect("bench=pairs", 120);
+                    collect(&mut s, &l);
+                    d.finish(10);
+                    dpdk_cleanup(&prefix);
+                }
+            }
+        }
+    }
+    drop(p);
+    table(&mut s);
+}
+
+fn table(s: &mut Samples) {
+    let mut m = |imp: &str, size: usize, threads: usize| -> Option<(f64, f64)> {
+        let v = s.get_mut(&(imp.to_owned(), size, threads))?;
+        let mut a: Vec<f64> = v.iter().map(|x| x.0).collect();
+        let mut b: Vec<f64> = v.iter().map(|x| x.1).collect();
+        Some((median(&mut a), median(&mut b)))
+    };
+    println!();
+    println!("## Allocation + free pairs (median ns per pair; working set 16 blocks per thread)");
+    println!();
+    println!(
+        "| allocator | size (B) | 1 thread (ns) | 2 threads (ns, per thread) | 2-thread speedup | \
+         vs jemalloc (1 thr) | vs DPDK (1 thr) | vs DPDK (2 thr) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let imps = [
+        "memplane-global",
+        "memplane-heap",
+        "glibc",
+        "jemalloc",
+        "mimalloc",
+        "dpdk",
+    ];
+    for imp in imps {
+        for size in SIZES {
+            let (Some(one), two) = (m(imp, size, 1), m(imp, size, 2)) else {
+                continue;
+            };
+            let je = m("jemalloc", size, 1);
+            let d1 = m("dpdk", size, 1);
+            let d2 = m("dpdk", size, 2);
+            let ratio = |a: f64, b: Option<(f64, f64)>| {
+                b.map_or("-".to_owned(), |b| format!("{:.2}x", a / b.0))
+            };
+            println!(
+                "| {imp} | {size} | {:.2} | {} | {} | {} | {} | {} |",
+                one.0,
+                two.map_or("-".into(), |t| format!("{:.2}", t.0)),
+                two.map_or("-".into(), |t| format!("{:.2}x", t.1 / one.1)),
+                ratio(one.0, je),
+                ratio(one.0, d1),
+                two.map_or("-".into(), |t| ratio(t.0, d2)),
+            );
+        }
+    }
+    println!();
+    for size in SIZES {
+        if let (Some(g1), Some(je)) = (m("memplane-global", size, 1), m("jemalloc", size, 1)) {
+            let g2 = m("memplane-global", size, 2);
+            println!(
+                "target {size} B: global allocator 1 thread {:.2} ns vs jemalloc {:.2} ns -> {} \
+                 (<= jemalloc); 2 threads speedup {} -> {} (>= 1.8x)",
+                g1.0,
+                je.0,
+                if g1.0 <= je.0 { "met" } else { "NOT met" },
+                g2.map_or("-".into(), |t| format!("{:.2}x", t.1 / g1.1)),
+                match g2 {
+                    Some(t) if t.1 / g1.1 >= 1.8 => "met",
+                    Some(_) => "NOT met",
+                    None => "-",
+                }
+            );
+        }
+    }
+}
