@@ -34,6 +34,8 @@ const SMALL: u64 = 1 << (SL_LOG2 + GRAIN_LOG2);
 pub const FL_COUNT: usize = 40;
 /// The largest size the heap accepts for one allocation.
 pub const MAX_ALLOC: u64 = 1 << 46;
+/// At most this many blocks of one class are looked at when no whole class is big enough.
+const CLASS_SCAN: usize = 32;
 
 const F_FREE: u64 = 1;
 const F_PREV_FREE: u64 = 2;
@@ -340,6 +342,43 @@ impl HeapCore {
         Some((fl, self.sl_bitmap[fl].trailing_zeros() as usize))
     }
 
+    /// A free block of at least `size` bytes. First the head of the first non-empty list whose
+    /// blocks are all big enough (O(1): two bitmap searches); failing that, a big enough block
+    /// in `size`'s own class, whose list holds blocks both smaller and larger than `size` (only
+    /// above `SMALL`, where classes are ranges). That second look, bounded to
+    /// [`CLASS_SCAN`] blocks, finds a region grown for exactly one large request: rounded up to
+    /// the next class boundary (up to 1/32 more), the request would otherwise need more than
+    /// the region holds.
+    ///
+    /// # Safety
+    /// Every region added must still be mapped; the caller holds the heap's lock.
+    unsafe fn find_block(&self, size: u64) -> Result<Option<u64>, HeapError> {
+        if let Some((fl, sl)) = self.find(size) {
+            return Ok(Some(self.heads[fl][sl]));
+        }
+        let (fl, sl) = mapping(size);
+        if size < SMALL || fl >= FL_COUNT {
+            return Ok(None);
+        }
+        let mut b = self.heads[fl][sl];
+        for _ in 0..CLASS_SCAN {
+            if b == 0 {
+                break;
+            }
+            // SAFETY: `b` is on a free list: a free block inside a mapped region.
+            let h = unsafe { self.hdr(b)? };
+            if !h.free() {
+                return Err(HeapError::Corrupt { block: b });
+            }
+            if h.size >= size {
+                return Ok(Some(b));
+            }
+            // SAFETY: a free block's next-free link is at +32 (written by `insert`).
+            b = unsafe { rd(b + 32) };
+        }
+        Ok(None)
+    }
+
     /// Adds `[addr, addr + len)` as a new region: one free block.
     ///
     /// # Safety
@@ -373,11 +412,11 @@ impl HeapCore {
         } else {
             need
         };
-        let Some((fl, sl)) = self.find(search) else {
+        // SAFETY: the lists hold free blocks of mapped regions (caller's guarantee).
+        let Some(blk) = (unsafe { self.find_block(search)? }) else {
             return Ok(None);
         };
-        let blk = self.heads[fl][sl];
-        // SAFETY: `blk` heads a free list: a free block inside a region.
+        // SAFETY: `blk` is on a free list: a free block inside a region.
         let h = unsafe { self.hdr(blk)? };
         if !h.free() {
             return Err(HeapError::Corrupt { block: blk });
@@ -974,6 +1013,39 @@ mod tests {
         assert_eq!(mapping(1024), (1, 0));
         let (f, s) = mapping_search(1025);
         assert!(f > 1 || s > 0);
+    }
+
+    #[test]
+    fn a_region_just_big_enough_for_a_large_request_serves_it() {
+        // A region grown for one large request is the request plus the header, less than the
+        // next class boundary the O(1) search rounds up to: the class scan must find it.
+        let (mut h, a) = heap();
+        let base = a.base();
+        let size: u64 = 600 * 1024 + 100;
+        let len = round_up(size + COOKIE_LEN, GRAIN) + HEADER;
+        assert!(
+            mapping_search(len) > mapping(len),
+            "not a case for the scan"
+        );
+        // SAFETY: the arena is ours, mapped, 4096-aligned, and outlives the heap use here.
+        unsafe {
+            h.add_region(base, len);
+            let p = h
+                .alloc(size, 1)
+                .unwrap()
+                .expect("the region fits the request");
+            assert_eq!(p, base + HEADER);
+            assert_eq!(h.alloc(64, 1).unwrap(), None);
+            h.free(p).unwrap();
+            // Smaller than the region, in the same class: found as well.
+            let q = h.alloc(size - 4096, 1).unwrap().expect("fits");
+            h.free(q).unwrap();
+            // Bigger than the region: still none, and no corruption.
+            assert_eq!(h.alloc(size + 4096, 1).unwrap(), None);
+            let mut problems = Vec::new();
+            h.check_lists(&mut problems);
+            assert!(problems.is_empty(), "{problems:?}");
+        }
     }
 
     #[test]
