@@ -138,15 +138,27 @@ fn find(t: &MemzoneTable, name: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
+/// The first entry not in use, from the bitmap.
+fn free_entry(t: &MemzoneTable) -> Option<usize> {
+    t.used_map
+        .iter()
+        .enumerate()
+        .find(|(_, w)| **w != u64::MAX)
+        .map(|(i, w)| i * 64 + w.trailing_ones() as usize)
+        .filter(|&e| e < MAX_MEMZONES)
+}
+
 /// Rebuilds the name index from the entries (after many deletions, or a holder's death).
 fn reindex(t: &mut MemzoneTable) {
     t.index = [0; MZ_INDEX];
+    t.used_map = [0; MAX_MEMZONES / 64];
     t.tombs = 0;
     let mut count = 0;
     for i in 0..MAX_MEMZONES {
         if t.entries[i].used != 1 {
             continue;
         }
+        t.used_map[i / 64] |= 1 << (i % 64);
         let mut slot = hash(entry_name(&t.entries[i]));
         while t.index[slot] != 0 {
             slot = (slot + 1) & (MZ_INDEX - 1);
@@ -263,7 +275,7 @@ where
         if find(t, name.as_bytes()).is_some() {
             return Err(MemzoneError::Exists(name.to_owned()));
         }
-        let Some(slot_e) = t.entries.iter().position(|e| e.used == 0) else {
+        let Some(slot_e) = free_entry(t) else {
             return Err(MemzoneError::TableFull);
         };
         let p = self
@@ -299,6 +311,7 @@ where
         };
         e.name[..name.len()].copy_from_slice(name.as_bytes());
         t.entries[slot_e] = e;
+        t.used_map[slot_e / 64] |= 1 << (slot_e % 64);
         let mut slot = hash(name.as_bytes());
         while t.index[slot] != 0 && t.index[slot] != TOMB {
             slot = (slot + 1) & (MZ_INDEX - 1);
@@ -327,6 +340,7 @@ where
             find(t, name.as_bytes()).ok_or_else(|| MemzoneError::NotFound(name.to_owned()))?;
         let addr = t.entries[e].addr;
         t.entries[e].used = 0;
+        t.used_map[e / 64] &= !(1 << (e % 64));
         t.index[slot] = TOMB;
         t.tombs += 1;
         t.count -= 1;

@@ -18,7 +18,7 @@ pub const FILE_NAME: &str = "memplane_heap";
 /// Magic, written last.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MPLNHEAP");
 /// Layout version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Heaps (NUMA nodes) at most.
 pub const MAX_HEAPS: usize = 8;
 /// Regions per heap at most.
@@ -126,6 +126,9 @@ pub struct MemzoneTable {
     pub tombs: u32,
     /// Name index: entry index + 1, 0 = empty, `u32::MAX` = deleted.
     pub index: [u32; MZ_INDEX],
+    /// One bit per entry, set while it is in use: a free entry is found in 40 words, not by
+    /// reading up to 2560 entries.
+    pub used_map: [u64; MAX_MEMZONES / 64],
     /// The memzones.
     pub entries: [MemzoneEntry; MAX_MEMZONES],
 }
