@@ -115,6 +115,8 @@ pub struct HeapStats {
 pub(crate) struct Shared {
     pub(crate) map: HeapMap,
     pub(crate) recoveries_seen: AtomicU64,
+    /// The smallest page of any memory list: a free block below it holds no page to give back.
+    pub(crate) min_page: u64,
 }
 
 impl Shared {
@@ -186,6 +188,64 @@ impl<C: Channel> Clone for Heap<C> {
     }
 }
 
+/// The NUMA node of each CPU, from sysfs, read once per process (node 0 for a CPU it does not
+/// list, and for all of them on a machine without NUMA information).
+fn cpu_nodes() -> &'static [u32] {
+    static NODES: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    NODES.get_or_init(|| {
+        let mut map = Vec::new();
+        let Ok(dir) = std::fs::read_dir("/sys/devices/system/node") else {
+            return map;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(node) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("node"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let list = std::fs::read_to_string(e.path().join("cpulist")).unwrap_or_default();
+            for cpu in parse_cpu_list(list.trim()) {
+                let cpu = cpu as usize;
+                if map.len() <= cpu {
+                    map.resize(cpu + 1, 0);
+                }
+                map[cpu] = node;
+            }
+        }
+        map
+    })
+}
+
+/// The CPUs of a sysfs list such as `0-3,8,10-11`; malformed parts are skipped.
+fn parse_cpu_list(s: &str) -> Vec<u32> {
+    let mut v = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>())
+            && a <= b
+            && b < 1 << 16
+        {
+            v.extend(a..=b);
+        }
+    }
+    v
+}
+
+/// The smallest page size of `mem`'s lists (4 KiB if it has none).
+fn min_page<C: Channel>(mem: &Memory<C>) -> u64
+where
+    C::Fds: From<Vec<OwnedFd>> + Into<Vec<OwnedFd>>,
+{
+    mem.lists()
+        .iter()
+        .map(|l| l.page_size)
+        .min()
+        .unwrap_or(4096)
+}
+
 fn state_err(e: StateError) -> MemError {
     MemError::Invalid(e.to_string())
 }
@@ -202,6 +262,7 @@ where
         let shared = Arc::new(Shared {
             map,
             recoveries_seen: AtomicU64::new(0),
+            min_page: min_page(&mem),
         });
         mem.set_heap_hooks(Arc::new(Hooks {
             shared: shared.clone(),
@@ -216,11 +277,13 @@ where
     /// Attaches to the primary's heaps (secondary).
     pub fn secondary(mem: Memory<C>) -> Result<Heap<C>, MemError> {
         let map = HeapMap::attach(mem.dir()).map_err(state_err)?;
+        let min_page = min_page(&mem);
         Ok(Heap {
             mem,
             shared: Arc::new(Shared {
                 map,
                 recoveries_seen: AtomicU64::new(0),
+                min_page,
             }),
             shrink: AtomicBool::new(true),
         })
@@ -239,21 +302,19 @@ where
 
     /// The NUMA node of the calling thread's CPU (node 0 when unknown).
     pub fn current_node(&self) -> u32 {
-        let mut cpu = 0u32;
-        let mut node = 0u32;
-        // SAFETY: getcpu writes two u32s through valid pointers.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_getcpu,
-                &mut cpu as *mut u32,
-                &mut node as *mut u32,
-                std::ptr::null_mut::<libc::c_void>(),
-            )
-        };
-        if r == 0 && self.shared.map.heap_of(node).is_some() {
-            node
-        } else {
-            self.shared.map.node_of(0)
+        let map = &self.shared.map;
+        if map.nheaps() == 1 {
+            return map.node_of(0);
+        }
+        // SAFETY: sched_getcpu has no preconditions; it reads the CPU from the vDSO/rseq area
+        // (no system call, unlike getcpu(2) through syscall()).
+        let cpu = unsafe { libc::sched_getcpu() };
+        match usize::try_from(cpu)
+            .ok()
+            .and_then(|c| cpu_nodes().get(c).copied())
+        {
+            Some(node) if map.heap_of(node).is_some() => node,
+            _ => map.node_of(0),
         }
     }
 
@@ -326,6 +387,10 @@ where
             if let Some(p) = p {
                 return Ok(p);
             }
+            why = format!(
+                "grew the heap by {} bytes three times, and other allocations took it each time",
+                grown.len
+            );
         }
         Err(AllocError::OutOfMemory { size, why })
     }
@@ -401,7 +466,7 @@ where
     /// Frees every pointer of `ptrs`, holding each heap's lock once per run of its pointers;
     /// whole pages left unused go back to the kernel. Stops at the first bad pointer.
     pub fn free_batch(&self, ptrs: &[*mut u8]) -> Result<(), AllocError> {
-        let shrink = self.shrink.load(Ordering::Relaxed) && !self.mem.channel().on_channel_thread();
+        let shrink = self.shrink.load(Ordering::Relaxed);
         let mut rest = ptrs;
         while let Some(&first) = rest.first() {
             // One lock hold per run of pointers of the same heap.
@@ -412,14 +477,19 @@ where
                 let (_g, h) = self.shared.lock(i)?;
                 for &p in rest {
                     let p = p as u64;
-                    if self.mem.node_at(p) != Some(self.shared.map.node_of(i)) {
-                        break;
-                    }
+                    // The heap's own region table answers both "which heap" and "valid": a
+                    // pointer outside it ends this run (the next looks up its heap), or is
+                    // invalid if it starts the run.
                     if h.region_of(p.saturating_sub(HEADER)).is_none() {
-                        return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
+                        if done == 0 {
+                            return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
+                        }
+                        break;
                     }
                     // SAFETY: lock held; the block is in one of the heap's regions.
                     let f = unsafe { h.core.free(p)? };
+                    // Pages go back through a transaction, which a channel thread must not wait
+                    // for: then they stay in the heap.
                     if shrink && let Some(r) = self.carve_pages(h, f) {
                         give_back.push(r);
                     }
@@ -477,6 +547,10 @@ where
     }
 
     fn heap_index_of(&self, ptr: u64) -> Result<usize, AllocError> {
+        // One heap: no lookup (the caller still checks the pointer against its regions).
+        if self.shared.map.nheaps() == 1 {
+            return Ok(0);
+        }
         let node = self
             .mem
             .node_at(ptr)
@@ -556,6 +630,10 @@ where
     /// If the free block `f` holds whole pages (not allocated up front), takes them out of the
     /// heap and returns them, to give back after the lock is released.
     fn carve_pages(&self, h: &mut HeapData, f: crate::tlsf::FreedBlock) -> Option<MemRange> {
+        // No page fits in a smaller block: skip the page-size lookup.
+        if f.size < self.shared.min_page || self.mem.channel().on_channel_thread() {
+            return None;
+        }
         let ps = self.mem.page_size_at(f.addr)?;
         let end = f.addr + f.size;
         let mut s = f.addr.next_multiple_of(ps);
@@ -738,5 +816,34 @@ where
     /// Removes the heap's file (the primary, when it shuts down).
     pub fn remove_file(&self) {
         self.shared.map.remove();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_as_sysfs_writes_them() {
+        assert_eq!(parse_cpu_list("0-3,8,10-11"), vec![0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(parse_cpu_list(""), Vec::<u32>::new());
+        assert_eq!(parse_cpu_list("5"), vec![5]);
+        assert_eq!(parse_cpu_list("3-1,x,2"), vec![2]);
+    }
+
+    #[test]
+    fn this_machine_maps_every_online_cpu() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let nodes = cpu_nodes();
+        // No NUMA information at all is allowed (node 0 for every CPU); otherwise every CPU we
+        // may run on is listed.
+        if !nodes.is_empty() {
+            // SAFETY: sched_getcpu has no preconditions.
+            let cpu = unsafe { libc::sched_getcpu() };
+            assert!(
+                (cpu as usize) < nodes.len(),
+                "cpu {cpu} of {n} not in {nodes:?}"
+            );
+        }
     }
 }

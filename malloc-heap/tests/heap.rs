@@ -300,6 +300,27 @@ fn bad_requests_and_corruption_are_reported() {
 }
 
 #[test]
+fn large_blocks_on_an_empty_heap_grow_it_exactly() {
+    // From 128 MiB up the O(1) search rounds a request up by more than the growth adds; the
+    // heap must still serve it from the memory grown for it, and give it back on free.
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let h = &p.heap;
+    for mib in [127usize, 128, 200] {
+        let a = h
+            .malloc(mib << 20, 64)
+            .unwrap_or_else(|e| panic!("{mib} MiB: {e}"));
+        assert!(
+            h.stats(0).unwrap().heap_size < ((mib + 3) << 20) as u64,
+            "{mib} MiB"
+        );
+        h.free(a).unwrap();
+        assert_eq!(h.stats(0).unwrap().alloc_count, 0);
+    }
+    assert_eq!(h.validate(), Ok(()));
+}
+
+#[test]
 fn realloc_in_place_and_moving() {
     let dir = TestDir::new("mph");
     let p = primary(&dir, MemOptions::new().no_huge());
