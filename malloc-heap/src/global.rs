@@ -9,18 +9,27 @@
 //!
 //! Before [`install`] every allocation goes to the system allocator. After it, small
 //! allocations (up to [`SMALL_MAX`] bytes, alignment up to 16) come from a per-thread cache of
-//! heap blocks: a lock-free pop or push on the hot path; a cache refills or drains in batches
-//! under one hold of the heap lock. Larger allocations go to the heap directly. Every free goes
-//! back to whoever allocated the pointer: a pointer inside the shared address range is the
-//! heap's, anything else the system allocator's, so memory allocated before `install` (or by the
-//! fallback below) is freed correctly.
+//! heap blocks: a pop or a push on a per-thread singly linked list (the link lives in the free
+//! block itself) on the hot path; a cache refills or drains in batches under one hold of the heap
+//! lock. Larger allocations go to the heap directly. Every free goes back to whoever allocated
+//! the pointer: a pointer inside the shared address range is the heap's, anything else the
+//! system allocator's, so memory allocated before `install` (or by the fallback below) is freed
+//! correctly. A thread's cached blocks go back to the heap when the thread ends.
 //!
-//! The heap must never wait on itself: allocations made while the heap is already at work on
-//! this thread (growing through IPC, which allocates) and allocations the heap cannot serve
-//! (full, or growing from a channel thread would deadlock) fall back to the system allocator.
+//! The heap must never wait on itself: allocations that need the heap while the heap is already
+//! at work on this thread (growing through IPC, which allocates) and allocations the heap cannot
+//! serve (full, or growing from a channel thread would deadlock) fall back to the system
+//! allocator; heap frees that would need the heap meanwhile are deferred until it is done. Pops
+//! and pushes on the thread's own cache never touch the heap, so they are served at any time.
+//!
+//! The hot path is kept small on purpose: everything it does not need (refills, drains, frees to
+//! the heap, the system fallback, thread-exit bookkeeping) lives in `#[cold]` functions that are
+//! never inlined into it, and the per-thread state is a `const`-initialised thread-local without
+//! a destructor (no registration check on access); the flush at thread exit is a separate
+//! thread-local guard, registered on the thread's first slow path.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::{Cell, UnsafeCell};
+use std::cell::Cell;
 use std::os::fd::OwnedFd;
 use std::ptr::{NonNull, null_mut};
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -35,8 +44,12 @@ const CLASS: usize = 16;
 const CLASSES: usize = SMALL_MAX / CLASS;
 /// Blocks fetched from the heap per refill.
 const BATCH: usize = 32;
-/// Blocks a class may hold before half of them go back.
+/// Blocks a class may hold before half of them go back. Also the count a class shows while its
+/// thread's cache is not in use (not yet registered, or flushed at thread exit), so that every
+/// push takes the slow path then.
 const CACHE_MAX: usize = 128;
+/// Blocks handed to the heap per `free_batch` call when draining or flushing.
+const CHUNK: usize = 64;
 
 /// What the global allocator needs from the heap, without its type parameters.
 trait Ops: Send + Sync {
@@ -82,63 +95,156 @@ fn report(e: &dyn std::fmt::Display) {
     eprintln!("memplane global allocator: {e}");
 }
 
+/// What the hot paths read, in one cache line of its own (written only by `install` and
+/// `uninstall`, so it stays shared in every CPU's cache).
+#[repr(C, align(64))]
+struct Shared {
+    /// Start of the shared address range: a pointer `p` is the heap's iff
+    /// `p - base < len` (wrapping).
+    base: AtomicUsize,
+    /// Length of the shared address range (0 before `install`: no pointer is the heap's).
+    len: AtomicUsize,
+    /// `CLASSES` while installed, 0 otherwise: the caches serve class `k` iff `k < classes`.
+    classes: AtomicUsize,
+}
+
+static SHARED: Shared = Shared {
+    base: AtomicUsize::new(0),
+    len: AtomicUsize::new(0),
+    classes: AtomicUsize::new(0),
+};
+/// The heap, for the slow paths. Set by `install` and never cleared: heap pointers are freed
+/// through it also after `uninstall`.
 static OPS: AtomicPtr<Box<dyn Ops>> = AtomicPtr::new(null_mut());
-static START: AtomicU64 = AtomicU64::new(0);
-static END: AtomicU64 = AtomicU64::new(0);
 static ERRORS: AtomicU64 = AtomicU64::new(0);
 static FALLBACKS: AtomicUsize = AtomicUsize::new(0);
 
 /// Routes every allocation of the process to the shared heap once installed.
 pub struct MemplaneAlloc;
 
-struct Cache {
-    heads: [*mut u8; CLASSES],
-    counts: [usize; CLASSES],
+/// One size class of a thread's cache: a singly linked list of free blocks, each holding the
+/// next one's address in its first 8 bytes.
+struct Bin {
+    head: Cell<*mut u8>,
+    /// Blocks in the list while the cache is in use; `CACHE_MAX` (with an empty list) while it is
+    /// not.
+    count: Cell<usize>,
 }
 
+/// The cache is not in use yet on this thread (no exit guard registered).
+const FRESH: u8 = 0;
+/// The cache is in use: the exit guard is registered.
+const LIVE: u8 = 1;
+/// The thread's exit guard has flushed the cache: no caching any more on this thread.
+const EXITED: u8 = 2;
+
+/// A thread's state. No destructor, so that accessing it costs no state check: the flush at
+/// thread exit is done by [`ExitGuard`].
 struct Local {
-    cache: UnsafeCell<Cache>,
-    /// The heap is at work on this thread: allocate from the system meanwhile.
+    bins: [Bin; CLASSES],
+    /// The heap is at work on this thread: anything that needs the heap meanwhile goes to the
+    /// system allocator (allocations) or waits in `deferred` (frees).
     busy: Cell<bool>,
     /// Heap blocks freed while the heap was at work on this thread (linked through their first
     /// 8 bytes), freed once it is done: freeing then could re-enter a lock this thread holds.
     deferred: Cell<*mut u8>,
-}
-
-impl Drop for Local {
-    fn drop(&mut self) {
-        // The thread ends: its cached blocks go back to the heap.
-        let c = self.cache.get_mut();
-        let Some(ops) = ops() else { return };
-        self.busy.set(true);
-        for k in 0..CLASSES {
-            let mut v = Vec::new();
-            let mut p = c.heads[k];
-            while !p.is_null() {
-                v.push(p);
-                // SAFETY: cached blocks hold the next link in their first 8 bytes.
-                p = unsafe { (p as *mut *mut u8).read() };
-            }
-            c.heads[k] = null_mut();
-            c.counts[k] = 0;
-            if !v.is_empty() {
-                ops.free_batch(&v);
-            }
-        }
-    }
+    /// `FRESH`, `LIVE` or `EXITED`.
+    state: Cell<u8>,
 }
 
 thread_local! {
     static LOCAL: Local = const {
         Local {
-            cache: UnsafeCell::new(Cache {
-                heads: [null_mut(); CLASSES],
-                counts: [0; CLASSES],
-            }),
+            bins: [const {
+                Bin {
+                    head: Cell::new(null_mut()),
+                    count: Cell::new(CACHE_MAX),
+                }
+            }; CLASSES],
             busy: Cell::new(false),
             deferred: Cell::new(null_mut()),
+            state: Cell::new(FRESH),
         }
     };
+    static EXIT: ExitGuard = const { ExitGuard };
+}
+
+/// Returns the thread's cached blocks to the heap when the thread ends (registered by the
+/// thread's first use of its cache).
+struct ExitGuard;
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        let _ = LOCAL.try_with(flush);
+    }
+}
+
+/// The cache size class of a layout: `k` with `16 k < size <= 16 (k + 1)` for sizes up to
+/// `SMALL_MAX` and alignments up to 16, and `CLASSES` or more for everything else (size 0
+/// included).
+#[inline(always)]
+fn class_index(size: usize, align: usize) -> usize {
+    (size.wrapping_sub(1) / CLASS) | (usize::from(align > CLASS) * CLASSES)
+}
+
+impl Bin {
+    /// Takes a block off the list, or returns null if it is empty.
+    #[inline(always)]
+    fn pop(&self) -> *mut u8 {
+        let p = self.head.get();
+        if !p.is_null() {
+            // SAFETY: a cached block: a free heap block of at least 16 bytes, 8-aligned, owned
+            // by this list, whose first 8 bytes hold the next link.
+            self.head.set(unsafe { (p as *mut *mut u8).read() });
+            self.count.set(self.count.get() - 1);
+        }
+        p
+    }
+
+    /// Puts `p` on the list (a free heap block of this class, owned by the caller).
+    #[inline(always)]
+    fn push(&self, p: *mut u8) {
+        // SAFETY: `p` is a heap block of this class (at least 16 bytes, 32-aligned) that nobody
+        // else uses any more: room for the link.
+        unsafe { (p as *mut *mut u8).write(self.head.get()) };
+        self.head.set(p);
+        self.count.set(self.count.get() + 1);
+    }
+
+    /// Empties the list, marking it not in use, and returns its first block.
+    fn take(&self) -> *mut u8 {
+        self.count.set(CACHE_MAX);
+        self.head.replace(null_mut())
+    }
+}
+
+impl Local {
+    /// The bin of class `k`.
+    ///
+    /// # Safety
+    /// `k < CLASSES`.
+    #[inline(always)]
+    unsafe fn bin(&self, k: usize) -> &Bin {
+        debug_assert!(k < CLASSES);
+        // SAFETY: `k < CLASSES` (caller's guarantee).
+        unsafe { self.bins.get_unchecked(k) }
+    }
+}
+
+/// The installed heap, if any.
+fn ops() -> Option<&'static dyn Ops> {
+    let p = OPS.load(Ordering::Acquire);
+    // SAFETY: a non-null OPS points to a Box leaked by `install`, never freed.
+    (!p.is_null()).then(|| unsafe { &**p })
+}
+
+/// Whether `p` lies in the shared address range: one compare.
+#[inline(always)]
+fn in_heap(p: *const u8) -> bool {
+    // `len` first (Acquire, paired with `install`'s Release): whoever sees a range sees its
+    // base. Plain loads on x86-64.
+    let len = SHARED.len.load(Ordering::Acquire);
+    (p as usize).wrapping_sub(SHARED.base.load(Ordering::Relaxed)) < len
 }
 
 /// Runs `f` with the heap marked busy on this thread, then frees what was deferred meanwhile.
@@ -162,15 +268,158 @@ fn busy<R>(ops: &dyn Ops, local: &Local, f: impl FnOnce() -> R) -> R {
     r
 }
 
-fn ops() -> Option<&'static dyn Ops> {
-    let p = OPS.load(Ordering::Acquire);
-    // SAFETY: a non-null OPS points to a Box leaked by `install`, never freed.
-    (!p.is_null()).then(|| unsafe { &**p })
+/// Frees the list starting at `p` (linked through the blocks' first 8 bytes) to the heap, in
+/// batches.
+fn free_list(ops: &dyn Ops, mut p: *mut u8) {
+    let mut buf = [null_mut(); CHUNK];
+    while !p.is_null() {
+        let mut n = 0;
+        while n < CHUNK && !p.is_null() {
+            buf[n] = p;
+            // SAFETY: a block of the list: its first 8 bytes are the link.
+            p = unsafe { (p as *mut *mut u8).read() };
+            n += 1;
+        }
+        ops.free_batch(&buf[..n]);
+    }
 }
 
-fn in_heap(p: *mut u8) -> bool {
-    let a = p as u64;
-    a >= START.load(Ordering::Relaxed) && a < END.load(Ordering::Relaxed)
+/// The thread ends: its cached blocks go back to the heap, and it caches nothing any more.
+fn flush(local: &Local) {
+    let was = local.state.replace(EXITED);
+    let lists = local.bins.each_ref().map(Bin::take);
+    if was != LIVE {
+        return;
+    }
+    let Some(ops) = ops() else { return };
+    busy(ops, local, || {
+        for p in lists {
+            free_list(ops, p);
+        }
+    });
+}
+
+/// Puts the thread's cache in use: registers its exit guard. Call with the state `FRESH`.
+fn register(local: &Local) {
+    // Marked in use first: the registration may allocate, and that must not come back here.
+    local.state.set(LIVE);
+    if EXIT.try_with(|_| ()).is_err() {
+        // The thread is already ending: no cache.
+        local.state.set(EXITED);
+        return;
+    }
+    for b in &local.bins {
+        b.count.set(0);
+    }
+}
+
+/// Everything but a pop from the thread's cache.
+#[cold]
+#[inline(never)]
+fn alloc_slow(l: Layout) -> *mut u8 {
+    let k = class_index(l.size(), l.align());
+    let enabled = SHARED.classes.load(Ordering::Relaxed) != 0;
+    // None: the system allocator serves (no heap, or the heap at work on this thread, or the
+    // thread ending); Some(null): the heap could not serve (a fallback); Some(p): the heap's.
+    let p = match ops() {
+        Some(ops) if enabled => LOCAL
+            .try_with(|local| {
+                if local.busy.get() {
+                    return None;
+                }
+                if k >= CLASSES {
+                    return Some(busy(ops, local, || ops.alloc(l.size(), l.align())));
+                }
+                if local.state.get() == FRESH {
+                    busy(ops, local, || register(local));
+                }
+                if local.state.get() != LIVE {
+                    return None;
+                }
+                Some(refill(ops, local, k))
+            })
+            .unwrap_or(None),
+        _ => None,
+    };
+    match p {
+        Some(p) if !p.is_null() => p,
+        Some(_) => {
+            FALLBACKS.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: a valid layout, forwarded to the system allocator.
+            unsafe { System.alloc(l) }
+        }
+        // SAFETY: a valid layout, forwarded to the system allocator.
+        None => unsafe { System.alloc(l) },
+    }
+}
+
+/// Fetches a batch of class `k` from the heap: returns one block, caches the others (null if
+/// the heap has none).
+fn refill(ops: &dyn Ops, local: &Local, k: usize) -> *mut u8 {
+    let mut buf = [null_mut(); BATCH];
+    let n = busy(ops, local, || ops.alloc_batch((k + 1) * CLASS, &mut buf));
+    if n == 0 {
+        return null_mut();
+    }
+    // SAFETY: k < CLASSES (the caller's class).
+    let bin = unsafe { local.bin(k) };
+    for &b in &buf[1..n] {
+        bin.push(b);
+    }
+    buf[0]
+}
+
+/// Frees a heap pointer `p` without the thread cache's fast push: the cache is full or not in
+/// use, the block is not of a cached class, or the heap is uninstalled.
+#[cold]
+#[inline(never)]
+fn dealloc_slow(p: *mut u8, l: Layout) {
+    let Some(ops) = ops() else {
+        return;
+    };
+    let k = class_index(l.size(), l.align());
+    let enabled = k < SHARED.classes.load(Ordering::Relaxed);
+    let done = LOCAL.try_with(|local| {
+        if local.busy.get() {
+            // SAFETY: a heap block of at least 16 bytes (every heap block is) that the caller
+            // gave up: room for the link of the deferred list.
+            unsafe { (p as *mut *mut u8).write(local.deferred.get()) };
+            local.deferred.set(p);
+            return;
+        }
+        if enabled && local.state.get() == FRESH {
+            busy(ops, local, || register(local));
+        }
+        if enabled && local.state.get() == LIVE {
+            // SAFETY: `enabled` implies k < CLASSES.
+            let bin = unsafe { local.bin(k) };
+            bin.push(p);
+            if bin.count.get() > CACHE_MAX {
+                drain(ops, local, bin);
+            }
+            return;
+        }
+        busy(ops, local, || ops.free(p));
+    });
+    if done.is_err() {
+        // No thread state any more: free straight to the heap.
+        ops.free(p);
+    }
+}
+
+/// Gives the blocks of `bin` beyond `CACHE_MAX / 2` back to the heap.
+fn drain(ops: &dyn Ops, local: &Local, bin: &Bin) {
+    busy(ops, local, || {
+        while bin.count.get() > CACHE_MAX / 2 {
+            let mut buf = [null_mut(); CHUNK];
+            let mut n = 0;
+            while n < CHUNK && bin.count.get() > CACHE_MAX / 2 {
+                buf[n] = bin.pop();
+                n += 1;
+            }
+            ops.free_batch(&buf[..n]);
+        }
+    });
 }
 
 /// Makes `heap` the process's allocator from now on.
@@ -181,17 +430,21 @@ where
     let r = heap.memory().va_range();
     let b: Box<dyn Ops> = Box::new(HeapOps(heap.clone()));
     let p = Box::into_raw(Box::new(b));
-    START.store(r.addr, Ordering::Relaxed);
-    END.store(r.addr + r.len, Ordering::Relaxed);
-    let old = OPS.swap(p, Ordering::AcqRel);
+    // The range first (`len` last, Release: see `in_heap`): no pointer of it exists before the
+    // heap is published below, and whoever gets one from the heap has seen both.
+    SHARED.base.store(r.addr as usize, Ordering::Relaxed);
+    SHARED.len.store(r.len as usize, Ordering::Release);
     // A previous installation stays leaked: pointers it handed out may still be freed through it.
-    let _ = old;
+    let _old = OPS.swap(p, Ordering::AcqRel);
+    // Allocations last: a thread that sees `classes` set goes to the slow path (which reads OPS
+    // with Acquire) before its cache holds anything.
+    SHARED.classes.store(CLASSES, Ordering::Release);
 }
 
 /// New allocations go to the system allocator again; frees of heap pointers still reach the
 /// heap (so keep the memory attached until they are all freed).
 pub fn uninstall() {
-    OPS.store(null_mut(), Ordering::Release);
+    SHARED.classes.store(0, Ordering::Release);
 }
 
 /// Counters of the global allocator.
@@ -213,62 +466,7 @@ pub fn stats() -> GlobalStats {
 
 /// Whether `p` is a pointer of the shared heap.
 pub fn is_heap_pointer(p: *const u8) -> bool {
-    in_heap(p as *mut u8)
-}
-
-fn class_of(l: &Layout) -> Option<usize> {
-    (l.size() <= SMALL_MAX && l.align() <= CLASS).then(|| l.size().max(1).div_ceil(CLASS) - 1)
-}
-
-impl MemplaneAlloc {
-    #[cold]
-    fn slow_alloc(&self, ops: &dyn Ops, l: &Layout, local: &Local) -> *mut u8 {
-        let p = busy(ops, local, || match class_of(l) {
-            Some(k) => {
-                let mut buf = [null_mut(); BATCH];
-                let n = ops.alloc_batch((k + 1) * CLASS, &mut buf);
-                if n == 0 {
-                    null_mut()
-                } else {
-                    // SAFETY: this thread's cache, touched only by this thread; `busy` keeps
-                    // any nested allocation away from it.
-                    let c = unsafe { &mut *local.cache.get() };
-                    for &b in &buf[1..n] {
-                        // SAFETY: b is a fresh block of at least 16 bytes: room for the link.
-                        unsafe { (b as *mut *mut u8).write(c.heads[k]) };
-                        c.heads[k] = b;
-                    }
-                    c.counts[k] += n - 1;
-                    buf[0]
-                }
-            }
-            None => ops.alloc(l.size(), l.align()),
-        });
-        if p.is_null() {
-            FALLBACKS.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: a valid layout, forwarded to the system allocator.
-            unsafe { System.alloc(*l) }
-        } else {
-            p
-        }
-    }
-
-    #[cold]
-    fn drain(&self, ops: &dyn Ops, k: usize, local: &Local) {
-        // SAFETY: this thread's cache, as above.
-        let c = unsafe { &mut *local.cache.get() };
-        busy(ops, local, || {
-            let mut v = Vec::with_capacity(CACHE_MAX / 2);
-            while c.counts[k] > CACHE_MAX / 2 {
-                let p = c.heads[k];
-                // SAFETY: a cached block: its first 8 bytes are the link.
-                c.heads[k] = unsafe { (p as *mut *mut u8).read() };
-                c.counts[k] -= 1;
-                v.push(p);
-            }
-            ops.free_batch(&v);
-        });
-    }
+    in_heap(p)
 }
 
 // SAFETY: alloc returns either a system allocation for the layout, or a heap block of at least
@@ -279,32 +477,15 @@ impl MemplaneAlloc {
 unsafe impl GlobalAlloc for MemplaneAlloc {
     #[inline]
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let Some(ops) = ops() else {
-            // SAFETY: forwarding a valid layout.
-            return unsafe { System.alloc(l) };
-        };
-        LOCAL
-            .try_with(|local| {
-                if local.busy.get() {
-                    // SAFETY: forwarding a valid layout.
-                    return unsafe { System.alloc(l) };
-                }
-                if let Some(k) = class_of(&l) {
-                    // SAFETY: this thread's cache; no other reference to it is live (`busy` is
-                    // false, so we are not inside one of our own slow paths).
-                    let c = unsafe { &mut *local.cache.get() };
-                    let p = c.heads[k];
-                    if !p.is_null() {
-                        // SAFETY: a cached block: its first 8 bytes are the link.
-                        c.heads[k] = unsafe { (p as *mut *mut u8).read() };
-                        c.counts[k] -= 1;
-                        return p;
-                    }
-                }
-                self.slow_alloc(ops, &l, local)
-            })
-            // SAFETY: forwarding a valid layout (the thread is ending: no cache).
-            .unwrap_or_else(|_| unsafe { System.alloc(l) })
+        let k = class_index(l.size(), l.align());
+        if k < SHARED.classes.load(Ordering::Relaxed) {
+            // SAFETY: k < classes <= CLASSES.
+            let p = LOCAL.with(|local| unsafe { local.bin(k) }.pop());
+            if !p.is_null() {
+                return p;
+            }
+        }
+        alloc_slow(l)
     }
 
     #[inline]
@@ -313,34 +494,23 @@ unsafe impl GlobalAlloc for MemplaneAlloc {
             // SAFETY: a pointer outside the heap came from the system allocator with `l`.
             return unsafe { System.dealloc(p, l) };
         }
-        let Some(ops) = ops() else {
-            return;
-        };
-        let done = LOCAL.try_with(|local| {
-            if local.busy.get() {
-                // SAFETY: a heap block of at least 16 bytes (every heap block is): room for the
-                // link of the deferred list.
-                unsafe { (p as *mut *mut u8).write(local.deferred.get()) };
-                local.deferred.set(p);
-                return;
-            }
-            if let Some(k) = class_of(&l) {
-                // SAFETY: this thread's cache; no other reference is live (`busy` is false).
-                let c = unsafe { &mut *local.cache.get() };
-                // SAFETY: `p` is a heap block of this class (at least 16 bytes): room for the link.
-                unsafe { (p as *mut *mut u8).write(c.heads[k]) };
-                c.heads[k] = p;
-                c.counts[k] += 1;
-                if c.counts[k] > CACHE_MAX {
-                    self.drain(ops, k, local);
+        let k = class_index(l.size(), l.align());
+        if k < SHARED.classes.load(Ordering::Relaxed) {
+            let cached = LOCAL.with(|local| {
+                // SAFETY: k < classes <= CLASSES.
+                let bin = unsafe { local.bin(k) };
+                // Below CACHE_MAX only while the cache is in use (see `Bin::count`).
+                if bin.count.get() < CACHE_MAX {
+                    bin.push(p);
+                    true
+                } else {
+                    false
                 }
+            });
+            if cached {
                 return;
             }
-            busy(ops, local, || ops.free(p));
-        });
-        if done.is_err() {
-            // The thread is ending and its cache is gone: free straight to the heap.
-            ops.free(p);
         }
+        dealloc_slow(p, l);
     }
 }
