@@ -15,7 +15,7 @@
 //! speedup in throughput. `bench=pairs ...` lines carry every sample.
 //!
 //! `cargo bench -p memplane-heap --bench alloc_pairs -- [--reps R] [--global-bin PATH]
-//! [--dpdk-bin PATH] [--no-huge]`
+//! [--dpdk-bin PATH] [--no-huge] [--only NAME] [--threads N]`
 
 mod common;
 
@@ -165,6 +165,13 @@ fn main() {
     let slow_n = args.num("--slow-count", 1_000_000);
     let dpdk = common::dpdk_bin(&args);
     let global = args.value("--global-bin");
+    // `--only NAME` runs one allocator, `--threads N` one thread count (for profiling).
+    let only = args.value("--only");
+    let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let thread_counts: Vec<usize> = match args.value("--threads") {
+        Some(t) => vec![t.parse().expect("--threads: a number")],
+        None => vec![1, 2],
+    };
     let dir = RunDir::new("mpb-pairs");
     let p = MpPrimary::start(&dir.0, args.flag("--no-huge"), true);
     println!(
@@ -176,40 +183,48 @@ fn main() {
     let mut s = Samples::new();
     for rep in 0..reps {
         eprintln!("alloc_pairs: rep {}/{reps}", rep + 1);
-        for threads in [1, 2] {
+        for &threads in &thread_counts {
             for size in SIZES {
-                record(
-                    &mut s,
-                    "glibc",
-                    size,
-                    threads,
-                    fast_n,
-                    run(&Via(System), size, threads, fast_n),
-                );
-                record(
-                    &mut s,
-                    "jemalloc",
-                    size,
-                    threads,
-                    fast_n,
-                    run(&Via(tikv_jemallocator::Jemalloc), size, threads, fast_n),
-                );
-                record(
-                    &mut s,
-                    "mimalloc",
-                    size,
-                    threads,
-                    fast_n,
-                    run(&Via(mimalloc::MiMalloc), size, threads, fast_n),
-                );
-                record(
-                    &mut s,
-                    "memplane-heap",
-                    size,
-                    threads,
-                    slow_n,
-                    run(&Direct(p.heap()), size, threads, slow_n),
-                );
+                if want("glibc") {
+                    record(
+                        &mut s,
+                        "glibc",
+                        size,
+                        threads,
+                        fast_n,
+                        run(&Via(System), size, threads, fast_n),
+                    );
+                }
+                if want("jemalloc") {
+                    record(
+                        &mut s,
+                        "jemalloc",
+                        size,
+                        threads,
+                        fast_n,
+                        run(&Via(tikv_jemallocator::Jemalloc), size, threads, fast_n),
+                    );
+                }
+                if want("mimalloc") {
+                    record(
+                        &mut s,
+                        "mimalloc",
+                        size,
+                        threads,
+                        fast_n,
+                        run(&Via(mimalloc::MiMalloc), size, threads, fast_n),
+                    );
+                }
+                if want("memplane-heap") {
+                    record(
+                        &mut s,
+                        "memplane-heap",
+                        size,
+                        threads,
+                        slow_n,
+                        run(&Direct(p.heap()), size, threads, slow_n),
+                    );
+                }
             }
         }
         if let Some(g) = &global {
