@@ -2,7 +2,8 @@
 //!
 //! One primary (a `Coordinator` plus an executor over a model of the shared page map and the
 //! heap) and up to four secondaries (each with its own set of mapped pages) exchange the real
-//! payloads; broadcasts go through the real `PendingTable`. proptest picks the operations, the
+//! payloads; a secondary syncs as the hugepage crate does: only the range of a sync when it saw
+//! the change just before (its change counter is the message's `seq - 1`), everything otherwise; broadcasts go through the real `PendingTable`. proptest picks the operations, the
 //! delivery order, which messages arrive late, which allocations, publishes and syncs fail, and
 //! which secondaries die or hang. Whatever happens, these must hold:
 //! - every request gets exactly one final answer, from the primary (never a requester timeout);
@@ -65,6 +66,8 @@ struct Secondary {
     dead: bool,
     hung: bool,
     mapped: BTreeSet<u64>,
+    /// The map's change counter this secondary's mappings are in line with.
+    seq: u64,
     last_sync_ok: bool,
     /// Sync failures to inject, one bit per sync handled.
     fail_bits: u64,
@@ -104,6 +107,8 @@ struct Cluster {
     coord: Coordinator<u32, 4>,
     table: Table,
     used: BTreeSet<u64>,
+    /// The shared map's change counter: bumped by every allocation and free.
+    version: u64,
     heap: BTreeSet<u64>,
     secs: Vec<Secondary>,
     net: VecDeque<Net>,
@@ -146,6 +151,7 @@ impl Cluster {
             }),
             table: Table::new(),
             used: BTreeSet::new(),
+            version: 0,
             heap: BTreeSet::new(),
             secs,
             net: VecDeque::new(),
@@ -301,6 +307,7 @@ impl Cluster {
                     match (0..=NPAGES - n).find(|&f| (f..f + n).all(|p| !self.used.contains(&p))) {
                         Some(first) => {
                             self.used.extend(first..first + n);
+                            self.version += 1;
                             Ok(MemRange {
                                 addr: BASE + first * PAGE,
                                 len: n * PAGE,
@@ -325,13 +332,17 @@ impl Cluster {
                     );
                 }
                 let _ = rollback;
+                self.version += 1;
                 self.coord.pages_freed(id, Ok(()), now).unwrap();
             }
             Action::BroadcastSync { id, range } => {
-                self.broadcast(ACTION_SYNC, TxnMsg::Sync { id, range }, (id, false))
+                let seq = self.version;
+                self.broadcast(ACTION_SYNC, TxnMsg::Sync { id, range, seq }, (id, false))
             }
             Action::BroadcastRollback { id, range } => {
-                self.broadcast(ACTION_ROLLBACK, TxnMsg::Rollback { id, range }, (id, true))
+                let seq = self.version;
+                let msg = TxnMsg::Rollback { id, range, seq };
+                self.broadcast(ACTION_ROLLBACK, msg, (id, true))
             }
             Action::Publish { id, range, .. } => {
                 if std::mem::take(&mut self.fail_publish) {
@@ -490,9 +501,23 @@ impl Cluster {
                     self.secs[to as usize].last_sync_ok = false;
                     TxnStatus::Failed
                 } else {
-                    let used = self.used.clone();
                     let s = &mut self.secs[to as usize];
-                    s.mapped = used;
+                    if job.seq != 0 && s.seq >= job.seq {
+                        // Already in line with this change or a later state.
+                    } else if job.seq != 0 && s.seq + 1 == job.seq {
+                        // Only this change happened since: bring its range in line.
+                        for p in Self::pages(&job.range) {
+                            if self.used.contains(&p) {
+                                s.mapped.insert(p);
+                            } else {
+                                s.mapped.remove(&p);
+                            }
+                        }
+                        s.seq = job.seq;
+                    } else {
+                        s.mapped = self.used.clone();
+                        s.seq = self.version;
+                    }
                     s.last_sync_ok = true;
                     TxnStatus::Ok
                 };

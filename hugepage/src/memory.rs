@@ -68,8 +68,30 @@ struct Primary<P> {
 /// asleep, so dropping the memory is never delayed by it.
 #[derive(Default)]
 struct TimerShared {
-    stop: Mutex<bool>,
+    state: Mutex<TimerState>,
     wake: Condvar,
+}
+
+/// The timer thread's state. A transaction wakes the thread only when it has a deadline earlier
+/// than the one the thread sleeps until: with transactions back to back, the thread wakes about
+/// once per step timeout, not once per transaction.
+struct TimerState {
+    stop: bool,
+    /// When the sleeping thread wakes by itself; [`Instant::NEVER`] while it is awake (so every
+    /// deadline set meanwhile kicks it) or sleeps without a deadline.
+    armed: Instant,
+    /// A deadline was set after the thread last read them: read them again before sleeping.
+    kicked: bool,
+}
+
+impl Default for TimerState {
+    fn default() -> Self {
+        TimerState {
+            stop: false,
+            armed: Instant::NEVER,
+            kicked: false,
+        }
+    }
 }
 
 struct Inner<C: Channel> {
@@ -555,7 +577,9 @@ where
                         Ok(j) => j,
                         Err(_) => return, // not ours to answer: the primary times out
                     };
-                    let status = match inner.map.sync() {
+                    // Only the range this transaction changed, when nothing else changed since
+                    // this process last synced; the whole map otherwise.
+                    let status = match inner.map.sync_change(&job.range, job.seq) {
                         Ok(()) => TxnStatus::Ok,
                         Err(_) => TxnStatus::Failed,
                     };
@@ -599,6 +623,10 @@ where
             return Ok(());
         };
         let shared = pr.timer.clone();
+        // With no deadline, the thread still wakes after this long: a transaction's step
+        // deadline (set later) is then never earlier than the thread's own wake-up, and does not
+        // need to wake it.
+        let idle = self.inner.timeouts.coordinator_step();
         let w = self.weak();
         let t = std::thread::Builder::new()
             .name("mem-timer".into())
@@ -612,23 +640,25 @@ where
                         None => return,
                     };
                     {
-                        let mut stop = shared.stop.lock();
-                        if *stop {
+                        let mut st = shared.state.lock();
+                        if st.stop {
                             return;
                         }
-                        let n = now();
-                        match next {
-                            Some(d) if d <= n => {}
-                            Some(d) => {
-                                shared
-                                    .wake
-                                    .wait_for(&mut stop, d.saturating_duration_since(n));
-                            }
-                            None => {
-                                shared.wake.wait(&mut stop);
-                            }
+                        if std::mem::take(&mut st.kicked) {
+                            // A deadline came after `next` was read: read again.
+                            continue;
                         }
-                        if *stop {
+                        let n = now();
+                        let until = next.unwrap_or_else(|| n.saturating_add(idle));
+                        if until > n {
+                            st.armed = until;
+                            shared
+                                .wake
+                                .wait_for(&mut st, until.saturating_duration_since(n));
+                        }
+                        st.armed = Instant::NEVER;
+                        st.kicked = false;
+                        if st.stop {
                             return;
                         }
                     }
@@ -651,9 +681,12 @@ where
         while let Some(a) = c.poll_action() {
             self.execute(&mut c, a);
         }
-        if c.poll_timeout().is_some() {
-            let _g = pr.timer.stop.lock();
-            pr.timer.wake.notify_one();
+        if let Some(d) = c.poll_timeout() {
+            let mut st = pr.timer.state.lock();
+            if d < st.armed {
+                st.kicked = true;
+                pr.timer.wake.notify_one();
+            }
         }
     }
 
@@ -669,11 +702,17 @@ where
                 let r = inner.map.free(&range).map_err(|e| e.status());
                 let _ = c.pages_freed(id, r, now());
             }
+            // The list's version now is the one this transaction's change produced: changes
+            // are made only here and in `alloc_pinned`, all under the coordinator's lock.
             Action::BroadcastSync { id, range } => {
-                self.broadcast(c, id, TxnMsg::Sync { id, range }, ACTION_SYNC, false)
+                let seq = inner.map.change_seq(&range);
+                let m = TxnMsg::Sync { id, range, seq };
+                self.broadcast(c, id, m, ACTION_SYNC, false)
             }
             Action::BroadcastRollback { id, range } => {
-                self.broadcast(c, id, TxnMsg::Rollback { id, range }, ACTION_ROLLBACK, true)
+                let seq = inner.map.change_seq(&range);
+                let m = TxnMsg::Rollback { id, range, seq };
+                self.broadcast(c, id, m, ACTION_ROLLBACK, true)
             }
             Action::Publish { id, heap, range } => {
                 let hooks = pr.hooks.lock().clone();
@@ -708,19 +747,42 @@ where
         }
     }
 
+    /// The attached secondaries, as they are (no liveness check here: a broadcast to a process
+    /// that is gone fails to send at once, its socket being closed, and costs no timeout).
     fn participants(&self) -> Vec<C::Peer> {
         let Some(pr) = &self.inner.primary else {
             return Vec::new();
         };
+        pr.participants
+            .lock()
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// Drops the participants whose process is gone; returns how many are left. Called when a
+    /// broadcast did not reach or hear from every participant, and for the count: not on every
+    /// transaction (a `kill(pid, 0)` per participant each time).
+    fn prune_participants(&self) -> usize {
+        let Some(pr) = &self.inner.primary else {
+            return 0;
+        };
         let mut v = pr.participants.lock();
-        // A participant whose process is gone is dropped before it costs a timeout.
         v.retain(|(_, pid)| {
             rustix::process::test_kill_process(
                 rustix::process::Pid::from_raw(*pid as i32).unwrap_or(rustix::process::Pid::INIT),
             )
             .is_ok()
         });
-        v.iter().map(|(p, _)| p.clone()).collect()
+        v.len()
+    }
+
+    /// After a broadcast to `asked` participants: if some could not be reached or did not answer
+    /// ok, drop those whose process is gone, so the next transaction does not try them.
+    fn after_broadcast(&self, asked: usize, o: &SyncOutcome) {
+        if (o.sent as usize) < asked || !o.is_success() {
+            self.prune_participants();
+        }
     }
 
     fn broadcast(
@@ -766,10 +828,12 @@ where
                     failed: 1,
                 },
             };
+            self.after_broadcast(peers.len(), &o);
             report(c, o);
             return;
         }
         let w = self.weak();
+        let asked = peers.len();
         let r = ch.request_peers_async(&peers, &message, step, move |_, r| {
             let Some(inner) = w.upgrade() else { return };
             let params: Vec<Param> = r
@@ -778,7 +842,9 @@ where
                 .map(|(_, m)| m.into_parts().1)
                 .collect();
             let o = SyncOutcome::from_answers(id, r.nb_sent, params.iter().map(|p| p.as_slice()));
-            Memory { inner }.drive(|c| {
+            let mem = Memory { inner };
+            mem.after_broadcast(asked, &o);
+            mem.drive(|c| {
                 let _ = if rollback {
                     c.rollback_done(id, o, now())
                 } else {
@@ -810,7 +876,7 @@ where
         let inner = &self.inner;
         match &inner.primary {
             Some(pr) => {
-                if inner.ch.on_channel_thread() && !self.participants().is_empty() {
+                if inner.ch.on_channel_thread() && self.prune_participants() != 0 {
                     return Err(MemError::Channel(
                         "growing or shrinking memory from a channel thread would wait for \
                          replies only that thread can receive"
@@ -901,6 +967,9 @@ where
             align: 0,
             flags: AllocFlags::default(),
         };
+        // Under the coordinator's lock, like every change of the map: a transaction's sync then
+        // names the version its own change produced.
+        let _txn = self.inner.primary.as_ref().map(|pr| pr.coord.lock());
         let r = self.inner.map.allocate(&req, true)?;
         let _ = r;
         Ok(())
@@ -1083,9 +1152,10 @@ where
         self.inner.map.fail_next_syncs(n);
     }
 
-    /// Processes attached to the memory now (primary).
+    /// Processes attached to the memory now (primary); those whose process is gone are dropped
+    /// first.
     pub fn participants_count(&self) -> usize {
-        self.participants().len()
+        self.prune_participants()
     }
 
     /// The runtime directory.
@@ -1125,7 +1195,7 @@ impl<C: Channel> Drop for Inner<C> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(pr) = &self.primary {
-            *pr.timer.stop.lock() = true;
+            pr.timer.state.lock().stop = true;
             pr.timer.wake.notify_all();
         }
         if let Some(t) = self.timer_thread.lock().take()

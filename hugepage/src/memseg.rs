@@ -6,6 +6,12 @@
 //! generation, bumped each time it is allocated, so a process that still maps an older page at
 //! that address (it missed the free) maps the new one instead of keeping the stale page.
 //!
+//! Each list also carries a version, bumped by every allocation or free in it; a process records
+//! the version its mappings are in line with. A sync message names the range one transaction
+//! changed and the version that change produced ([`MemMap::change_seq`]): a process one version
+//! behind brings only that range in line ([`MemMap::sync_change`]); one further behind walks the
+//! whole map.
+//!
 //! Order of a primary allocation: map and populate the pages here (zeroed by the kernel), compute
 //! their IOVAs, map them for DMA, then publish them in the shared map and fire ALLOC. A free goes
 //! the other way: FREE, DMA unmap, unpublish, unmap, give the pages back to the kernel.
@@ -29,7 +35,8 @@ use crate::vfio::DmaMapper;
 struct Local {
     /// Per list, per segment: the generation mapped here (0: not mapped).
     gens: Vec<Vec<u64>>,
-    /// Per list: the shared version last synced.
+    /// Per list: the shared version last synced. Version `v` here means every segment's mapping
+    /// is in line with the segment's state at version `v` or later.
     versions: Vec<u64>,
 }
 
@@ -485,13 +492,63 @@ impl MemMap {
     /// On failure, returns the range that could not be mapped; what was done stays done.
     pub fn sync(&self) -> Result<(), MemRange> {
         let mut local = self.local.lock();
-        let injected = self
-            .fail_syncs
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok();
-        if injected {
+        if self.injected_failure() {
             return Err(MemRange::default());
         }
+        self.sync_all(&mut local)
+    }
+
+    /// The version of the list holding `range` (primary: read right after the allocation or
+    /// free of `range`, under the transaction lock, it is the version that change produced);
+    /// 0 when `range` lies in no list.
+    pub fn change_seq(&self, range: &MemRange) -> u64 {
+        self.locate(range.addr).map_or(0, |(li, _)| {
+            self.cfg.list(li).version.load(Ordering::Acquire)
+        })
+    }
+
+    /// Brings this process's mappings in line after one change: `range` was allocated or freed,
+    /// taking its list to version `seq` (see [`MemMap::change_seq`]), and the change touched
+    /// nothing else. When this process is in line with version `seq - 1` of that list, only
+    /// `range` is looked at; when it is at `seq` or past it, nothing is; otherwise (it missed a
+    /// change, or `seq` is 0 or does not fit the list) the whole map is synced, as by
+    /// [`MemMap::sync`]. Errors as [`MemMap::sync`].
+    pub fn sync_change(&self, range: &MemRange, seq: u64) -> Result<(), MemRange> {
+        let mut local = self.local.lock();
+        if self.injected_failure() {
+            return Err(MemRange::default());
+        }
+        let Some((li, first)) = self
+            .locate(range.addr)
+            .filter(|_| seq != 0 && range.len > 0)
+        else {
+            return self.sync_all(&mut local);
+        };
+        let l = self.cfg.list(li);
+        if local.versions[li] >= seq {
+            return Ok(());
+        }
+        // The list must have reached `seq` (always so: the message leaves after the change);
+        // loading the version first makes the segments' states of that change visible here.
+        if local.versions[li] + 1 != seq || l.version.load(Ordering::Acquire) < seq {
+            return self.sync_all(&mut local);
+        }
+        let end = range.end().min(l.base + l.n_segs as u64 * l.page_size);
+        let last = (end - l.base).div_ceil(l.page_size) as usize;
+        self.sync_segs(&mut local, li, first as usize, last)?;
+        local.versions[li] = seq;
+        Ok(())
+    }
+
+    /// Takes one injected failure, if any is left.
+    fn injected_failure(&self) -> bool {
+        self.fail_syncs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Walks every list that changed since this process last synced it.
+    fn sync_all(&self, local: &mut Local) -> Result<(), MemRange> {
         for li in 0..self.cfg.nlists() {
             let l = self.cfg.list(li);
             for _ in 0..16 {
@@ -499,7 +556,7 @@ impl MemMap {
                 if v0 == local.versions[li] {
                     break;
                 }
-                self.sync_list(&mut local, li)?;
+                self.sync_segs(local, li, 0, l.n_segs as usize)?;
                 if l.version.load(Ordering::Acquire) == v0 {
                     local.versions[li] = v0;
                     break;
@@ -510,13 +567,22 @@ impl MemMap {
         Ok(())
     }
 
-    fn sync_list(&self, local: &mut Local, li: usize) -> Result<(), MemRange> {
+    /// Brings segments `from..to` of list `li` in line: maps what is allocated and not mapped
+    /// here (or from an older generation), then unmaps what was freed, firing ALLOC and FREE per
+    /// run.
+    fn sync_segs(
+        &self,
+        local: &mut Local,
+        li: usize,
+        from: usize,
+        to: usize,
+    ) -> Result<(), MemRange> {
         let l = self.cfg.list(li);
         let ps = l.page_size;
         let segs = self.cfg.segs(li);
-        let n = segs.len();
+        let n = to.min(segs.len());
         // Pass 1: map pages allocated since, run by run.
-        let mut i = 0;
+        let mut i = from;
         while i < n {
             let want = |k: usize| {
                 let s = &segs[k];
@@ -562,7 +628,7 @@ impl MemMap {
                 .fire(MemEvent::Alloc, va, gens.len() as u64 * ps);
         }
         // Pass 2: unmap pages freed since.
-        let mut i = 0;
+        let mut i = from;
         while i < n {
             let stale = |k: usize| {
                 local.gens[li][k] != 0 && segs[k].state.load(Ordering::Acquire) == seg_state::FREE

@@ -533,3 +533,72 @@ fn per_node_limit_is_enforced() {
     }
     assert_eq!(p.mem.total_used(), a.len);
 }
+
+/// A sync brings only the changed range in line when the secondary saw every change before it;
+/// a secondary that missed a change (its sync failed) walks the whole map at the next sync and
+/// drops the page it missed the free of, not only the one that sync names.
+#[test]
+fn secondary_that_missed_a_change_catches_up() {
+    let dir = new_dir();
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let mut good = secondary(&dir, &[]);
+    let mut late = secondary(&dir, &[]);
+    good.line();
+    late.line();
+    let a = alloc(&p.mem, 2 << 20).unwrap();
+    let b = alloc(&p.mem, 2 << 20).unwrap();
+    for s in [&mut good, &mut late] {
+        assert_eq!(s.cmd(&format!("mapped {:x}", a.addr)), "true");
+        assert_eq!(s.cmd(&format!("mapped {:x}", b.addr)), "true");
+    }
+    // `late` misses the free of `a`: the free happens (it cannot be undone) but reports the
+    // failed sync, and `late` still maps `a`.
+    assert_eq!(late.cmd("failsync 1"), "ok");
+    match p.mem.free(a, 0) {
+        Err(MemError::Txn(s)) => assert_eq!(s, memplane_core::txn::TxnStatus::SyncFailed),
+        other => panic!("expected the failed sync to be reported, got {other:?}"),
+    }
+    assert_eq!(good.cmd(&format!("mapped {:x}", a.addr)), "false");
+    assert_eq!(late.cmd(&format!("mapped {:x}", a.addr)), "true");
+    // The next change names `b` only; `late` is two versions behind and syncs everything.
+    p.mem.free(b, 0).unwrap();
+    for s in [&mut good, &mut late] {
+        assert_eq!(s.cmd(&format!("mapped {:x}", a.addr)), "false");
+        assert_eq!(s.cmd(&format!("mapped {:x}", b.addr)), "false");
+    }
+    // And both follow the next allocations, the requester's own included.
+    let c = alloc(&p.mem, 4 << 20).unwrap();
+    let (d, _) = parse_range(&late.cmd("alloc 1000"));
+    for s in [&mut good, &mut late] {
+        assert_eq!(s.cmd(&format!("mapped {:x}", c.addr)), "true");
+        assert_eq!(s.cmd(&format!("mapped {:x}", c.addr + (2 << 20))), "true");
+        assert_eq!(s.cmd(&format!("mapped {d:x}")), "true");
+    }
+    assert!(p.mem.is_mapped_here(d));
+}
+
+/// A secondary that died is not waited for (its socket is closed: the sync cannot be sent to
+/// it), and is dropped from the participants after the transaction that found it gone.
+#[test]
+fn dead_secondary_costs_no_timeout() {
+    let dir = new_dir();
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let mut live = secondary(&dir, &[]);
+    let mut dead = secondary(&dir, &[]);
+    live.line();
+    dead.line();
+    assert_eq!(p.mem.participants_count(), 2);
+    dead.kill();
+    let t = std::time::Instant::now();
+    let a = alloc(&p.mem, 2 << 20).unwrap();
+    assert!(
+        t.elapsed() < timeouts().step / 2,
+        "the allocation waited {:?} for a dead secondary",
+        t.elapsed()
+    );
+    assert_eq!(live.cmd(&format!("mapped {:x}", a.addr)), "true");
+    assert_eq!(p.mem.participants_count(), 1);
+    let (b, bl) = parse_range(&live.cmd("alloc 1000"));
+    assert!(p.mem.is_mapped_here(b));
+    assert_eq!(live.cmd(&format!("free {b:x} {bl:x}")), "ok");
+}

@@ -7,7 +7,7 @@
 //! ```text
 //! offset size field
 //!  0      4   magic "MPTX"
-//!  4      1   version (1)
+//!  4      1   version (2)
 //!  5      1   op: 1 alloc request, 2 free request, 3 sync, 4 rollback, 5 sync ack, 6 response
 //!  6      2   reserved, zero
 //!  8      8   transaction id
@@ -15,8 +15,8 @@
 //!   alloc    heap u32, node i32 (-1 = any), page_size u64 (0 = any), bytes u64, align u64,
 //!            flags u32, reserved u32                                      (total 56)
 //!   free     heap u32, reserved u32, addr u64, len u64                    (total 40)
-//!   sync     addr u64, len u64                                            (total 32)
-//!   rollback addr u64, len u64                                            (total 32)
+//!   sync     addr u64, len u64, seq u64                                   (total 40)
+//!   rollback addr u64, len u64, seq u64                                   (total 40)
 //!   ack      status u32, reserved u32                                     (total 24)
 //!   response status u32, reserved u32, addr u64, len u64                  (total 40)
 //! ```
@@ -24,6 +24,11 @@
 //! Decoding refuses a wrong length for the op, a wrong magic or version, an unknown op or status,
 //! non-zero reserved bytes, and values out of range (zero sizes, alignments or page sizes that
 //! are not powers of two, unknown flag bits, ranges that wrap around). It never panics.
+//!
+//! Version 2 added `seq` to sync and rollback (version 1 had no such field; its syncs were 32
+//! bytes): the sender's change counter of the part of the map holding `range`, after the change,
+//! so a secondary can bring only `range` in line when it saw every earlier change (see
+//! [`TxnMsg::Sync`]).
 
 use core::fmt;
 
@@ -33,7 +38,7 @@ use crate::message::{MessageError, Param};
 /// The payload's magic, first four bytes.
 pub const MAGIC: [u8; 4] = *b"MPTX";
 /// The payload layout version this code speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Identifies one transaction; chosen by the requester, echoed in every message of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -194,20 +199,30 @@ pub enum TxnMsg {
         /// What is asked.
         req: MemRequest,
     },
-    /// Primary to every secondary: bring your mappings in line with the shared map
-    /// (`range` is what changed, a hint).
+    /// Primary to every secondary: bring your mappings in line with the shared map.
+    ///
+    /// `range` is what this transaction changed and `seq` the change counter of the part of the
+    /// map holding it (a memseg list) after the change, which changed nothing else: a secondary
+    /// whose own counter for that part is `seq - 1` needs to look at `range` only; one that is
+    /// further behind brings everything in line; one already at `seq` or past it has nothing to
+    /// do. `seq` 0 means unknown (bring everything in line).
     Sync {
         /// Transaction id.
         id: TxnId,
         /// What changed.
         range: MemRange,
+        /// The change counter after this change (0: unknown).
+        seq: u64,
     },
-    /// Primary to every secondary: the transaction was undone, sync again.
+    /// Primary to every secondary: the transaction was undone, sync again (`range` and `seq` as
+    /// for [`TxnMsg::Sync`], `seq` being the counter after the undoing).
     Rollback {
         /// Transaction id.
         id: TxnId,
         /// What was undone.
         range: MemRange,
+        /// The change counter after the undoing (0: unknown).
+        seq: u64,
     },
     /// Secondary to primary: result of a sync or rollback.
     SyncAck {
@@ -237,8 +252,7 @@ const OP_RESPONSE: u8 = 6;
 const fn op_len(op: u8) -> usize {
     match op {
         OP_ALLOC => 56,
-        OP_FREE | OP_RESPONSE => 40,
-        OP_SYNC | OP_ROLLBACK => 32,
+        OP_FREE | OP_RESPONSE | OP_SYNC | OP_ROLLBACK => 40,
         OP_ACK => 24,
         _ => 0,
     }
@@ -396,9 +410,10 @@ impl TxnMsg {
                 out[24..32].copy_from_slice(&r.range.addr.to_le_bytes());
                 out[32..40].copy_from_slice(&r.range.len.to_le_bytes());
             }
-            TxnMsg::Sync { range, .. } | TxnMsg::Rollback { range, .. } => {
+            TxnMsg::Sync { range, seq, .. } | TxnMsg::Rollback { range, seq, .. } => {
                 out[16..24].copy_from_slice(&range.addr.to_le_bytes());
                 out[24..32].copy_from_slice(&range.len.to_le_bytes());
+                out[32..40].copy_from_slice(&seq.to_le_bytes());
             }
             TxnMsg::SyncAck { status, .. } => put32(16, status as u32),
             TxnMsg::Response { status, range, .. } => {
@@ -498,10 +513,12 @@ impl TxnMsg {
             OP_SYNC => TxnMsg::Sync {
                 id,
                 range: r.range(16)?,
+                seq: r.u64(32),
             },
             OP_ROLLBACK => TxnMsg::Rollback {
                 id,
                 range: r.range(16)?,
+                seq: r.u64(32),
             },
             OP_ACK => {
                 r.zero32(20)?;
@@ -554,8 +571,12 @@ mod tests {
                 id,
                 req: MemRequest::Free(FreeRequest { heap: 0, range }),
             },
-            TxnMsg::Sync { id, range },
-            TxnMsg::Rollback { id, range },
+            TxnMsg::Sync { id, range, seq: 7 },
+            TxnMsg::Rollback {
+                id,
+                range,
+                seq: u64::MAX,
+            },
             TxnMsg::SyncAck {
                 id,
                 status: TxnStatus::SyncFailed,
@@ -570,7 +591,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_lengths() {
-        for (m, len) in all().into_iter().zip([56, 40, 32, 32, 24, 40]) {
+        for (m, len) in all().into_iter().zip([56, 40, 40, 40, 24, 40]) {
             let mut b = [0u8; MAX_PAYLOAD_LEN];
             let n = m.encode(&mut b);
             assert_eq!(n, len);
@@ -612,8 +633,12 @@ mod tests {
         x[5] = 9;
         assert_eq!(TxnMsg::decode(&x[..n]), Err(PayloadError::UnknownOp(9)));
         let mut x = b;
-        x[4] = 2;
-        assert_eq!(TxnMsg::decode(&x[..n]), Err(PayloadError::BadVersion(2)));
+        x[4] = 3;
+        assert_eq!(TxnMsg::decode(&x[..n]), Err(PayloadError::BadVersion(3)));
+        // Version 1 (syncs without `seq`) is refused, not misread.
+        let mut x = b;
+        x[4] = 1;
+        assert_eq!(TxnMsg::decode(&x[..n]), Err(PayloadError::BadVersion(1)));
         let n = all()[4].encode(&mut b);
         b[16] = 77;
         assert_eq!(

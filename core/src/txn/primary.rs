@@ -47,15 +47,19 @@ pub enum Action<P> {
         /// Whether this is a rollback.
         rollback: bool,
     },
-    /// Ask every secondary to sync (`ACTION_SYNC`). Report with [`Coordinator::sync_done`].
+    /// Ask every secondary to sync (`ACTION_SYNC`, a [`TxnMsg::Sync`] to which the executor
+    /// adds its change counter of the part of the map holding `range`, as it is after the
+    /// `AllocatePages` or `FreePages` just done). Report with [`Coordinator::sync_done`].
+    ///
+    /// [`TxnMsg::Sync`]: super::TxnMsg::Sync
     BroadcastSync {
         /// Transaction.
         id: TxnId,
         /// What changed.
         range: MemRange,
     },
-    /// Ask every secondary to sync after a rollback (`ACTION_ROLLBACK`). Report with
-    /// [`Coordinator::rollback_done`].
+    /// Ask every secondary to sync after a rollback (`ACTION_ROLLBACK`, with the change counter
+    /// as for [`Action::BroadcastSync`]). Report with [`Coordinator::rollback_done`].
     BroadcastRollback {
         /// Transaction.
         id: TxnId,

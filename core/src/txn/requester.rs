@@ -118,8 +118,11 @@ impl Requester {
 pub struct SyncJob {
     /// Transaction.
     pub id: TxnId,
-    /// What changed (a hint: the sync brings the whole local map in line).
+    /// What changed.
     pub range: MemRange,
+    /// The change counter after the change (see [`TxnMsg::Sync`]; 0: unknown, bring the whole
+    /// local map in line).
+    pub seq: u64,
     /// Whether this is a rollback.
     pub rollback: bool,
 }
@@ -128,14 +131,16 @@ impl SyncJob {
     /// The job in a received payload; only syncs and rollbacks are jobs.
     pub fn decode(param: &[u8]) -> Result<SyncJob, PayloadError> {
         match TxnMsg::decode(param)? {
-            TxnMsg::Sync { id, range } => Ok(SyncJob {
+            TxnMsg::Sync { id, range, seq } => Ok(SyncJob {
                 id,
                 range,
+                seq,
                 rollback: false,
             }),
-            TxnMsg::Rollback { id, range } => Ok(SyncJob {
+            TxnMsg::Rollback { id, range, seq } => Ok(SyncJob {
                 id,
                 range,
+                seq,
                 rollback: true,
             }),
             _ => Err(PayloadError::BadValue("op (expected sync or rollback)")),
