@@ -4,6 +4,11 @@
 //!
 //! - `memplane-global`: memplane's global allocator (`MemplaneAlloc` installed as the
 //!   `#[global_allocator]` of the `global_pairs` bench binary, which this one runs: `--global-bin`);
+//!   every call goes through `std::alloc::alloc` / `dealloc`, which since Rust 1.88 also make an
+//!   indirect call to the empty `__rust_no_alloc_shim_is_unstable_v2` per allocation;
+//! - `memplane-global-direct`: the same allocator (installed on this process's heap with
+//!   `global::install`, its thread caches and all) called through its `GlobalAlloc` impl, as the
+//!   jemalloc and mimalloc rows are: the like-for-like comparison with them;
 //! - `memplane-heap`: the shared heap directly (`Heap::malloc` / `Heap::free`);
 //! - `glibc`: the system allocator; `jemalloc` (`tikv_jemallocator::Jemalloc`) and `mimalloc`
 //!   (`mimalloc::MiMalloc`), each called through its `GlobalAlloc` impl, not installed;
@@ -27,6 +32,7 @@ use std::time::Instant;
 
 use common::{Args, MpPrimary, Proc, RunDir, dpdk_cleanup, dpdk_cmd, median, parse_kv, pin_to_cpu};
 use memplane_heap::Heap;
+use memplane_heap::global::{self, MemplaneAlloc};
 use memplane_unix::MpChannel;
 
 const RING: usize = 16;
@@ -180,6 +186,9 @@ fn main() {
         p.setup.backing,
         p.setup.page_size >> 10
     );
+    // The caches serve this process's direct calls from now on (its `#[global_allocator]` stays
+    // the system's: only the `memplane-global-direct` rows call `MemplaneAlloc`).
+    global::install(p.heap());
     let mut s = Samples::new();
     for rep in 0..reps {
         eprintln!("alloc_pairs: rep {}/{reps}", rep + 1);
@@ -213,6 +222,16 @@ fn main() {
                         threads,
                         fast_n,
                         run(&Via(mimalloc::MiMalloc), size, threads, fast_n),
+                    );
+                }
+                if want("memplane-global-direct") {
+                    record(
+                        &mut s,
+                        "memplane-global-direct",
+                        size,
+                        threads,
+                        fast_n,
+                        run(&Via(MemplaneAlloc), size, threads, fast_n),
                     );
                 }
                 if want("memplane-heap") {
@@ -265,6 +284,8 @@ fn main() {
             }
         }
     }
+    // The workers' caches went back to the heap when their threads ended.
+    global::uninstall();
     drop(p);
     table(&mut s);
 }
@@ -286,6 +307,7 @@ fn table(s: &mut Samples) {
     println!("|---|---|---|---|---|---|---|---|");
     let imps = [
         "memplane-global",
+        "memplane-global-direct",
         "memplane-heap",
         "glibc",
         "jemalloc",
@@ -316,13 +338,21 @@ fn table(s: &mut Samples) {
     }
     println!();
     for size in SIZES {
-        if let (Some(g1), Some(je)) = (m("memplane-global", size, 1), m("jemalloc", size, 1)) {
-            let g2 = m("memplane-global", size, 2);
+        let Some(je) = m("jemalloc", size, 1) else {
+            continue;
+        };
+        for (imp, how) in [
+            ("memplane-global-direct", "through GlobalAlloc, as jemalloc"),
+            ("memplane-global", "installed, through std::alloc"),
+        ] {
+            let Some(g1) = m(imp, size, 1) else { continue };
+            let g2 = m(imp, size, 2);
             println!(
-                "target {size} B: global allocator 1 thread {:.2} ns vs jemalloc {:.2} ns -> {} \
-                 (<= jemalloc); 2 threads speedup {} -> {} (>= 1.8x)",
+                "target {size} B: global allocator ({how}) 1 thread {:.2} ns vs jemalloc {:.2} ns \
+                 = {:.2}x -> {} (<= jemalloc); 2 threads speedup {} -> {} (>= 1.8x)",
                 g1.0,
                 je.0,
+                g1.0 / je.0,
                 if g1.0 <= je.0 { "met" } else { "NOT met" },
                 g2.map_or("-".into(), |t| format!("{:.2}x", t.1 / g1.1)),
                 match g2 {
