@@ -194,55 +194,34 @@ fn main() {
         eprintln!("alloc_pairs: rep {}/{reps}", rep + 1);
         for &threads in &thread_counts {
             for size in SIZES {
-                if want("glibc") {
-                    record(
-                        &mut s,
-                        "glibc",
-                        size,
-                        threads,
-                        fast_n,
-                        run(&Via(System), size, threads, fast_n),
-                    );
+                // Every other repetition runs the allocators in the opposite order, so that a
+                // drift of the machine's speed during a repetition favours none of them.
+                let mut order = [
+                    "glibc",
+                    "jemalloc",
+                    "mimalloc",
+                    "memplane-global-direct",
+                    "memplane-heap",
+                ];
+                if rep % 2 == 1 {
+                    order.reverse();
                 }
-                if want("jemalloc") {
-                    record(
-                        &mut s,
-                        "jemalloc",
-                        size,
-                        threads,
-                        fast_n,
-                        run(&Via(tikv_jemallocator::Jemalloc), size, threads, fast_n),
-                    );
-                }
-                if want("mimalloc") {
-                    record(
-                        &mut s,
-                        "mimalloc",
-                        size,
-                        threads,
-                        fast_n,
-                        run(&Via(mimalloc::MiMalloc), size, threads, fast_n),
-                    );
-                }
-                if want("memplane-global-direct") {
-                    record(
-                        &mut s,
-                        "memplane-global-direct",
-                        size,
-                        threads,
-                        fast_n,
-                        run(&Via(MemplaneAlloc), size, threads, fast_n),
-                    );
-                }
-                if want("memplane-heap") {
-                    record(
-                        &mut s,
-                        "memplane-heap",
-                        size,
-                        threads,
-                        slow_n,
-                        run(&Direct(p.heap()), size, threads, slow_n),
-                    );
+                for name in order.into_iter().filter(|n| want(n)) {
+                    let (n, r) = match name {
+                        "glibc" => (fast_n, run(&Via(System), size, threads, fast_n)),
+                        "jemalloc" => (
+                            fast_n,
+                            run(&Via(tikv_jemallocator::Jemalloc), size, threads, fast_n),
+                        ),
+                        "mimalloc" => {
+                            (fast_n, run(&Via(mimalloc::MiMalloc), size, threads, fast_n))
+                        }
+                        "memplane-global-direct" => {
+                            (fast_n, run(&Via(MemplaneAlloc), size, threads, fast_n))
+                        }
+                        _ => (slow_n, run(&Direct(p.heap()), size, threads, slow_n)),
+                    };
+                    record(&mut s, name, size, threads, n, r);
                 }
             }
         }
