@@ -48,7 +48,9 @@ pub const ACTION_FDS: &str = "memplane_mem_fds";
 
 /// What the heap layer does when pages join or come back (primary only).
 pub trait HeapHooks: Send + Sync {
-    /// New pages, mapped everywhere: add them to heap `heap`.
+    /// New pages, mapped everywhere: add them to heap `heap`. They come straight from the
+    /// kernel, populated and so zero-filled, and nothing has written them yet (DMA mapping and
+    /// memory-event callbacks only see their addresses).
     fn publish(&self, heap: u32, range: MemRange) -> Result<(), TxnStatus>;
     /// A free did not happen: put the pages back into heap `heap`.
     fn restore(&self, heap: u32, range: MemRange);

@@ -24,7 +24,7 @@ use memplane_hugepage::{AllocSpec, HeapHooks, MemError, Memory};
 
 use crate::lock::{Guard, LockError};
 use crate::state::{HeapData, HeapMap, Region, StateError};
-use crate::tlsf::{HEADER, HeapError, MAX_ALLOC, MIN_BLOCK};
+use crate::tlsf::{HEADER, HeapError, LINKS, MAX_ALLOC, MIN_BLOCK};
 
 /// Why an allocation or free failed.
 #[derive(Debug)]
@@ -149,8 +149,9 @@ struct Hooks {
     shared: Arc<Shared>,
 }
 
-impl HeapHooks for Hooks {
-    fn publish(&self, heap: u32, range: MemRange) -> Result<(), TxnStatus> {
+impl Hooks {
+    /// Adds `range` to heap `heap` as a new region; `zeroed`: its bytes are all zero.
+    fn add(&self, heap: u32, range: MemRange, zeroed: bool) -> Result<(), TxnStatus> {
         let i = self.shared.map.heap_of(heap).ok_or(TxnStatus::Invalid)?;
         let (_g, h) = self.shared.lock(i).map_err(|_| TxnStatus::Failed)?;
         if !h.insert_region(Region {
@@ -159,15 +160,24 @@ impl HeapHooks for Hooks {
         }) {
             return Err(TxnStatus::LimitExceeded);
         }
-        // SAFETY: the pages were just mapped in every attached process and belong to nobody.
-        unsafe { h.core.add_region(range.addr, range.len) };
+        // SAFETY: the pages are mapped in every attached process and belong to nobody; zero
+        // when the caller says so.
+        unsafe { h.core.add_region(range.addr, range.len, zeroed) };
         h.core.counters.regions = h.nregions;
         h.grows += 1;
         Ok(())
     }
+}
+
+impl HeapHooks for Hooks {
+    fn publish(&self, heap: u32, range: MemRange) -> Result<(), TxnStatus> {
+        // New pages are zero-filled by the kernel (see `HeapHooks::publish`).
+        self.add(heap, range, true)
+    }
 
     fn restore(&self, heap: u32, range: MemRange) {
-        let _ = self.publish(heap, range);
+        // Pages that were free heap memory: whatever users last wrote there.
+        let _ = self.add(heap, range, false);
     }
 }
 
@@ -320,18 +330,23 @@ where
 
     /// Allocates `size` bytes aligned to `align` on the caller's node (others if it is full).
     pub fn malloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, AllocError> {
+        self.alloc_any(size, align, false)
+    }
+
+    /// [`Heap::malloc`], zero-filled when `zero`.
+    fn alloc_any(&self, size: usize, align: usize, zero: bool) -> Result<NonNull<u8>, AllocError> {
         let node = self.current_node();
-        match self.malloc_on(node, size, align) {
+        match self.alloc_on(node, size, align, zero) {
             Err(AllocError::OutOfMemory { .. }) if self.shared.map.nheaps() > 1 => {
                 for i in 0..self.shared.map.nheaps() {
                     let n = self.shared.map.node_of(i);
                     if n != node
-                        && let Ok(p) = self.malloc_on(n, size, align)
+                        && let Ok(p) = self.alloc_on(n, size, align, zero)
                     {
                         return Ok(p);
                     }
                 }
-                self.malloc_on(node, size, align)
+                self.alloc_on(node, size, align, zero)
             }
             r => r,
         }
@@ -344,6 +359,39 @@ where
         size: usize,
         align: usize,
     ) -> Result<NonNull<u8>, AllocError> {
+        self.alloc_on(node, size, align, false)
+    }
+
+    /// [`Heap::malloc_on`], zero-filled when `zero`: a block carved from memory nobody has
+    /// written since the kernel cleared it needs only its first [`LINKS`] bytes cleared.
+    fn alloc_on(
+        &self,
+        node: u32,
+        size: usize,
+        align: usize,
+        zero: bool,
+    ) -> Result<NonNull<u8>, AllocError> {
+        let p = self.alloc_on_raw(node, size, align)?;
+        if zero {
+            let (p, known_zero) = p;
+            let n = if known_zero {
+                size.min(LINKS as usize)
+            } else {
+                size
+            };
+            // SAFETY: `p` is a fresh allocation of at least `size` bytes, ours alone.
+            unsafe { std::ptr::write_bytes(p.as_ptr(), 0, n) };
+        }
+        Ok(p.0)
+    }
+
+    /// The allocation itself: the block, and whether its data is zero past [`LINKS`] bytes.
+    fn alloc_on_raw(
+        &self,
+        node: u32,
+        size: usize,
+        align: usize,
+    ) -> Result<(NonNull<u8>, bool), AllocError> {
         let (size, align) = (size as u64, align.max(1) as u64);
         if size == 0 || size > MAX_ALLOC || !align.is_power_of_two() {
             return Err(AllocError::BadRequest { size, align });
@@ -426,12 +474,12 @@ where
         i: usize,
         size: u64,
         align: u64,
-    ) -> Result<Option<NonNull<u8>>, AllocError> {
+    ) -> Result<Option<(NonNull<u8>, bool)>, AllocError> {
         let (_g, h) = self.shared.lock(i)?;
         // SAFETY: we hold the heap's lock; its regions are mapped here (a region joins a heap
         // only once every attached process maps it).
-        let p = unsafe { h.core.alloc(size, align)? };
-        Ok(p.and_then(|p| NonNull::new(p as *mut u8)))
+        let p = unsafe { h.core.alloc_z(size, align)? };
+        Ok(p.and_then(|(p, z)| Some((NonNull::new(p as *mut u8)?, z))))
     }
 
     /// Allocates up to `out.len()` blocks of `size` bytes aligned to `align` on `node` under one
@@ -519,8 +567,8 @@ where
                     end: range.addr + range.len,
                 }) {
                     // SAFETY: the pages are still mapped (the free did not happen) and belong
-                    // to nobody since we took them out.
-                    unsafe { h.core.add_region(range.addr, range.len) };
+                    // to nobody since we took them out; not known to be zero.
+                    unsafe { h.core.add_region(range.addr, range.len, false) };
                     h.core.counters.regions = h.nregions;
                 }
             }
@@ -528,12 +576,10 @@ where
         Ok(())
     }
 
-    /// [`Heap::malloc`], zero-filled.
+    /// [`Heap::malloc`], zero-filled. Memory fresh from the kernel is not cleared again (the
+    /// heap knows which free blocks nobody has written since: see [`crate::tlsf`]).
     pub fn zmalloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, AllocError> {
-        let p = self.malloc(size, align)?;
-        // SAFETY: `p` is a fresh allocation of at least `size` bytes.
-        unsafe { std::ptr::write_bytes(p.as_ptr(), 0, size) };
-        Ok(p)
+        self.alloc_any(size, align, true)
     }
 
     /// `n` elements of `size` bytes, zero-filled; the product's overflow is an error (DPDK's

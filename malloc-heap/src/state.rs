@@ -17,8 +17,9 @@ use crate::tlsf::HeapCore;
 pub const FILE_NAME: &str = "memplane_heap";
 /// Magic, written last.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MPLNHEAP");
-/// Layout version.
-pub const VERSION: u32 = 2;
+/// Layout version (2: memzone free-slot bitmap; 3: the "zeroed" block flag, which an older
+/// process would take for a corrupt header).
+pub const VERSION: u32 = 3;
 /// Heaps (NUMA nodes) at most.
 pub const MAX_HEAPS: usize = 8;
 /// Regions per heap at most.

@@ -7,9 +7,13 @@
 //! everywhere. Nothing here locks: callers hold the heap's lock.
 //!
 //! A block starts with a 32-byte header: the previous block's address (0 for the first of a
-//! region), the size with flags (free, previous free, last of region), a check word derived from
-//! the address and the size word, and the size the user asked for. A free block adds the two
-//! free-list links. Every header read is verified against its check word, so an overflow that
+//! region), the size with flags (free, previous free, last of region, zeroed), a check word
+//! derived from the address and the size word, and the size the user asked for. A free block adds
+//! the two free-list links. A free block marked *zeroed* holds only zeroes after its links: it
+//! is memory the kernel handed out cleared and nobody has written since (a new region, and the
+//! pieces split off it), so a zeroed allocation from it clears only the 16 bytes of the old links
+//! (DPDK gets the same effect by clearing memory at every free). Any block freed by a user is
+//! not zeroed, and neither is a block merged with one. Every header read is verified against its check word, so an overflow that
 //! tramples the next header, a free of a wild pointer, or a double free is reported as a
 //! [`HeapError`] instead of corrupting the heap further. Regions carry no sentinel: a fully free
 //! region is one free block covering it exactly, so its pages can go back to the kernel whole.
@@ -40,7 +44,11 @@ const CLASS_SCAN: usize = 32;
 const F_FREE: u64 = 1;
 const F_PREV_FREE: u64 = 2;
 const F_LAST: u64 = 4;
-const F_MASK: u64 = 7;
+/// A free block whose bytes after its header and links are all zero (see the module doc).
+const F_ZERO: u64 = 8;
+const F_MASK: u64 = 15;
+/// Bytes at the start of a zeroed free block's data that are not zero: its free-list links.
+pub const LINKS: u64 = 16;
 const CHECK_KEY: u64 = 0x6d70_6c6e_6865_6170; // "mplnheap"
 
 #[cfg(feature = "debug-cookies")]
@@ -379,16 +387,20 @@ impl HeapCore {
         Ok(None)
     }
 
-    /// Adds `[addr, addr + len)` as a new region: one free block.
+    /// Adds `[addr, addr + len)` as a new region: one free block. `zeroed`: every byte of the
+    /// range is zero (pages fresh from the kernel), so zeroed allocations from it need not
+    /// clear it again.
     ///
     /// # Safety
     /// The range must be mapped read-write in this process (and, for a shared heap, in every
-    /// process that uses it), belong to nobody else, and be `GRAIN`-aligned.
-    pub unsafe fn add_region(&mut self, addr: u64, len: u64) {
+    /// process that uses it), belong to nobody else, and be `GRAIN`-aligned; with `zeroed`, all
+    /// its bytes must be zero.
+    pub unsafe fn add_region(&mut self, addr: u64, len: u64, zeroed: bool) {
         debug_assert!(addr.is_multiple_of(GRAIN) && len.is_multiple_of(GRAIN) && len >= MIN_BLOCK);
+        let z = if zeroed { F_ZERO } else { 0 };
         // SAFETY: the range is ours (caller's guarantee).
         unsafe {
-            self.set_hdr(addr, 0, len, F_FREE | F_LAST);
+            self.set_hdr(addr, 0, len, F_FREE | F_LAST | z);
             self.insert(addr, len);
         }
         self.counters.total += len;
@@ -400,6 +412,20 @@ impl HeapCore {
     /// # Safety
     /// Every region added must still be mapped; the caller holds the heap's lock.
     pub unsafe fn alloc(&mut self, size: u64, align: u64) -> Result<Option<u64>, HeapError> {
+        // SAFETY: the caller's guarantees.
+        Ok(unsafe { self.alloc_z(size, align)? }.map(|(p, _)| p))
+    }
+
+    /// [`HeapCore::alloc`], also telling whether the block's data is known to be zero past its
+    /// first [`LINKS`] bytes (it came from a zeroed free block).
+    ///
+    /// # Safety
+    /// As [`HeapCore::alloc`].
+    pub unsafe fn alloc_z(
+        &mut self,
+        size: u64,
+        align: u64,
+    ) -> Result<Option<(u64, bool)>, HeapError> {
         if size == 0 || size > MAX_ALLOC || !align.is_power_of_two() {
             return Err(HeapError::BadRequest { size, align });
         }
@@ -437,7 +463,9 @@ impl HeapCore {
             if gap > 0 {
                 // SAFETY: [blk, blk + gap) is the front of our free block.
                 unsafe {
-                    self.set_hdr(blk, h.prev, gap, F_FREE | (h.flags & F_PREV_FREE));
+                    // Its data past the links was the front of ours: zeroed if ours was.
+                    let fl = F_FREE | (h.flags & (F_PREV_FREE | F_ZERO));
+                    self.set_hdr(blk, h.prev, gap, fl);
                     self.insert(blk, gap);
                 }
                 start = blk + gap;
@@ -466,7 +494,9 @@ impl HeapCore {
             let taddr = start + bsize;
             // SAFETY: the tail of the block we took.
             unsafe {
-                self.set_hdr(taddr, start, t, F_FREE | if last { F_LAST } else { 0 });
+                // Its header and links lie past our data; the rest was ours: zeroed if ours was.
+                let fl = F_FREE | (h.flags & F_ZERO) | if last { F_LAST } else { 0 };
+                self.set_hdr(taddr, start, t, fl);
                 self.insert(taddr, t);
             }
             if !last {
@@ -491,7 +521,9 @@ impl HeapCore {
         }
         self.counters.alloc_count += 1;
         self.counters.requested += size;
-        Ok(Some(start + HEADER))
+        // The data starts past our header: inside the old block's links when there is no gap
+        // in front (hence LINKS to clear), past them otherwise.
+        Ok(Some((start + HEADER, h.flags & F_ZERO != 0)))
     }
 
     /// Verifies that `ptr` is an allocated block's user pointer; returns its header.
@@ -733,7 +765,7 @@ impl HeapCore {
                     h.addr,
                     h.prev,
                     front,
-                    F_FREE | F_LAST | (h.flags & F_PREV_FREE),
+                    F_FREE | F_LAST | (h.flags & (F_PREV_FREE | F_ZERO)),
                 );
                 self.insert(h.addr, front);
             }
@@ -748,7 +780,8 @@ impl HeapCore {
         if back > 0 {
             // SAFETY: the tail part of our free block: first of a new region.
             unsafe {
-                self.set_hdr(end, 0, back, F_FREE | if h.last() { F_LAST } else { 0 });
+                let fl = F_FREE | (h.flags & F_ZERO) | if h.last() { F_LAST } else { 0 };
+                self.set_hdr(end, 0, back, fl);
                 self.insert(end, back);
             }
         }
@@ -1029,7 +1062,7 @@ mod tests {
         );
         // SAFETY: the arena is ours, mapped, 4096-aligned, and outlives the heap use here.
         unsafe {
-            h.add_region(base, len);
+            h.add_region(base, len, true);
             let p = h
                 .alloc(size, 1)
                 .unwrap()
@@ -1055,7 +1088,7 @@ mod tests {
         let mut problems = Vec::new();
         // SAFETY: the arena is ours, mapped, 4096-aligned, and outlives the heap use here.
         unsafe {
-            h.add_region(base, 1 << 20);
+            h.add_region(base, 1 << 20, true);
             let p1 = h.alloc(100, 1).unwrap().unwrap();
             let p2 = h.alloc(5000, 4096).unwrap().unwrap();
             assert_eq!(p2 % 4096, 0);
@@ -1081,12 +1114,45 @@ mod tests {
     }
 
     #[test]
+    fn only_memory_nobody_wrote_is_reported_zeroed() {
+        let (mut h, a) = heap();
+        let base = a.base();
+        // SAFETY: as above; the arena is fresh anonymous memory, all zero.
+        unsafe {
+            h.add_region(base, 1 << 20, true);
+            // Carved from the new region: zero past the old links (the data starts where the
+            // region's links were).
+            let (p1, z1) = h.alloc_z(200, 1).unwrap().unwrap();
+            assert!(z1);
+            assert_eq!(p1, base + HEADER);
+            // Aligned with a gap in front: the data lies past any links.
+            let (p2, z2) = h.alloc_z(300, 4096).unwrap().unwrap();
+            assert!(z2);
+            let data = std::slice::from_raw_parts(p2 as *const u8, 300);
+            assert!(data.iter().all(|&b| b == 0));
+            // Written, freed, merged with the free tail: never zeroed again.
+            std::ptr::write_bytes(p1 as *mut u8, 0x5a, 200);
+            h.free(p1).unwrap();
+            let (p3, z3) = h.alloc_z(200, 1).unwrap().unwrap();
+            assert_eq!(p3, p1);
+            assert!(!z3);
+            h.free(p3).unwrap();
+            h.free(p2).unwrap();
+            assert!(!h.alloc_z(100, 1).unwrap().unwrap().1);
+            // A region said not to be zero is not.
+            let (mut h2, a2) = heap();
+            h2.add_region(a2.base(), 1 << 20, false);
+            assert!(!h2.alloc_z(64, 1).unwrap().unwrap().1);
+        }
+    }
+
+    #[test]
     fn overflow_into_next_header_is_caught() {
         let (mut h, a) = heap();
         let base = a.base();
         // SAFETY: as above; the test deliberately writes past p1's block into p2's header.
         unsafe {
-            h.add_region(base, 1 << 20);
+            h.add_region(base, 1 << 20, true);
             let p1 = h.alloc(64, 1).unwrap().unwrap();
             let p2 = h.alloc(64, 1).unwrap().unwrap();
             let (_, usable) = h.sizes(p1).unwrap();
@@ -1106,7 +1172,7 @@ mod tests {
         let base = a.base();
         // SAFETY: as above.
         unsafe {
-            h.add_region(base, 1 << 20);
+            h.add_region(base, 1 << 20, true);
             let p = h.alloc(100, 1).unwrap().unwrap();
             let f = h.free(p).unwrap();
             h.carve(f, base + 65536, base + 131072).unwrap();

@@ -36,7 +36,8 @@
 //! reports usable can be written (with `debug-cookies`, the cookie used to sit among them).
 
 use memplane_heap::tlsf::{
-    FL_COUNT, FreedBlock, GRAIN, HEADER, HeapCore, HeapCounters, HeapError, MAX_ALLOC, MIN_BLOCK,
+    FL_COUNT, FreedBlock, GRAIN, HEADER, HeapCore, HeapCounters, HeapError, LINKS, MAX_ALLOC,
+    MIN_BLOCK,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -248,8 +249,8 @@ impl Harness {
         let (base, len) = (a.base, a.len);
         self.arenas.push(a);
         // SAFETY: the arena is ours, mapped read-write, page-aligned, used by nothing else, and
-        // kept (in `self.arenas`) as long as the heap.
-        unsafe { self.core.add_region(base, len) };
+        // kept (in `self.arenas`) as long as the heap; fresh anonymous memory: all zero.
+        unsafe { self.core.add_region(base, len, true) };
         self.regions.push((base, base + len));
     }
 
@@ -261,7 +262,20 @@ impl Harness {
 
     fn h_alloc(&mut self, size: u64, align: u64) -> Result<Option<u64>, HeapError> {
         // SAFETY: every region is inside an arena we own, still mapped; one thread.
-        unsafe { self.core.alloc(size, align) }
+        let r = unsafe { self.core.alloc_z(size, align) }?;
+        if let Some((p, true)) = r {
+            // The heap says the data is zero past its links: check every byte of it.
+            let skip = LINKS.min(size);
+            // SAFETY: a fresh allocation of `size` bytes inside an arena we own.
+            let data = unsafe {
+                std::slice::from_raw_parts((p + skip) as *const u8, (size - skip) as usize)
+            };
+            assert!(
+                data.iter().all(|&b| b == 0),
+                "block {p:#x} ({size} bytes) said zeroed but is not"
+            );
+        }
+        Ok(r.map(|(p, _)| p))
     }
 
     fn h_free(&mut self, ptr: u64) -> Result<FreedBlock, HeapError> {
@@ -635,7 +649,7 @@ impl Harness {
         let (s, e) = self.holes.swap_remove(i);
         verify_fill(s, e - s, HOLE_BYTE, "carved hole");
         // SAFETY: the hole is part of an arena we own and the heap no longer uses it.
-        unsafe { self.core.add_region(s, e - s) };
+        unsafe { self.core.add_region(s, e - s, false) };
         self.regions.push((s, e));
     }
 
