@@ -670,7 +670,26 @@ where
 
     /// Frees `ptr` (allocated by any process). Whole pages left unused go back to the kernel.
     pub fn free(&self, ptr: NonNull<u8>) -> Result<(), AllocError> {
-        self.free_batch(&[ptr.as_ptr()])
+        let p = ptr.as_ptr() as u64;
+        let i = self.heap_index_of(p)?;
+        let back = {
+            let (_g, h) = self.shared.lock(i)?;
+            // The heap's own region table says whether the pointer is one of its blocks.
+            if h.region_of(p.saturating_sub(HEADER)).is_none() {
+                return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
+            }
+            // SAFETY: lock held; the block is in one of the heap's regions.
+            let f = unsafe { h.core.free(p)? };
+            if self.shrink.load(Ordering::Relaxed) {
+                self.carve_pages(h, f)
+            } else {
+                None
+            }
+        };
+        match back {
+            Some(r) => self.give_back(i, self.shared.map.node_of(i), r),
+            None => Ok(()),
+        }
     }
 
     /// If the free block `f` holds whole pages (not allocated up front), takes them out of the

@@ -160,18 +160,24 @@ pub struct FreedBlock {
 /// # Safety
 /// `addr` must be 8-aligned and lie in memory mapped readable in this process for the heap
 /// (a block header of one of its regions).
+///
+/// Plain (not volatile) accesses: the heap's memory changes only under its lock, whose
+/// acquisition makes every earlier holder's writes visible here, so the compiler may merge or
+/// drop repeated reads of one header within a lock hold.
+#[inline(always)]
 unsafe fn rd(addr: u64) -> u64 {
     // SAFETY: guaranteed by the caller.
-    unsafe { (addr as *const u64).read_volatile() }
+    unsafe { (addr as *const u64).read() }
 }
 
 /// Writes the u64 at `addr`.
 ///
 /// # Safety
 /// As [`rd`], and writable.
+#[inline(always)]
 unsafe fn wr(addr: u64, v: u64) {
     // SAFETY: guaranteed by the caller.
-    unsafe { (addr as *mut u64).write_volatile(v) }
+    unsafe { (addr as *mut u64).write(v) }
 }
 
 fn check_word(addr: u64, size_flags: u64, prev: u64) -> u64 {
