@@ -492,10 +492,10 @@ impl DmaMapper for VfioContainer {
     fn map(&self, vaddr: u64, iova: u64, len: u64) -> Result<(), DmaError> {
         check_range(Some(vaddr), iova, len)?;
         let arg = VfioIommuType1DmaMap::new(vaddr, iova, len);
-        // SAFETY: `self.fd` is open for the whole call. `arg` is a live, fully initialised
-        // `struct vfio_iommu_type1_dma_map` (layout checked against the header by the tests) with
-        // `argsz` equal to its size; VFIO only reads `argsz` bytes from it. Request numbers of
-        // type ';' 0x64..=0x7F belong to VFIO, so another driver refuses it without touching it.
+        // Request numbers of type ';' 0x64..=0x7F belong to VFIO: another driver refuses the call
+        // without touching the argument (its layout is checked against the header by the tests).
+        // SAFETY: `self.fd` is open for the call; `arg` is a live, fully initialised dma_map
+        // struct with `argsz` equal to its size, and VFIO reads only `argsz` bytes of it.
         let r = unsafe {
             libc::ioctl(
                 self.fd.as_raw_fd(),
@@ -519,11 +519,10 @@ impl DmaMapper for VfioContainer {
     fn unmap(&self, iova: u64, len: u64) -> Result<(), DmaError> {
         check_range(None, iova, len)?;
         let mut arg = VfioIommuType1DmaUnmap::new(iova, len);
-        // SAFETY: `self.fd` is open for the whole call. `arg` is a live, fully initialised,
-        // exclusively borrowed `struct vfio_iommu_type1_dma_unmap` header (layout checked against
-        // the header by the tests) with `argsz` equal to its size and no flags, so VFIO reads and
-        // writes back only those 24 bytes. Request numbers of type ';' 0x64..=0x7F belong to
-        // VFIO, so another driver refuses it without touching it.
+        // As for the map: a VFIO request number, a struct layout checked by the tests.
+        // SAFETY: `self.fd` is open for the call; `arg` is a live, fully initialised, exclusively
+        // borrowed dma_unmap struct with `argsz` equal to its size and no flags, so VFIO reads and
+        // writes back only those 24 bytes.
         let r = unsafe {
             libc::ioctl(
                 self.fd.as_raw_fd(),

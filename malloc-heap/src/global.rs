@@ -482,11 +482,10 @@ pub fn is_heap_pointer(p: *const u8) -> bool {
     in_heap(p)
 }
 
-// SAFETY: alloc returns either a system allocation for the layout, or a heap block of at least
-// the layout's size and alignment (cache classes are multiples of 16 and served only for
-// alignments up to 16; the heap's blocks are 32-aligned); dealloc routes each pointer back to the
-// allocator that produced it by address range, and cached blocks are only reused for layouts of
-// the same class.
+// Cache classes are multiples of 16 bytes and serve only alignments up to 16; heap blocks are
+// 32-aligned; cached blocks are reused only for layouts of the same class.
+// SAFETY: alloc returns a system allocation for the layout or a heap block at least as large and
+// aligned; dealloc routes each pointer back, by address range, to the allocator that produced it.
 unsafe impl GlobalAlloc for MemplaneAlloc {
     #[inline]
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {

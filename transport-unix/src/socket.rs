@@ -283,10 +283,9 @@ impl Socket {
             h.msg_hdr.msg_controllen = CMSG_BUF as _;
         }
         let n = loop {
-            // SAFETY: `hdrs` holds BATCH valid headers whose name, iovec and control pointers
-            // address live buffers of the stated sizes (a sockaddr_un, RECV_BUF bytes, CMSG_BUF
-            // bytes aligned for cmsghdr), exclusively borrowed for the call; a null timeout is
-            // allowed.
+            // SAFETY: the BATCH headers' name, iovec and control pointers address live, exclusively
+            // borrowed buffers of the stated sizes (sockaddr_un, RECV_BUF, CMSG_BUF bytes aligned
+            // for cmsghdr); a null timeout is allowed.
             let r = unsafe {
                 libc::recvmmsg(
                     self.fd.as_raw_fd(),
