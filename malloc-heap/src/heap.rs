@@ -120,6 +120,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The index of the heap on NUMA node `node`.
+    pub(crate) fn index(&self, node: u32) -> Result<usize, AllocError> {
+        self.map.heap_of(node).ok_or(AllocError::NoHeap(node))
+    }
+
     /// Locks heap `i`, repairing it first if its last holder died. The data reference is tied to
     /// the guard's lifetime: it is exclusive while the lock is held.
     #[allow(clippy::mut_from_ref)]
@@ -154,16 +159,11 @@ impl Hooks {
     fn add(&self, heap: u32, range: MemRange, zeroed: bool) -> Result<(), TxnStatus> {
         let i = self.shared.map.heap_of(heap).ok_or(TxnStatus::Invalid)?;
         let (_g, h) = self.shared.lock(i).map_err(|_| TxnStatus::Failed)?;
-        if !h.insert_region(Region {
-            start: range.addr,
-            end: range.addr + range.len,
-        }) {
+        // SAFETY: lock held; the pages are mapped in every attached process and belong to
+        // nobody; zero when the caller says so.
+        if !unsafe { h.add_range(range.addr, range.len, zeroed) } {
             return Err(TxnStatus::LimitExceeded);
         }
-        // SAFETY: the pages are mapped in every attached process and belong to nobody; zero
-        // when the caller says so.
-        unsafe { h.core.add_region(range.addr, range.len, zeroed) };
-        h.core.counters.regions = h.nregions;
         h.grows += 1;
         Ok(())
     }
@@ -371,9 +371,8 @@ where
         align: usize,
         zero: bool,
     ) -> Result<NonNull<u8>, AllocError> {
-        let p = self.alloc_on_raw(node, size, align)?;
+        let (p, known_zero) = self.alloc_on_raw(node, size, align)?;
         if zero {
-            let (p, known_zero) = p;
             let n = if known_zero {
                 size.min(LINKS as usize)
             } else {
@@ -382,7 +381,7 @@ where
             // SAFETY: `p` is a fresh allocation of at least `size` bytes, ours alone.
             unsafe { std::ptr::write_bytes(p.as_ptr(), 0, n) };
         }
-        Ok(p.0)
+        Ok(p)
     }
 
     /// The allocation itself: the block, and whether its data is zero past [`LINKS`] bytes.
@@ -396,11 +395,7 @@ where
         if size == 0 || size > MAX_ALLOC || !align.is_power_of_two() {
             return Err(AllocError::BadRequest { size, align });
         }
-        let i = self
-            .shared
-            .map
-            .heap_of(node)
-            .ok_or(AllocError::NoHeap(node))?;
+        let i = self.shared.index(node)?;
         if let Some(p) = self.try_alloc(i, size, align)? {
             return Ok(p);
         }
@@ -493,11 +488,7 @@ where
     ) -> Result<usize, AllocError> {
         let first = self.malloc_on(node, size, align)?;
         out[0] = first.as_ptr();
-        let i = self
-            .shared
-            .map
-            .heap_of(node)
-            .ok_or(AllocError::NoHeap(node))?;
+        let i = self.shared.index(node)?;
         let (_g, h) = self.shared.lock(i)?;
         let mut n = 1;
         while n < out.len() {
@@ -528,17 +519,13 @@ where
                     // The heap's own region table answers both "which heap" and "valid": a
                     // pointer outside it ends this run (the next looks up its heap), or is
                     // invalid if it starts the run.
-                    if h.region_of(p.saturating_sub(HEADER)).is_none() {
+                    if let Err(e) = h.check_ptr(p) {
                         if done == 0 {
-                            return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
+                            return Err(e.into());
                         }
                         break;
                     }
-                    // SAFETY: lock held; the block is in one of the heap's regions.
-                    let f = unsafe { h.core.free(p)? };
-                    // Pages go back through a transaction, which a channel thread must not wait
-                    // for: then they stay in the heap.
-                    if shrink && let Some(r) = self.carve_pages(h, f) {
+                    if let Some(r) = self.free_locked(h, p, shrink)? {
                         give_back.push(r);
                     }
                     done += 1;
@@ -562,15 +549,9 @@ where
                 MemError::Channel(_) | MemError::NoAnswer | MemError::Invalid(_)
             ) {
                 let (_g, h) = self.shared.lock(i)?;
-                if h.insert_region(Region {
-                    start: range.addr,
-                    end: range.addr + range.len,
-                }) {
-                    // SAFETY: the pages are still mapped (the free did not happen) and belong
-                    // to nobody since we took them out; not known to be zero.
-                    unsafe { h.core.add_region(range.addr, range.len, false) };
-                    h.core.counters.regions = h.nregions;
-                }
+                // SAFETY: lock held; the pages are still mapped (the free did not happen) and
+                // belong to nobody since we took them out; not known to be zero.
+                unsafe { h.add_range(range.addr, range.len, false) };
             }
         }
         Ok(())
@@ -601,10 +582,7 @@ where
             .mem
             .node_at(ptr)
             .ok_or(AllocError::Heap(HeapError::InvalidPointer { ptr }))?;
-        self.shared
-            .map
-            .heap_of(node)
-            .ok_or(AllocError::NoHeap(node))
+        self.shared.index(node)
     }
 
     /// The size asked for at `ptr` and the bytes usable there.
@@ -612,9 +590,7 @@ where
         let p = ptr.as_ptr() as u64;
         let i = self.heap_index_of(p)?;
         let (_g, h) = self.shared.lock(i)?;
-        if h.region_of(p.saturating_sub(HEADER)).is_none() {
-            return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
-        }
+        h.check_ptr(p)?;
         // SAFETY: lock held; the block lies in one of the heap's regions (checked).
         let (r, u) = unsafe { h.core.sizes(p)? };
         Ok((r as usize, u as usize))
@@ -643,9 +619,7 @@ where
         let i = self.heap_index_of(p)?;
         let old = {
             let (_g, h) = self.shared.lock(i)?;
-            if h.region_of(p.saturating_sub(HEADER)).is_none() {
-                return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
-            }
+            h.check_ptr(p)?;
             // SAFETY: lock held; the block is in one of the heap's regions.
             let (old, _) = unsafe { h.core.sizes(p)? };
             // SAFETY: as above.
@@ -675,21 +649,29 @@ where
         let back = {
             let (_g, h) = self.shared.lock(i)?;
             // The heap's own region table says whether the pointer is one of its blocks.
-            if h.region_of(p.saturating_sub(HEADER)).is_none() {
-                return Err(AllocError::Heap(HeapError::InvalidPointer { ptr: p }));
-            }
-            // SAFETY: lock held; the block is in one of the heap's regions.
-            let f = unsafe { h.core.free(p)? };
-            if self.shrink.load(Ordering::Relaxed) {
-                self.carve_pages(h, f)
-            } else {
-                None
-            }
+            h.check_ptr(p)?;
+            self.free_locked(h, p, self.shrink.load(Ordering::Relaxed))?
         };
         match back {
             Some(r) => self.give_back(i, self.shared.map.node_of(i), r),
             None => Ok(()),
         }
+    }
+
+    /// Frees the block at `p` (checked to lie in a region of `h`, whose lock is held); with
+    /// `shrink`, returns the whole pages it left free, taken out of the heap, to give back.
+    /// Pages go back through a transaction, which a channel thread must not wait for: then
+    /// they stay in the heap (see `carve_pages`).
+    #[inline]
+    fn free_locked(
+        &self,
+        h: &mut HeapData,
+        p: u64,
+        shrink: bool,
+    ) -> Result<Option<MemRange>, AllocError> {
+        // SAFETY: lock held; the block is in one of the heap's regions (caller's check).
+        let f = unsafe { h.core.free(p)? };
+        Ok(if shrink { self.carve_pages(h, f) } else { None })
     }
 
     /// If the free block `f` holds whole pages (not allocated up front), takes them out of the
@@ -737,11 +719,7 @@ where
 
     /// Statistics of the heap on `node`.
     pub fn stats(&self, node: u32) -> Result<HeapStats, AllocError> {
-        let i = self
-            .shared
-            .map
-            .heap_of(node)
-            .ok_or(AllocError::NoHeap(node))?;
+        let i = self.shared.index(node)?;
         let (_g, h) = self.shared.lock(i)?;
         let c = h.core.counters;
         Ok(HeapStats {
@@ -864,11 +842,7 @@ where
     /// Runs `f` while holding the lock of the heap on `node` (for a consistent view from tools,
     /// and for tests that kill a process holding the lock). `f` must not allocate from this heap.
     pub fn with_lock<R>(&self, node: u32, f: impl FnOnce() -> R) -> Result<R, AllocError> {
-        let i = self
-            .shared
-            .map
-            .heap_of(node)
-            .ok_or(AllocError::NoHeap(node))?;
+        let i = self.shared.index(node)?;
         let (_g, _h) = self.shared.lock(i)?;
         Ok(f())
     }

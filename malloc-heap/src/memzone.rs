@@ -369,6 +369,6 @@ where
 
     /// Memzones reserved now.
     pub fn memzone_count(&self) -> usize {
-        self.memzone_walk().len()
+        lock_table(self).map_or(0, |(_g, t)| t.count as usize)
     }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use memplane_hugepage::shared::SharedFile;
 
 use crate::lock::RobustMutex;
-use crate::tlsf::HeapCore;
+use crate::tlsf::{HEADER, HeapCore, HeapError};
 
 /// The file's name in the runtime directory.
 pub const FILE_NAME: &str = "memplane_heap";
@@ -309,6 +309,32 @@ impl HeapData {
         let r = self.regions();
         let i = r.partition_point(|x| x.end <= addr);
         r.get(i).copied().filter(|x| x.start <= addr)
+    }
+
+    /// Whether `ptr` is a user pointer inside one of the regions (its header is).
+    pub fn check_ptr(&self, ptr: u64) -> Result<(), HeapError> {
+        match self.region_of(ptr.saturating_sub(HEADER)) {
+            Some(_) => Ok(()),
+            None => Err(HeapError::InvalidPointer { ptr }),
+        }
+    }
+
+    /// Makes `[start, start + len)` a new region of the heap: in the table and one free block.
+    /// False (nothing changed) when the table is full.
+    ///
+    /// # Safety
+    /// As [`HeapCore::add_region`], with the heap's lock held.
+    pub unsafe fn add_range(&mut self, start: u64, len: u64, zeroed: bool) -> bool {
+        if !self.insert_region(Region {
+            start,
+            end: start + len,
+        }) {
+            return false;
+        }
+        // SAFETY: the caller's guarantees.
+        unsafe { self.core.add_region(start, len, zeroed) };
+        self.core.counters.regions = self.nregions;
+        true
     }
 
     /// Adds a region, keeping the table sorted. False when the table is full.

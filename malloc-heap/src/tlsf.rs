@@ -598,11 +598,16 @@ impl HeapCore {
             Some(n) => Some(unsafe { self.hdr(n)? }),
             None => None,
         };
-        // A free next block is merged, and the block after it relinked: verify that one too.
-        if let Some(n) = next.filter(|n| n.free() && !n.last()) {
-            // SAFETY: `n` is not last: the block after it is inside the region.
-            unsafe { self.hdr(n.addr + n.size)? };
-        }
+        // The block that will follow the merged one (a free next block is merged, so the one
+        // after it): verified now, relinked at the end. Nothing in between writes its header.
+        let follow = match next {
+            Some(n) if n.free() => match n.next() {
+                // SAFETY: `n` is not last: the block after it is inside the region.
+                Some(a) => Some(unsafe { self.hdr(a)? }),
+                None => None,
+            },
+            other => other,
+        };
         let before = if prev_free {
             // SAFETY: prev_phys of a verified header points inside the region.
             let p = unsafe { self.hdr(h.prev)? };
@@ -642,12 +647,9 @@ impl HeapCore {
             );
             self.insert(addr, size);
         }
-        if !last {
-            // SAFETY: the block after the merged one is inside the region.
-            unsafe {
-                let n = self.hdr(addr + size)?;
-                self.set_hdr(n.addr, addr, n.size, n.flags | F_PREV_FREE);
-            }
+        if let Some(n) = follow {
+            // SAFETY: the block after the merged one, verified above, inside the region.
+            unsafe { self.set_hdr(n.addr, addr, n.size, n.flags | F_PREV_FREE) };
         }
         self.counters.alloc_count -= 1;
         self.counters.requested -= req;
@@ -998,7 +1000,7 @@ impl HeapCore {
                         unsafe {
                             self.set_hdr(a, p, s, F_FREE);
                             self.insert(a, s);
-                            self.set_hdr(addr, a, h.size, (h.flags & !F_PREV_FREE) | F_PREV_FREE);
+                            self.set_hdr(addr, a, h.size, h.flags | F_PREV_FREE);
                         }
                     } else {
                         // SAFETY: inside the region.
