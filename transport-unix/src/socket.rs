@@ -385,7 +385,8 @@ impl RecvBatch {
     /// Closes the fds of datagrams not taken yet and forgets them.
     fn clear(&mut self) {
         for i in 0..self.n {
-            drop(self.take(i));
+            // Only the fds need closing (a taken datagram's control length is already 0).
+            drop(self.take_control(i));
         }
         self.n = 0;
     }

@@ -332,23 +332,35 @@ impl UnixTransport {
         deadline: Instant,
     ) -> Result<(), SendError> {
         use rustix::event::{PollFd, PollFlags};
+        // The probe said "room" and the send still found none (our own send buffer is full, or
+        // the probe is connected to an older socket at that path): poll in 1 ms steps then,
+        // rather than spin on a probe that keeps saying "room".
+        let mut refused = false;
         loop {
-            let left = deadline.saturating_duration_since(crate::clock::now());
+            let mut left = deadline.saturating_duration_since(crate::clock::now());
             if left.is_zero() {
                 return Err(SendError::Timeout);
+            }
+            if refused {
+                left = left.min(std::time::Duration::from_millis(1));
             }
             let timeout = rustix::time::Timespec {
                 tv_sec: left.as_secs() as i64,
                 tv_nsec: left.subsec_nanos() as i64,
             };
             let mut p = [PollFd::new(probe, PollFlags::OUT)];
-            match rustix::event::poll(&mut p, Some(&timeout)) {
-                Ok(_) | Err(Errno::INTR) => {}
+            let ready = match rustix::event::poll(&mut p, Some(&timeout)) {
+                Ok(n) => n > 0,
+                Err(Errno::INTR) => false,
                 Err(e) => return Err(SendError::Os(e.raw_os_error())),
+            };
+            if p[0].revents().intersects(PollFlags::ERR | PollFlags::HUP) {
+                // A probe of a socket that is gone: the next send makes a fresh one.
+                self.outbox.lock().wait_probes.remove(to);
             }
             match sock.send_to(to.path(), datagram, &fds.borrowed()) {
                 Ok(()) => return Ok(()),
-                Err(Errno::AGAIN) => {}
+                Err(Errno::AGAIN) => refused = ready,
                 Err(e) => {
                     self.outbox.lock().wait_probes.remove(to);
                     return Err(self.classify(to, e));
