@@ -316,9 +316,15 @@ where
                 lists: &specs,
             },
         )?;
+        // A start that fails from here on must not leave a valid-looking config behind for a
+        // secondary to attach to.
+        let cfg_path = cfg.path().to_owned();
         let lists: Vec<(u64, u32)> = specs.iter().map(|s| (s.page_size, s.n_segs)).collect();
-        let store = PageStore::create(code, &lists, huge_dir.as_deref(), prefix)?;
-        let map = MemMap::new(cfg, res, store, iova)?;
+        let map = PageStore::create(code, &lists, huge_dir.as_deref(), prefix)
+            .and_then(|store| MemMap::new(cfg, res, store, iova))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&cfg_path);
+            })?;
         let setup = MemSetup {
             backing: match code {
                 backing_code::MEMFD => "memfd (hugepages)",
@@ -516,12 +522,15 @@ where
                 .map
                 .store()
                 .shareable_fds()
-                .map(|all| {
+                .and_then(|all| {
+                    // All or none: one failed clone must not shift the others to the wrong
+                    // lists (none makes the secondary fail cleanly, "no memfd").
                     all.iter()
                         .skip(first)
                         .take(8)
-                        .filter_map(|f| f.try_clone().ok())
-                        .collect()
+                        .map(|f| f.try_clone())
+                        .collect::<Result<Vec<_>, _>>()
+                        .ok()
                 })
                 .unwrap_or_default();
             let name = Name::new(ACTION_FDS).unwrap_or_else(|_| unreachable!());

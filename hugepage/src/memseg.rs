@@ -386,15 +386,7 @@ impl MemMap {
             s.state.store(seg_state::USED, Ordering::Release);
             local.gens[li][(first + k) as usize] = g;
         }
-        l.used.fetch_add(n, Ordering::AcqRel);
-        self.cfg
-            .header()
-            .total_used
-            .fetch_add(n as u64 * ps, Ordering::AcqRel);
-        let v = l.version.fetch_add(1, Ordering::AcqRel) + 1;
-        if local.versions[li] + 1 == v {
-            local.versions[li] = v;
-        }
+        self.account(local, li, n, true);
         self.events.fire(MemEvent::Alloc, start, n as u64 * ps);
         Ok(MemRange {
             addr: start,
@@ -468,15 +460,7 @@ impl MemMap {
                 .store(seg_state::FREE, Ordering::Release);
             local.gens[li][k as usize] = 0;
         }
-        l.used.fetch_sub(n, Ordering::AcqRel);
-        self.cfg
-            .header()
-            .total_used
-            .fetch_sub(n as u64 * ps, Ordering::AcqRel);
-        let v = l.version.fetch_add(1, Ordering::AcqRel) + 1;
-        if local.versions[li] + 1 == v {
-            local.versions[li] = v;
-        }
+        self.account(&mut local, li, n, false);
         self.res.unmap(r.addr, r.len)?;
         let mut first_err = None;
         for k in first..first + n {
@@ -485,6 +469,25 @@ impl MemMap {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Counts `n` pages of list `li` as allocated (`alloc`) or freed, and bumps the list's
+    /// version; this process, if it was in line with the version before, is with the new one.
+    fn account(&self, local: &mut Local, li: usize, n: u32, alloc: bool) {
+        let l = self.cfg.list(li);
+        let bytes = n as u64 * l.page_size;
+        let total = &self.cfg.header().total_used;
+        if alloc {
+            l.used.fetch_add(n, Ordering::AcqRel);
+            total.fetch_add(bytes, Ordering::AcqRel);
+        } else {
+            l.used.fetch_sub(n, Ordering::AcqRel);
+            total.fetch_sub(bytes, Ordering::AcqRel);
+        }
+        let v = l.version.fetch_add(1, Ordering::AcqRel) + 1;
+        if local.versions[li] + 1 == v {
+            local.versions[li] = v;
+        }
     }
 
     /// Brings this process's mappings in line with the shared map: maps what is allocated and
