@@ -12,7 +12,6 @@
 //! Every result is one line starting `bench=`, `key=value` fields.
 
 use std::error::Error as StdError;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, mpsc};
@@ -25,6 +24,7 @@ use memplane_core::endpoint::EndpointError;
 use memplane_core::{Message, SendError};
 use memplane_unix::{Channel, Error, Fds, Incoming, MpChannel, PeerAddr, message};
 
+use super::mp::{on_signal, out, pct, us};
 use super::{ChannelOpts, parse_ms};
 
 type Result<T> = std::result::Result<T, Box<dyn StdError>>;
@@ -157,12 +157,6 @@ pub fn run(c: BenchCommand) -> Result<()> {
     }
 }
 
-fn out(line: String) {
-    let mut o = std::io::stdout().lock();
-    let _ = writeln!(o, "{line}");
-    let _ = o.flush();
-}
-
 /// The online CPUs, from `/sys/devices/system/cpu/online` (`0-1`, `0,2-3`).
 fn online_cpus() -> Option<u32> {
     let s = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
@@ -197,19 +191,6 @@ impl Common {
     fn placement(&self) -> String {
         self.placement.clone().unwrap_or_else(detect_placement)
     }
-}
-
-/// Percentile of sorted samples: the sample at rank round((n - 1) * p), as `dpdk_bench` does.
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn us(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1e6)
 }
 
 /// `n=.. min_us=.. p50_us=.. p90_us=.. p99_us=.. max_us=..` of the samples (sorted here).
@@ -317,20 +298,6 @@ fn serve(a: ServeArgs) -> Result<()> {
     let _ = stop.recv();
     stats(&ch, "serve");
     ch.close();
-    Ok(())
-}
-
-/// Sends on `tx` when SIGINT or SIGTERM arrives.
-fn on_signal(tx: mpsc::Sender<()>) -> Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if signals.forever().next().is_some() {
-                let _ = tx.send(());
-            }
-        })?;
     Ok(())
 }
 

@@ -165,7 +165,7 @@ fn fds_line(fds: &Fds, show: bool) -> String {
     s
 }
 
-fn out(line: String) {
+pub(super) fn out(line: String) {
     let mut o = std::io::stdout().lock();
     let _ = writeln!(o, "{line}");
     let _ = o.flush();
@@ -277,7 +277,7 @@ fn request(a: RequestArgs) -> Result<()> {
 }
 
 /// Percentile of sorted samples.
-fn pct(sorted: &[Duration], p: f64) -> Duration {
+pub(super) fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -285,7 +285,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn us(d: Duration) -> String {
+pub(super) fn us(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e6)
 }
 
@@ -333,7 +333,7 @@ fn peers(o: &ChannelOpts) -> Result<()> {
 }
 
 /// Sends on `tx` when SIGINT or SIGTERM arrives.
-fn on_signal(tx: mpsc::Sender<()>) -> Result<()> {
+pub(super) fn on_signal(tx: mpsc::Sender<()>) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()
