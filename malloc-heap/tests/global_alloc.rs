@@ -23,6 +23,14 @@ fn everything_runs_on_the_shared_heap() {
     let p = common::primary(&dir, MemOptions::new().no_huge());
     let heap = &p.heap;
     global::install(heap);
+    // Uninstalled however the test ends (a failed assertion too), before the heap goes.
+    struct Uninstall;
+    impl Drop for Uninstall {
+        fn drop(&mut self) {
+            global::uninstall();
+        }
+    }
+    let _uninstall = Uninstall;
 
     // Collections and strings of every size class and beyond.
     let mut v: Vec<u64> = (0..100_000).collect();
@@ -72,5 +80,4 @@ fn everything_runs_on_the_shared_heap() {
     drop((v, s, m, b, small));
     assert_eq!(global::stats().errors, 0);
     assert_eq!(heap.validate(), Ok(()));
-    global::uninstall();
 }
