@@ -489,8 +489,10 @@ fn memplane_not_ready_is_ignored_by_dpdk() {
         dpdk.say("go");
         // The request timeout is 5 s: an ignore ends it long before.
         let sent = Instant::now();
-        let st = dpdk.finish(STEP_TIMEOUT);
+        // Timed up to DPDK's result line, not its EAL teardown.
+        dpdk.expect_exact("nb_sent=0 nb_received=0", STEP_TIMEOUT);
         let took = sent.elapsed();
+        let st = dpdk.finish(STEP_TIMEOUT);
         assert!(!st.success(), "nothing answered, yet: {}", dpdk.report());
         dpdk.assert_line("nb_sent=0 nb_received=0");
         assert!(

@@ -22,6 +22,12 @@ use memplane_hugepage::{AllocSpec, Backing, IovaMode, MemError, MemOptions, Memo
 use memplane_testkit::{Child, TestDir, child_dir, hex, say, unhex};
 use memplane_unix::{Channel, ChannelConfig, MpChannel, ProcType};
 
+/// The file prefix of this test process's primaries: its hugepage files, and the stale ones it
+/// plants, never collide with another run's on the same host.
+fn prefix() -> String {
+    format!("mpt{}", std::process::id())
+}
+
 fn timeouts() -> Timeouts {
     Timeouts {
         step: Duration::from_secs(2),
@@ -41,7 +47,8 @@ fn primary(dir: &Dir, opts: MemOptions) -> Primary {
             .proc_type(ProcType::Primary),
     )
     .unwrap();
-    let (mem, _setup) = Memory::primary(ch.shared(), dir.path(), "mpt", &opts, timeouts()).unwrap();
+    let (mem, _setup) =
+        Memory::primary(ch.shared(), dir.path(), &prefix(), &opts, timeouts()).unwrap();
     Primary { mem, _ch: ch }
 }
 
@@ -314,15 +321,15 @@ fn hugepage_files_per_page_and_stale_files_cleaned() {
     let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());
     let before = free_hugepages(size);
     // A stale file of a dead primary with our prefix is removed at start.
-    let stale = mnt.join("mptmap_0_999");
+    let stale = mnt.join(format!("{}map_0_999", prefix()));
     std::fs::write(&stale, b"").unwrap();
     shared_memory_scenario(MemOptions::new().backing(Backing::FilePerPage(Some(mnt.to_owned()))));
     assert!(!stale.exists());
     assert!(
-        !std::fs::read_dir(mnt)
-            .unwrap()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("mptmap_")),
+        !std::fs::read_dir(mnt).unwrap().flatten().any(|e| e
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{}map_", prefix()))),
         "page files left behind"
     );
     assert_eq!(free_hugepages(size), before, "hugepages leaked");
