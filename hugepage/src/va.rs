@@ -36,15 +36,20 @@ fn anon_flags() -> MapFlags {
 }
 
 impl Reservation {
-    /// Reserves `len` bytes aligned to `align`, trying `hint` first (and a few addresses after
-    /// it), else wherever the kernel puts it.
+    /// Reserves `len` bytes aligned to `align`, trying `hint` first (and a few ranges right
+    /// after it, each one reservation further: what occupies the hint is often an earlier
+    /// reservation of the same size), else wherever the kernel puts it.
+    ///
+    /// Staying near the hint matters: high addresses are where the kernel puts other processes'
+    /// libraries and stacks, so a layout there is likely to collide with a secondary's own
+    /// mappings.
     pub fn anywhere(hint: u64, len: u64, align: u64) -> Result<Reservation, MemError> {
         let align = align.max(4096);
         let span = len
             .checked_add(align)
             .ok_or_else(|| MemError::Invalid(format!("reservation of {len} bytes")))?;
         for attempt in 0..5u64 {
-            let want = hint.saturating_add(attempt * align);
+            let want = hint.saturating_add(attempt.saturating_mul(span));
             // SAFETY: an anonymous PROT_NONE mapping with a non-fixed hint cannot alter any
             // existing mapping; the kernel picks a free range.
             let p = unsafe {
