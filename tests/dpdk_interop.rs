@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -32,10 +31,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
 // ---- environment and the C peer -------------------------------------------------------------
 
-/// Says why a test is skipped, straight to stderr so that libtest's capture does not hide it.
-fn skip(reason: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
-}
+use memplane_testkit::skip;
 
 fn tool_runs(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null())

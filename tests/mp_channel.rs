@@ -421,7 +421,7 @@ fn malformed_datagrams_rejected_without_leaks() {
 #[test]
 fn sender_with_another_uid_rejected() {
     if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED: sender_with_another_uid_rejected needs root to setuid(65534)");
+        memplane_testkit::skip("sender_with_another_uid_rejected needs root to setuid(65534)");
         return;
     }
     let dir = test_dir();

@@ -727,13 +727,13 @@ impl Drop for RestorePool {
 #[test]
 fn root_reserves_two_more_pages() {
     if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED: reserving hugepages needs root");
+        memplane_testkit::skip("reserving hugepages needs root");
         return;
     }
     let _live = live_lock();
     let info = discover::discover();
     let Some(before) = info.size(PageSize::SIZE_2M).map(|s| s.total - s.surplus) else {
-        eprintln!("SKIPPED: this kernel offers no 2M hugepages");
+        memplane_testkit::skip("this kernel offers no 2M hugepages");
         return;
     };
     let _restore = RestorePool { before };

@@ -292,7 +292,9 @@ fn hugepages_free() -> Option<u64> {
 #[test]
 fn hugepage_shared_memory_and_pages_return() {
     let Some(size) = hugepages_free() else {
-        eprintln!("SKIPPED: hugepage_shared_memory_and_pages_return: fewer than 16 free hugepages");
+        memplane_testkit::skip(
+            "hugepage_shared_memory_and_pages_return: fewer than 16 free hugepages",
+        );
         return;
     };
     let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());
@@ -304,7 +306,9 @@ fn hugepage_shared_memory_and_pages_return() {
 #[test]
 fn hugepage_files_per_page_and_stale_files_cleaned() {
     let Some(size) = hugepages_free() else {
-        eprintln!("SKIPPED: hugepage_files_per_page_and_stale_files_cleaned: no free hugepages");
+        memplane_testkit::skip(
+            "hugepage_files_per_page_and_stale_files_cleaned: no free hugepages",
+        );
         return;
     };
     let mnt = Path::new("/dev/hugepages");
@@ -313,8 +317,8 @@ fn hugepage_files_per_page_and_stale_files_cleaned() {
         .lines()
         .any(|l| l.contains(" /dev/hugepages hugetlbfs "));
     if !mounted {
-        eprintln!(
-            "SKIPPED: hugepage_files_per_page_and_stale_files_cleaned: /dev/hugepages not mounted"
+        memplane_testkit::skip(
+            "hugepage_files_per_page_and_stale_files_cleaned: /dev/hugepages not mounted",
         );
         return;
     }
@@ -467,7 +471,7 @@ fn dma_mapper_sees_every_page_before_and_after() {
 #[test]
 fn hugepage_single_file_segments() {
     let Some(size) = hugepages_free() else {
-        eprintln!("SKIPPED: hugepage_single_file_segments: no free hugepages");
+        memplane_testkit::skip("hugepage_single_file_segments: no free hugepages");
         return;
     };
     let mounted = std::fs::read_to_string("/proc/mounts")
@@ -475,7 +479,7 @@ fn hugepage_single_file_segments() {
         .lines()
         .any(|l| l.contains(" /dev/hugepages hugetlbfs "));
     if !mounted {
-        eprintln!("SKIPPED: hugepage_single_file_segments: /dev/hugepages not mounted");
+        memplane_testkit::skip("hugepage_single_file_segments: /dev/hugepages not mounted");
         return;
     }
     let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());

@@ -206,7 +206,7 @@ fn no_huge_heap_between_processes() {
 #[test]
 fn hugepage_heap_between_processes() {
     let Some(size) = default_hugepage_size().filter(|&s| free_hugepages(s) >= 32) else {
-        eprintln!("SKIPPED: hugepage_heap_between_processes: fewer than 32 free hugepages");
+        memplane_testkit::skip("hugepage_heap_between_processes: fewer than 32 free hugepages");
         return;
     };
     let before = free_hugepages(size);

@@ -170,3 +170,15 @@ pub fn unhex(s: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex byte"))
         .collect()
 }
+
+/// Says why a test is skipped, straight to stderr (libtest's capture would hide a skip of a
+/// passing test). With `MEMPLANE_NO_SKIP=1` in the environment (CI, which has root, hugepages
+/// and DPDK) a skip is a failure instead: nothing is skipped silently there.
+#[track_caller]
+pub fn skip(reason: &str) {
+    use std::io::Write as _;
+    if std::env::var_os("MEMPLANE_NO_SKIP").is_some_and(|v| v == "1") {
+        panic!("would skip, but MEMPLANE_NO_SKIP=1: {reason}");
+    }
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
+}
