@@ -22,10 +22,8 @@ use crate::shared::backing_code;
 pub enum PageStore {
     /// One memfd per list.
     Memfd {
-        /// The fds, by list index.
+        /// The fds, by list index (`MFD_HUGETLB` ones for hugepages).
         fds: Vec<OwnedFd>,
-        /// Hugepages (`MFD_HUGETLB`) or ordinary shared memory.
-        huge: bool,
     },
     /// One hugetlbfs file per page.
     FilePerPage {
@@ -110,7 +108,7 @@ impl PageStore {
                         .map_err(|e| MemError::io("size memfd", e.into()))?;
                     fds.push(fd);
                 }
-                Ok(PageStore::Memfd { fds, huge })
+                Ok(PageStore::Memfd { fds })
             }
             backing_code::FILE_PER_PAGE | backing_code::SINGLE_FILE => {
                 let dir = huge_dir
@@ -155,10 +153,7 @@ impl PageStore {
                         what: format!("{} list fds for {nlists} lists", memfds.len()),
                     });
                 }
-                Ok(PageStore::Memfd {
-                    fds: memfds,
-                    huge: code == backing_code::MEMFD,
-                })
+                Ok(PageStore::Memfd { fds: memfds })
             }
             backing_code::FILE_PER_PAGE => Ok(PageStore::FilePerPage {
                 dir: huge_dir.ok_or_else(|| MemError::Layout {
@@ -188,11 +183,6 @@ impl PageStore {
             PageStore::Memfd { fds, .. } => Some(fds),
             _ => None,
         }
-    }
-
-    /// Whether the pages are hugepages.
-    pub fn is_huge(&self) -> bool {
-        !matches!(self, PageStore::Memfd { huge: false, .. })
     }
 
     fn page_path(dir: &Path, prefix: &str, list: usize, seg: u32) -> PathBuf {

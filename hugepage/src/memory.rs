@@ -126,47 +126,31 @@ fn msg<F: memplane_core::Fds>(name: &str, m: &TxnMsg) -> Message<F> {
     Message::with_param(name, m.to_param())
 }
 
-fn read_u64(path: &str) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 /// The system's default hugepage size, from `/proc/meminfo`.
 pub fn default_hugepage_size() -> Option<u64> {
     let m = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let l = m.lines().find(|l| l.starts_with("Hugepagesize:"))?;
-    let kb: u64 = l.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb << 10)
+    crate::discover::parse_default_size(&m).map(|p| p.bytes())
 }
 
 /// Free hugepages of `size` bytes, system-wide.
 pub fn free_hugepages(size: u64) -> u64 {
-    read_u64(&format!(
+    std::fs::read_to_string(format!(
         "/sys/kernel/mm/hugepages/hugepages-{}kB/free_hugepages",
         size >> 10
     ))
+    .ok()
+    .and_then(|s| s.trim().parse().ok())
     .unwrap_or(0)
 }
 
 /// The NUMA nodes with memory (node 0 when the machine has no NUMA sysfs).
 pub fn memory_nodes() -> Vec<u32> {
-    let parse = |s: &str| -> Vec<u32> {
-        s.trim()
-            .split(',')
-            .filter(|x| !x.is_empty())
-            .flat_map(|r| match r.split_once('-') {
-                Some((a, b)) => match (a.parse::<u32>(), b.parse::<u32>()) {
-                    (Ok(a), Ok(b)) if a <= b && b < 1024 => (a..=b).collect(),
-                    _ => Vec::new(),
-                },
-                None => r.parse().map(|n| vec![n]).unwrap_or_default(),
-            })
-            .collect()
-    };
-    let v = std::fs::read_to_string("/sys/devices/system/node/has_memory")
+    std::fs::read_to_string("/sys/devices/system/node/has_memory")
         .or_else(|_| std::fs::read_to_string("/sys/devices/system/node/online"))
-        .map(|s| parse(&s))
-        .unwrap_or_default();
-    if v.is_empty() { vec![0] } else { v }
+        .ok()
+        .and_then(|s| crate::discover::parse_node_list(&s))
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| vec![0])
 }
 
 impl<C: Channel> Clone for Memory<C> {
@@ -981,9 +965,7 @@ where
         // Under the coordinator's lock, like every change of the map: a transaction's sync then
         // names the version its own change produced.
         let _txn = self.inner.primary.as_ref().map(|pr| pr.coord.lock());
-        let r = self.inner.map.allocate(&req, true)?;
-        let _ = r;
-        Ok(())
+        self.inner.map.allocate(&req, true).map(drop)
     }
 
     /// Frees whole pages `range` (allocated by any process).

@@ -9,10 +9,9 @@
 //! it already has.
 
 use std::os::fd::BorrowedFd;
-use std::ptr::NonNull;
 
 use rustix::io::Errno;
-use rustix::mm::{MapFlags, MprotectFlags, ProtFlags};
+use rustix::mm::{MapFlags, ProtFlags};
 
 use crate::error::MemError;
 
@@ -208,25 +207,6 @@ impl Reservation {
         }
         .map_err(|e| MemError::io(format!("unmap {len} bytes at {va:#x}"), e.into()))?;
         Ok(())
-    }
-
-    /// Makes `[va, va + len)` inaccessible without unmapping it (used by tests of the fault
-    /// paths).
-    pub fn protect_none(&self, va: u64, len: u64) -> Result<(), MemError> {
-        self.check(va, len)?;
-        // SAFETY: the range is inside our reservation; changing its protection only makes later
-        // accesses fault, it frees nothing.
-        unsafe { rustix::mm::mprotect(va as *mut _, len as usize, MprotectFlags::empty()) }
-            .map_err(|e| MemError::io("mprotect", e.into()))
-    }
-
-    /// A pointer to `va`, for the memory layer's own reads and writes.
-    pub fn ptr(&self, va: u64) -> Option<NonNull<u8>> {
-        if va >= self.base && va < self.base + self.len {
-            NonNull::new(va as *mut u8)
-        } else {
-            None
-        }
     }
 }
 
