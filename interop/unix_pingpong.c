@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -27,6 +28,19 @@
 #include <unistd.h>
 
 #define MAX_SIZE 4096
+
+/* What a failing run leaves behind, removed at exit by the process that made it. */
+static char cleanup_dir[64], cleanup_a[128], cleanup_b[128];
+static pid_t cleanup_owner;
+
+static void cleanup(void)
+{
+	if (getpid() != cleanup_owner || cleanup_dir[0] == 0)
+		return;
+	unlink(cleanup_a);
+	unlink(cleanup_b);
+	rmdir(cleanup_dir);
+}
 
 static void die(const char *what)
 {
@@ -156,6 +170,11 @@ int main(int argc, char **argv)
 		die("mkdtemp");
 	snprintf(pa, sizeof(pa), "%s/a", dir);
 	snprintf(pb, sizeof(pb), "%s/b", dir);
+	snprintf(cleanup_dir, sizeof(cleanup_dir), "%s", dir);
+	snprintf(cleanup_a, sizeof(cleanup_a), "%s", pa);
+	snprintf(cleanup_b, sizeof(cleanup_b), "%s", pb);
+	cleanup_owner = getpid();
+	atexit(cleanup);
 	fa = bound_socket(pa, &a);
 	fb = bound_socket(pb, &b);
 
@@ -163,6 +182,9 @@ int main(int argc, char **argv)
 	if (child < 0)
 		die("fork");
 	if (child == 0) {
+		/* The echo process goes with its parent, whichever way the parent ends. */
+		if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != cleanup_owner)
+			_exit(1);
 		close(fa);
 		echo(fb, &a, (size_t)size);
 	}
@@ -187,9 +209,8 @@ int main(int argc, char **argv)
 		kill(child, SIGKILL);
 	waitpid(child, &status, 0);
 	close(fa);
-	unlink(pa);
-	unlink(pb);
-	rmdir(dir);
+	cleanup();
+	cleanup_dir[0] = 0;
 
 	qsort(s, (size_t)count, sizeof(*s), cmp_u64);
 	printf("bench=rtt impl=bare placement=%s n=%ld min_us=%.1f p50_us=%.1f p90_us=%.1f "

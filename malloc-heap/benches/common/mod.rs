@@ -223,9 +223,32 @@ pub fn dpdk_cmd(bin: &Path, prefix: &str, secondary: bool, mode: &[&str]) -> Com
 
 /// A DPDK `--file-prefix` for this process: `$MPB_DPDK_PREFIX` (set by `bench/heap.sh`, which
 /// removes everything of that prefix at its exit) or `mpb`, then `tag` and the pid.
-pub fn dpdk_prefix(tag: &str) -> String {
+pub fn dpdk_prefix(tag: &str) -> DpdkPrefix {
     let base = std::env::var("MPB_DPDK_PREFIX").unwrap_or_else(|_| "mpb".into());
-    format!("{base}{tag}{}", std::process::id())
+    DpdkPrefix(format!("{base}{tag}{}", std::process::id()))
+}
+
+/// A DPDK file prefix whose runtime directory and hugepage files are removed when it drops,
+/// also when the benchmark panics (create it before the processes that use it).
+pub struct DpdkPrefix(String);
+
+impl std::ops::Deref for DpdkPrefix {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DpdkPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Drop for DpdkPrefix {
+    fn drop(&mut self) {
+        dpdk_cleanup(&self.0);
+    }
 }
 
 /// Removes DPDK's runtime directory and hugepage files of `prefix`.
