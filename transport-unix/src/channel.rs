@@ -498,17 +498,27 @@ impl MpChannel {
         msg: &Message<Fds>,
         timeout: Duration,
     ) -> Result<Replies, Error> {
+        let r = replies(self.request_pooled(peers, msg, timeout)?);
+        if self.role() == Role::Secondary && r.nb_sent == 0 && !peers.is_empty() {
+            return Err(Error::PrimaryGone);
+        }
+        Ok(r)
+    }
+
+    /// A sync request on a pooled request socket (refused on a channel thread).
+    fn request_pooled(
+        &self,
+        peers: &[PeerAddr],
+        msg: &Message<Fds>,
+        timeout: Duration,
+    ) -> Result<Reply<ReplyList>, Error> {
         if on_channel_thread() {
             return Err(Error::WouldDeadlock);
         }
         let mut rs = self.take_request_socket()?;
         let r = self.request_via(&mut rs, peers, msg, timeout);
         self.put_request_socket(rs);
-        let r = replies(r?);
-        if self.role() == Role::Secondary && r.nb_sent == 0 && !peers.is_empty() {
-            return Err(Error::PrimaryGone);
-        }
-        Ok(r)
+        r
     }
 
     fn request_via(
@@ -976,13 +986,7 @@ impl memplane_core::channel::Channel for MpChannel {
         msg: &Message<Fds>,
         timeout: Duration,
     ) -> Result<Reply<ReplyList>, Error> {
-        if on_channel_thread() {
-            return Err(Error::WouldDeadlock);
-        }
-        let mut rs = self.take_request_socket()?;
-        let r = self.request_via(&mut rs, peers, msg, timeout);
-        self.put_request_socket(rs);
-        r
+        self.request_pooled(peers, msg, timeout)
     }
 
     fn request_peers_async<D>(
@@ -995,32 +999,18 @@ impl memplane_core::channel::Channel for MpChannel {
     where
         D: FnOnce(&Self, Reply<ReplyList>) + Send + 'static,
     {
-        let t = now();
-        let s = self.ep.request_async_to(
-            peers,
-            msg,
-            t,
-            timeout,
-            Box::new(move |ch: &MpChannel, r: Replies| {
-                done(
-                    ch,
-                    Reply {
-                        nb_sent: r.nb_sent,
-                        nb_received: r.nb_received,
-                        timed_out: r.timed_out,
-                        replies: ReplyList(r.msgs),
-                    },
-                )
-            }),
-        )?;
-        match s.finished {
-            Some(f) => {
-                self.deferred.lock().push(f);
-                self.ep.transport().wake();
-            }
-            None => self.deadline_added(t.saturating_add(timeout)),
-        }
-        Ok(())
+        self.request_async_to(peers, msg, timeout, move |ch: &MpChannel, r: Replies| {
+            done(
+                ch,
+                Reply {
+                    nb_sent: r.nb_sent,
+                    nb_received: r.nb_received,
+                    timed_out: r.timed_out,
+                    replies: ReplyList(r.msgs),
+                },
+            )
+        })
+        .map(drop)
     }
 
     fn on_channel_thread(&self) -> bool {
