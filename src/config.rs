@@ -180,7 +180,9 @@ impl Drop for Process {
 
 /// Starts a process from `cfg`: opens the channel (resolving the role), then sets up the shared
 /// memory (primary) or attaches to it (secondary). The channel stays "not ready" until the
-/// memory actions are registered, so early requests are answered with "ignore", as DPDK does.
+/// memory actions are registered, so early requests are answered with "ignore", as DPDK does;
+/// with `ChannelConfig::ready(false)` it stays so until the caller, having registered its own
+/// actions, calls `MpChannel::set_ready`.
 pub fn init(cfg: Config) -> Result<Process, InitError> {
     let dir = cfg.channel.dir();
     let ch = Channel::open(cfg.channel.clone().ready(false)).map_err(InitError::Channel)?;
@@ -209,7 +211,9 @@ pub fn init(cfg: Config) -> Result<Process, InitError> {
             }
         }
     };
-    ch.set_ready();
+    if cfg.channel.ready {
+        ch.set_ready();
+    }
     Ok(Process {
         heap,
         memory,

@@ -357,7 +357,8 @@ pub fn primary(a: &super::PrimaryArgs) -> Result<()> {
     let (tx, stop) = mpsc::channel();
     on_signal(tx)?;
     let cfg = a.mem.apply(crate::Config {
-        channel: o.config(),
+        // Ready once the ping action is there: an early ping is answered "ignore", not lost.
+        channel: o.config().ready(false),
         ..crate::Config::default()
     });
     let p = cfg.init()?;
@@ -370,6 +371,7 @@ pub fn primary(a: &super::PrimaryArgs) -> Result<()> {
             }
         }
     })?;
+    ch.set_ready();
     if let Some(s) = &p.setup {
         if let Some(n) = &s.note {
             eprintln!("memplane: {n}");
