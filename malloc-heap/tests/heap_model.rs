@@ -6,27 +6,15 @@
 //! freed: `validate()` is clean and every page went back (heap size 0, no memory in use).
 
 use std::ptr::NonNull;
-use std::sync::{Mutex, OnceLock};
 
+use memplane_heap::Heap;
 use memplane_hugepage::MemOptions;
 use memplane_testkit::TestDir;
+use memplane_unix::MpChannel;
 use proptest::prelude::*;
+use proptest::test_runner::{FileFailurePersistence, TestCaseError, TestRunner};
 
 mod common;
-
-struct Fixture {
-    p: common::Primary,
-    _dir: TestDir,
-}
-
-fn fixture() -> &'static Mutex<Fixture> {
-    static F: OnceLock<Mutex<Fixture>> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = TestDir::new("mphm");
-        let p = common::primary(&dir, MemOptions::new().no_huge());
-        Mutex::new(Fixture { p, _dir: dir })
-    })
-}
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -80,73 +68,144 @@ fn fill(l: &Live) {
     unsafe { std::ptr::write_bytes(l.ptr.as_ptr(), l.fill, l.size) };
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 150, ..ProptestConfig::default() })]
+/// A case's live blocks; whatever a failed case leaves is freed when it drops, so the next case
+/// (and each shrinking step) starts from an empty heap.
+struct Lives<'a> {
+    h: &'a Heap<MpChannel>,
+    v: Vec<Live>,
+}
 
-    #[test]
-    fn heap_matches_its_model(ops in proptest::collection::vec(op(), 1..60)) {
-        let f = fixture().lock().unwrap_or_else(|e| e.into_inner());
-        let h = &f.p.heap;
-        let mut live: Vec<Live> = Vec::new();
-        let mut tag = 1u8;
-        for o in ops {
-            tag = tag.wrapping_add(1).max(1);
-            match o {
-                Op::Malloc { size, align_log, zero } => {
-                    let align = 1usize << align_log;
-                    let p = if zero { h.zmalloc(size, align) } else { h.malloc(size, align) }.unwrap();
-                    if zero {
-                        // SAFETY: a fresh allocation of `size` bytes.
-                        let s = unsafe { std::slice::from_raw_parts(p.as_ptr(), size) };
-                        prop_assert!(s.iter().all(|&b| b == 0), "zmalloc not zeroed");
-                    }
-                    let l = Live { ptr: p, size, align, fill: tag };
-                    fill(&l);
-                    live.push(l);
-                }
-                Op::Realloc { pick, size, align_log } if !live.is_empty() => {
-                    let i = pick % live.len();
-                    let align = 1usize << align_log;
-                    let old = live.swap_remove(i);
-                    prop_assert!(filled(&old), "block lost its contents before realloc");
-                    let p = h.realloc(Some(old.ptr), size, align).unwrap();
-                    let keep = old.size.min(size);
-                    // SAFETY: the block holds at least `keep` bytes.
-                    let s = unsafe { std::slice::from_raw_parts(p.as_ptr(), keep) };
-                    prop_assert!(s.iter().all(|&b| b == old.fill), "realloc lost contents");
-                    let l = Live { ptr: p, size, align, fill: tag };
-                    fill(&l);
-                    live.push(l);
-                }
-                Op::Free { pick } if !live.is_empty() => {
-                    let l = live.swap_remove(pick % live.len());
-                    prop_assert!(filled(&l), "block lost its contents");
-                    h.free(l.ptr).unwrap();
-                }
-                _ => {}
-            }
-            // Invariants after every step.
-            let mut spans: Vec<(usize, usize)> = live.iter().map(|l| (l.ptr.as_ptr() as usize, l.size)).collect();
-            spans.sort();
-            for w in spans.windows(2) {
-                prop_assert!(w[0].0 + w[0].1 <= w[1].0, "overlap {:x?}", w);
-            }
-            for l in &live {
-                prop_assert_eq!(l.ptr.as_ptr() as usize % l.align.max(32), 0);
-            }
-            let st = h.stats(0).unwrap();
-            prop_assert_eq!(st.alloc_count as usize, live.len());
-            prop_assert_eq!(st.requested as usize, live.iter().map(|l| l.size).sum::<usize>());
+impl Drop for Lives<'_> {
+    fn drop(&mut self) {
+        for l in self.v.drain(..) {
+            let _ = self.h.free(l.ptr);
         }
-        for l in &live {
-            prop_assert!(filled(l));
-        }
-        for l in live {
-            h.free(l.ptr).unwrap();
-        }
-        prop_assert_eq!(h.validate(), Ok(()));
-        let st = h.stats(0).unwrap();
-        prop_assert_eq!((st.alloc_count, st.heap_size, st.regions), (0, 0, 0), "{:?}", st);
-        prop_assert_eq!(h.memory().total_used(), 0);
     }
+}
+
+/// One heap for every case (a primary per case would dominate the run), owned by the test so
+/// that its runtime directory goes when the test ends.
+#[test]
+fn heap_matches_its_model() {
+    let dir = TestDir::new("mphm");
+    let p = common::primary(&dir, MemOptions::new().no_huge());
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 150,
+        source_file: Some(file!()),
+        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel(
+            "proptest-regressions",
+        ))),
+        ..ProptestConfig::default()
+    });
+    let r = runner.run(&proptest::collection::vec(op(), 1..60), |ops| {
+        run_case(&p.heap, ops)
+    });
+    if let Err(e) = r {
+        panic!("{e}");
+    }
+}
+
+fn run_case(h: &Heap<MpChannel>, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    prop_assert_eq!(
+        h.stats(0).unwrap().alloc_count,
+        0,
+        "a case starts on an empty heap"
+    );
+    let mut lives = Lives { h, v: Vec::new() };
+    let live = &mut lives.v;
+    let mut tag = 1u8;
+    for o in ops {
+        tag = tag.wrapping_add(1).max(1);
+        match o {
+            Op::Malloc {
+                size,
+                align_log,
+                zero,
+            } => {
+                let align = 1usize << align_log;
+                let p = if zero {
+                    h.zmalloc(size, align)
+                } else {
+                    h.malloc(size, align)
+                }
+                .unwrap();
+                if zero {
+                    // SAFETY: a fresh allocation of `size` bytes.
+                    let s = unsafe { std::slice::from_raw_parts(p.as_ptr(), size) };
+                    prop_assert!(s.iter().all(|&b| b == 0), "zmalloc not zeroed");
+                }
+                let l = Live {
+                    ptr: p,
+                    size,
+                    align,
+                    fill: tag,
+                };
+                fill(&l);
+                live.push(l);
+            }
+            Op::Realloc {
+                pick,
+                size,
+                align_log,
+            } if !live.is_empty() => {
+                let i = pick % live.len();
+                let align = 1usize << align_log;
+                let old = live.swap_remove(i);
+                prop_assert!(filled(&old), "block lost its contents before realloc");
+                let p = h.realloc(Some(old.ptr), size, align).unwrap();
+                let keep = old.size.min(size);
+                // SAFETY: the block holds at least `keep` bytes.
+                let s = unsafe { std::slice::from_raw_parts(p.as_ptr(), keep) };
+                prop_assert!(s.iter().all(|&b| b == old.fill), "realloc lost contents");
+                let l = Live {
+                    ptr: p,
+                    size,
+                    align,
+                    fill: tag,
+                };
+                fill(&l);
+                live.push(l);
+            }
+            Op::Free { pick } if !live.is_empty() => {
+                let l = live.swap_remove(pick % live.len());
+                prop_assert!(filled(&l), "block lost its contents");
+                h.free(l.ptr).unwrap();
+            }
+            _ => {}
+        }
+        // Invariants after every step.
+        let mut spans: Vec<(usize, usize)> = live
+            .iter()
+            .map(|l| (l.ptr.as_ptr() as usize, l.size))
+            .collect();
+        spans.sort();
+        for w in spans.windows(2) {
+            prop_assert!(w[0].0 + w[0].1 <= w[1].0, "overlap {:x?}", w);
+        }
+        for l in live.iter() {
+            prop_assert_eq!(l.ptr.as_ptr() as usize % l.align.max(32), 0);
+        }
+        let st = h.stats(0).unwrap();
+        prop_assert_eq!(st.alloc_count as usize, live.len());
+        prop_assert_eq!(
+            st.requested as usize,
+            live.iter().map(|l| l.size).sum::<usize>()
+        );
+    }
+    for l in live.iter() {
+        prop_assert!(filled(l));
+    }
+    for l in std::mem::take(live) {
+        h.free(l.ptr).unwrap();
+    }
+    prop_assert_eq!(h.validate(), Ok(()));
+    let st = h.stats(0).unwrap();
+    prop_assert_eq!(
+        (st.alloc_count, st.heap_size, st.regions),
+        (0, 0, 0),
+        "{:?}",
+        st
+    );
+    prop_assert_eq!(h.memory().total_used(), 0);
+    Ok(())
 }
