@@ -185,6 +185,17 @@ impl PageStore {
         }
     }
 
+    /// The one file of list `list` (memfd and single-file stores), which holds page `i` at
+    /// offset `i * page_size`; `None` for file-per-page stores.
+    pub fn list_fd(&self, list: usize) -> Option<BorrowedFd<'_>> {
+        match self {
+            PageStore::Memfd { fds, .. } | PageStore::SingleFile { fds, .. } => {
+                fds.get(list).map(|f| f.as_fd())
+            }
+            PageStore::FilePerPage { .. } => None,
+        }
+    }
+
     fn page_path(dir: &Path, prefix: &str, list: usize, seg: u32) -> PathBuf {
         dir.join(format!("{prefix}map_{list}_{seg}"))
     }

@@ -71,6 +71,34 @@ pub struct MemMap {
     dma: RwLock<Option<Arc<dyn DmaMapper>>>,
     /// Syncs still to fail on purpose (fault-injection tests of the rollback path).
     fail_syncs: std::sync::atomic::AtomicU32,
+    /// Each list's file is mapped whole over the list as a window ([`Reservation::map_window`]):
+    /// pages are opened and closed with `mprotect` instead of mapped one by one.
+    windows: bool,
+}
+
+/// Maps each list's file over the list as a window, when the store has one file per list and
+/// the kernel can populate on request; otherwise (or if one mapping fails, after putting the
+/// placeholders back) pages are mapped one by one.
+fn map_windows(cfg: &SharedConfig, res: &Reservation, store: &PageStore) -> bool {
+    if std::env::var_os("MEMPLANE_NO_WINDOWS").is_some() || !res.can_populate() {
+        return false;
+    }
+    let lists = (0..cfg.nlists()).map(|i| {
+        let l = cfg.list(i);
+        (i, l.base, l.n_segs as u64 * l.page_size)
+    });
+    for (i, base, len) in lists.clone() {
+        let ok = store
+            .list_fd(i)
+            .is_some_and(|fd| res.map_window(base, len, fd).is_ok());
+        if !ok {
+            for (_, base, len) in lists.take(i) {
+                let _ = res.unmap(base, len);
+            }
+            return false;
+        }
+    }
+    true
 }
 
 fn range_pages(r: &MemRange, base: u64, ps: u64) -> (u32, u32) {
@@ -100,6 +128,7 @@ impl MemMap {
         } else {
             None
         };
+        let windows = map_windows(&cfg, &res, &store);
         Ok(MemMap {
             cfg,
             res,
@@ -113,7 +142,47 @@ impl MemMap {
             events: EventRegistry::default(),
             dma: RwLock::new(None),
             fail_syncs: std::sync::atomic::AtomicU32::new(0),
+            windows,
         })
+    }
+
+    /// Maps pages `first..first + n` of list `li` here (the primary `creates` them: page files,
+    /// and population allocates the pages), populated.
+    fn map_pages(&self, li: usize, first: u32, n: u32, create: bool) -> Result<(), MemError> {
+        let l = self.cfg.list(li);
+        let ps = l.page_size;
+        let va = l.base + first as u64 * ps;
+        if self.windows {
+            return self.res.open_window(va, n as u64 * ps, true);
+        }
+        for k in 0..n {
+            let (src, off) = self.store.source(li, first + k, ps, create)?;
+            if let Err(e) = self
+                .res
+                .map_shared(va + k as u64 * ps, ps, src.fd(), off, true)
+            {
+                let _ = self.unmap_pages(va, k as u64 * ps);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmaps `[va, va + len)` here (the range stays reserved).
+    fn unmap_pages(&self, va: u64, len: u64) -> Result<(), MemError> {
+        if len == 0 {
+            return Ok(());
+        }
+        if self.windows {
+            self.res.close_window(va, len)
+        } else {
+            self.res.unmap(va, len)
+        }
+    }
+
+    /// Whether this process maps lists through windows (see [`Reservation::map_window`]).
+    pub fn uses_windows(&self) -> bool {
+        self.windows
     }
 
     /// The shared configuration.
@@ -329,21 +398,18 @@ impl MemMap {
         let start = l.base + first as u64 * ps;
         let mut iovas = Vec::with_capacity(n as usize);
         let undo = |done: u32| {
-            let _ = self.res.unmap(start, done as u64 * ps);
+            let _ = self.unmap_pages(start, done as u64 * ps);
             for k in 0..done {
                 let _ = self.store.release(li, first + k, ps);
             }
         };
+        if let Err(e) = self.map_pages(li, first, n, true) {
+            // Population may have allocated some pages of the run before it failed.
+            undo(n);
+            return Err(Some(e));
+        }
         for k in 0..n {
             let va = start + k as u64 * ps;
-            let mapped = self
-                .store
-                .source(li, first + k, ps, true)
-                .and_then(|(src, off)| self.res.map_shared(va, ps, src.fd(), off, true));
-            if let Err(e) = mapped {
-                undo(k);
-                return Err(Some(e));
-            }
             let iova = match self.iova_mode {
                 IovaMode::Va => va,
                 IovaMode::Pa => match self.pagemap.as_ref().and_then(|p| p.phys(va)) {
@@ -461,7 +527,7 @@ impl MemMap {
             local.gens[li][k as usize] = 0;
         }
         self.account(&mut local, li, n, false);
-        self.res.unmap(r.addr, r.len)?;
+        self.unmap_pages(r.addr, r.len)?;
         let mut first_err = None;
         for k in first..first + n {
             if let Err(e) = self.store.release(li, k, ps) {
@@ -607,26 +673,16 @@ impl MemMap {
                 i += 1;
             }
             let va = l.base + start as u64 * ps;
-            for (k, g) in gens.iter().enumerate() {
-                let seg = (start + k) as u32;
-                let r = self
-                    .store
-                    .source(li, seg, ps, false)
-                    .and_then(|(src, off)| {
-                        self.res
-                            .map_shared(va + k as u64 * ps, ps, src.fd(), off, true)
-                    });
-                if r.is_err() {
-                    if k > 0 {
-                        self.events.fire(MemEvent::Alloc, va, k as u64 * ps);
-                    }
-                    return Err(MemRange {
-                        addr: va + k as u64 * ps,
-                        len: (gens.len() - k) as u64 * ps,
-                    });
-                }
-                local.gens[li][start + k] = *g;
+            if self
+                .map_pages(li, start as u32, gens.len() as u32, false)
+                .is_err()
+            {
+                return Err(MemRange {
+                    addr: va,
+                    len: gens.len() as u64 * ps,
+                });
             }
+            local.gens[li][start..start + gens.len()].copy_from_slice(&gens);
             self.events
                 .fire(MemEvent::Alloc, va, gens.len() as u64 * ps);
         }
@@ -647,7 +703,7 @@ impl MemMap {
             let va = l.base + start as u64 * ps;
             let len = (i - start) as u64 * ps;
             self.events.fire(MemEvent::Free, va, len);
-            if self.res.unmap(va, len).is_err() {
+            if self.unmap_pages(va, len).is_err() {
                 return Err(MemRange { addr: va, len });
             }
             for k in start..i {
@@ -684,7 +740,7 @@ impl MemMap {
                 let va = l.base + start as u64 * ps;
                 let len = (i - start) as u64 * ps;
                 self.events.fire(MemEvent::Free, va, len);
-                let _ = self.res.unmap(va, len);
+                let _ = self.unmap_pages(va, len);
             }
         }
     }
