@@ -16,7 +16,8 @@
 # Placements (memzone_lookup and page_grow run in each; malloc_perf and alloc_pairs float, the
 # pairs' two threads being pinned to CPUs 0 and 1 like DPDK's lcores):
 #   float = no pinning (memplane's threads and processes go where the kernel puts them; DPDK with
-#           -l 0-1, so EAL pins each process's main thread to CPU 0);
+#           --lcores=0@(0-1), so its threads float over both CPUs as well: with -l 0-1 EAL would
+#           pin every DPDK thread of these benchmarks to CPU 0);
 #   cpu0  = every process under `taskset -c 0`, DPDK with -l 0 (no cross-CPU wake-ups, which cost
 #           tens of microseconds on this VM).
 #
@@ -193,11 +194,15 @@ wait_quiet() {
 RESULTS="$TMP/results.txt"
 : >"$RESULTS"
 run() { # [placement] name args... : runs a bench binary, its stdout to the results and the terminal
-  local pl=float
-  case "$1" in float|cpu0) pl=$1; shift ;; esac
+  local pl=float explicit=0
+  case "$1" in float|cpu0) pl=$1; explicit=1; shift ;; esac
   local name=$1; shift
   local pre=() lcores="0-1"
   if [ "$pl" = cpu0 ]; then pre=(taskset -c 0); lcores=0; fi
+  # Floating DPDK as memplane floats: with -l 0-1 EAL pins each main thread to CPU 0 and gives
+  # the control threads (rte_mp_handle) CPU 0 too, so a "float" DPDK would run on one CPU. The
+  # pairs need two pinned lcores (0 and 1), so only the benchmarks with placements float.
+  if [ "$pl" = float ] && [ "$explicit" = 1 ]; then lcores="--lcores=0@(0-1)"; fi
   wait_quiet
   log "heap.sh: [$pl] $name $*"
   MPB_DPDK_LCORES=$lcores "${pre[@]}" "$ROOT/$(bin "$name")" "$@" --placement "$pl" \

@@ -208,10 +208,16 @@ pub fn dpdk_bin(args: &Args) -> Option<PathBuf> {
 /// A DPDK process of the C program: EAL arguments for `prefix`, then `--`, then `mode`.
 pub fn dpdk_cmd(bin: &Path, prefix: &str, secondary: bool, mode: &[&str]) -> Command {
     let mut c = Command::new(bin);
-    // `-l 0-1` (two lcores, as the pairs need), or `$MPB_DPDK_LCORES` (`0` when `bench/heap.sh`
-    // runs everything on CPU 0).
+    // `-l 0-1` (two lcores, as the pairs need), or `$MPB_DPDK_LCORES`: a core list (`0` when
+    // `bench/heap.sh` runs everything on CPU 0) or a whole EAL option (`--lcores=0@(0-1)`: one
+    // lcore whose threads float over CPUs 0 and 1).
     let lcores = std::env::var("MPB_DPDK_LCORES").unwrap_or_else(|_| "0-1".into());
-    c.args(["-l", &lcores, "--no-pci", "--log-level", "lib.eal:error"]);
+    if lcores.starts_with("--") {
+        c.arg(&lcores);
+    } else {
+        c.args(["-l", &lcores]);
+    }
+    c.args(["--no-pci", "--log-level", "lib.eal:error"]);
     c.arg(format!("--file-prefix={prefix}"));
     if secondary {
         c.arg("--proc-type=secondary");
