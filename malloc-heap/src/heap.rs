@@ -486,14 +486,39 @@ where
         align: usize,
         out: &mut [*mut u8],
     ) -> Result<usize, AllocError> {
-        let first = self.malloc_on(node, size, align)?;
-        out[0] = first.as_ptr();
+        if out.is_empty() {
+            return Ok(0);
+        }
         let i = self.shared.index(node)?;
+        // The common case: the heap has room, one lock hold serves the whole batch.
+        let n = self.fill_batch(i, size, align, out, 0)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        // Nothing fits: the single-block path grows the heap (or says why it cannot), then the
+        // rest of the batch comes from what the growth brought.
+        out[0] = self.malloc_on(node, size, align)?.as_ptr();
+        self.fill_batch(i, size, align, out, 1)
+    }
+
+    /// Fills `out[n..]` from heap `i` under one hold of its lock, until it is full or the heap
+    /// has no fitting block; returns how many of `out` are filled.
+    fn fill_batch(
+        &self,
+        i: usize,
+        size: usize,
+        align: usize,
+        out: &mut [*mut u8],
+        mut n: usize,
+    ) -> Result<usize, AllocError> {
+        let (size, align) = (size as u64, align.max(1) as u64);
+        if size == 0 || size > MAX_ALLOC || !align.is_power_of_two() {
+            return Err(AllocError::BadRequest { size, align });
+        }
         let (_g, h) = self.shared.lock(i)?;
-        let mut n = 1;
         while n < out.len() {
             // SAFETY: lock held; the heap's regions are mapped here.
-            match unsafe { h.core.alloc(size as u64, align as u64)? } {
+            match unsafe { h.core.alloc(size, align)? } {
                 Some(p) => out[n] = p as *mut u8,
                 None => break,
             }

@@ -321,6 +321,38 @@ fn large_blocks_on_an_empty_heap_grow_it_exactly() {
 }
 
 #[test]
+fn batches_fill_from_one_hold_and_grow_an_empty_heap() {
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let h = &p.heap;
+    let mut none: [*mut u8; 0] = [];
+    assert_eq!(h.malloc_batch(0, 64, 16, &mut none).unwrap(), 0);
+    assert!(matches!(
+        h.malloc_batch(0, 0, 16, &mut [std::ptr::null_mut(); 4]),
+        Err(AllocError::BadRequest { .. })
+    ));
+    // An empty heap grows once, then the batch comes out of the new memory.
+    assert_eq!(h.stats(0).unwrap().heap_size, 0);
+    let mut out = [std::ptr::null_mut(); 32];
+    assert_eq!(h.malloc_batch(0, 64, 16, &mut out).unwrap(), 32);
+    let grown = h.stats(0).unwrap().heap_size;
+    assert!(grown > 0);
+    // A heap with room serves the next batch without growing.
+    let mut more = [std::ptr::null_mut(); 32];
+    assert_eq!(h.malloc_batch(0, 64, 16, &mut more).unwrap(), 32);
+    assert_eq!(h.stats(0).unwrap().heap_size, grown);
+    let mut all: Vec<u64> = out.iter().chain(&more).map(|&p| p as u64).collect();
+    assert!(all.iter().all(|p| p % 16 == 0));
+    all.sort_unstable();
+    assert!(all.windows(2).all(|w| w[1] - w[0] >= 64), "blocks overlap");
+    assert_eq!(h.stats(0).unwrap().alloc_count, 64);
+    h.free_batch(&out).unwrap();
+    h.free_batch(&more).unwrap();
+    assert_eq!(h.stats(0).unwrap().alloc_count, 0);
+    assert_eq!(h.validate(), Ok(()));
+}
+
+#[test]
 fn realloc_in_place_and_moving() {
     let dir = TestDir::new("mph");
     let p = primary(&dir, MemOptions::new().no_huge());
