@@ -339,6 +339,38 @@ impl HeapCore {
         self.counters.free_count -= 1;
     }
 
+    /// Moves the list node of free block `from` (of `old_size` bytes) to `to`, now a free block
+    /// of `new_size` bytes in the same class: it takes `from`'s place in its list, so the
+    /// bitmaps do not change (a split off the front or a merge into a free block in front
+    /// mostly stays in its class: classes are 1/32 wide above `SMALL`).
+    ///
+    /// # Safety
+    /// `from` is linked in list `mapping(old_size)`, which is `mapping(new_size)`; `to` is
+    /// inside the same free memory and at least `MIN_BLOCK` long; its link words may overlap
+    /// nothing but `from`'s own.
+    unsafe fn relink(&mut self, from: u64, old_size: u64, to: u64, new_size: u64) {
+        debug_assert_eq!(mapping(old_size), mapping(new_size));
+        // SAFETY: `from` is a linked free block; its neighbours in the list are free blocks.
+        unsafe {
+            let next = rd(from + 32);
+            let prev = rd(from + 40);
+            if to != from {
+                wr(to + 32, next);
+                wr(to + 40, prev);
+                if prev != 0 {
+                    wr(prev + 32, to);
+                } else {
+                    let (fl, sl) = mapping(new_size);
+                    self.heads[fl][sl] = to;
+                }
+                if next != 0 {
+                    wr(next + 40, to);
+                }
+            }
+        }
+        self.counters.free = self.counters.free - old_size + new_size;
+    }
+
     fn find(&self, size: u64) -> Option<(usize, usize)> {
         let (fl, sl) = mapping_search(size);
         if fl >= FL_COUNT {
@@ -453,8 +485,16 @@ impl HeapCore {
         if !h.free() {
             return Err(HeapError::Corrupt { block: blk });
         }
-        // SAFETY: as above.
-        unsafe { self.unlink(blk, h.size) };
+        // A split that leaves the tail in the block's class moves the list node instead of
+        // unlinking and inserting (see below); otherwise the block leaves its list now.
+        let plain = align <= GRAIN && {
+            let remain = h.size - need;
+            remain >= MIN_BLOCK && mapping(remain) == mapping(h.size)
+        };
+        if !plain {
+            // SAFETY: as above.
+            unsafe { self.unlink(blk, h.size) };
+        }
         let mut start = blk;
         let mut avail = h.size;
         let mut prev = h.prev;
@@ -503,7 +543,12 @@ impl HeapCore {
                 // Its header and links lie past our data; the rest was ours: zeroed if ours was.
                 let fl = F_FREE | (h.flags & F_ZERO) | if last { F_LAST } else { 0 };
                 self.set_hdr(taddr, start, t, fl);
-                self.insert(taddr, t);
+                if plain {
+                    // `blk` is still linked; the tail takes its place.
+                    self.relink(blk, h.size, taddr, t);
+                } else {
+                    self.insert(taddr, t);
+                }
             }
             if !last {
                 // SAFETY: the block after ours is inside the region (ours was not last).
@@ -624,16 +669,24 @@ impl HeapCore {
             size += n.size;
             last = n.last();
         }
+        // Merged into the free block in front, which stays in its class: it keeps its place in
+        // its list (same address), only its size grows.
+        let mut in_place = None;
         if let Some(p) = before {
+            let merged = size + p.size;
             // SAFETY: a verified free block; then our own header, which is about to be buried
             // inside the merged block, is left marked free, so a second free of `ptr` is seen
             // as the double free it is.
             unsafe {
-                self.unlink(p.addr, p.size);
+                if mapping(merged) == mapping(p.size) {
+                    in_place = Some(p.size);
+                } else {
+                    self.unlink(p.addr, p.size);
+                }
                 self.set_hdr(h.addr, h.prev, h.size, F_FREE);
             }
             addr = p.addr;
-            size += p.size;
+            size = merged;
             prev = p.prev;
             prev_free = p.prev_free();
         }
@@ -645,7 +698,10 @@ impl HeapCore {
                 size,
                 F_FREE | if last { F_LAST } else { 0 } | if prev_free { F_PREV_FREE } else { 0 },
             );
-            self.insert(addr, size);
+            match in_place {
+                Some(old) => self.relink(addr, old, addr, size),
+                None => self.insert(addr, size),
+            }
         }
         if let Some(n) = follow {
             // SAFETY: the block after the merged one, verified above, inside the region.
