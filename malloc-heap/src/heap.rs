@@ -328,12 +328,59 @@ where
         }
     }
 
+    /// The heap serving the caller's node: the one heap without a lookup, else the heap of the
+    /// node of the CPU it runs on (heap 0 for a node without one).
+    #[inline]
+    fn current_heap(&self) -> usize {
+        if self.shared.map.nheaps() == 1 {
+            return 0;
+        }
+        self.shared.map.heap_of(self.current_node()).unwrap_or(0)
+    }
+
     /// Allocates `size` bytes aligned to `align` on the caller's node (others if it is full).
+    #[inline]
     pub fn malloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, AllocError> {
+        // The common case in one piece: a valid request that the caller's heap serves at once.
+        // Anything else (a bad request, a full heap that must grow, an error to report) takes
+        // the general path, which checks and reports everything again.
+        if let Some((p, _)) = self.alloc_fast(size, align) {
+            return Ok(p);
+        }
         self.alloc_any(size, align, false)
     }
 
+    /// One lock hold on the caller's heap: the block, and whether its data is zero past
+    /// [`LINKS`] bytes; `None` when that does not simply succeed.
+    #[inline]
+    fn alloc_fast(&self, size: usize, align: usize) -> Option<(NonNull<u8>, bool)> {
+        let (size, align) = (size as u64, align.max(1) as u64);
+        if size == 0 || size > MAX_ALLOC || !align.is_power_of_two() {
+            return None;
+        }
+        let (_g, h) = self.shared.lock(self.current_heap()).ok()?;
+        // SAFETY: we hold the heap's lock; its regions are mapped here (a region joins a heap
+        // only once every attached process maps it).
+        let (p, z) = unsafe { h.core.alloc_z(size, align) }.ok()??;
+        Some((NonNull::new(p as *mut u8)?, z))
+    }
+
+    /// Zero-fills the first `size` bytes of the fresh block `p`: only its old links when the
+    /// rest is known to be zero.
+    #[inline]
+    fn clear(p: NonNull<u8>, size: usize, known_zero: bool) {
+        let n = if known_zero {
+            size.min(LINKS as usize)
+        } else {
+            size
+        };
+        // SAFETY: `p` is a fresh allocation of at least `size` bytes, ours alone.
+        unsafe { std::ptr::write_bytes(p.as_ptr(), 0, n) };
+    }
+
     /// [`Heap::malloc`], zero-filled when `zero`.
+    #[cold]
+    #[inline(never)]
     fn alloc_any(&self, size: usize, align: usize, zero: bool) -> Result<NonNull<u8>, AllocError> {
         let node = self.current_node();
         match self.alloc_on(node, size, align, zero) {
@@ -373,13 +420,7 @@ where
     ) -> Result<NonNull<u8>, AllocError> {
         let (p, known_zero) = self.alloc_on_raw(node, size, align)?;
         if zero {
-            let n = if known_zero {
-                size.min(LINKS as usize)
-            } else {
-                size
-            };
-            // SAFETY: `p` is a fresh allocation of at least `size` bytes, ours alone.
-            unsafe { std::ptr::write_bytes(p.as_ptr(), 0, n) };
+            Self::clear(p, size, known_zero);
         }
         Ok(p)
     }
@@ -565,6 +606,8 @@ where
         Ok(())
     }
 
+    #[cold]
+    #[inline(never)]
     fn give_back(&self, i: usize, node: u32, range: MemRange) -> Result<(), AllocError> {
         if let Err(e) = self.mem.free(range, node) {
             // The primary restores refused frees itself; a request that never reached it leaves
@@ -585,6 +628,10 @@ where
     /// [`Heap::malloc`], zero-filled. Memory fresh from the kernel is not cleared again (the
     /// heap knows which free blocks nobody has written since: see [`crate::tlsf`]).
     pub fn zmalloc(&self, size: usize, align: usize) -> Result<NonNull<u8>, AllocError> {
+        if let Some((p, z)) = self.alloc_fast(size, align) {
+            Self::clear(p, size, z);
+            return Ok(p);
+        }
         self.alloc_any(size, align, true)
     }
 
@@ -598,11 +645,19 @@ where
         self.zmalloc(total, align)
     }
 
+    #[inline]
     fn heap_index_of(&self, ptr: u64) -> Result<usize, AllocError> {
         // One heap: no lookup (the caller still checks the pointer against its regions).
         if self.shared.map.nheaps() == 1 {
             return Ok(0);
         }
+        self.heap_index_by_node(ptr)
+    }
+
+    /// [`Heap::heap_index_of`] with several heaps: the node of the page `ptr` lies in.
+    #[cold]
+    #[inline(never)]
+    fn heap_index_by_node(&self, ptr: u64) -> Result<usize, AllocError> {
         let node = self
             .mem
             .node_at(ptr)
@@ -668,6 +723,7 @@ where
     }
 
     /// Frees `ptr` (allocated by any process). Whole pages left unused go back to the kernel.
+    #[inline]
     pub fn free(&self, ptr: NonNull<u8>) -> Result<(), AllocError> {
         let p = ptr.as_ptr() as u64;
         let i = self.heap_index_of(p)?;
@@ -701,9 +757,20 @@ where
 
     /// If the free block `f` holds whole pages (not allocated up front), takes them out of the
     /// heap and returns them, to give back after the lock is released.
+    #[inline]
     fn carve_pages(&self, h: &mut HeapData, f: crate::tlsf::FreedBlock) -> Option<MemRange> {
         // No page fits in a smaller block: skip the page-size lookup.
-        if f.size < self.shared.min_page || self.mem.channel().on_channel_thread() {
+        if f.size < self.shared.min_page {
+            return None;
+        }
+        self.carve_whole_pages(h, f)
+    }
+
+    /// [`Heap::carve_pages`] for a block of at least one page.
+    #[cold]
+    #[inline(never)]
+    fn carve_whole_pages(&self, h: &mut HeapData, f: crate::tlsf::FreedBlock) -> Option<MemRange> {
+        if self.mem.channel().on_channel_thread() {
             return None;
         }
         let ps = self.mem.page_size_at(f.addr)?;
