@@ -17,8 +17,12 @@
 //! tables parsed from its output. With `--reps R` everything runs R times (interleaved) and the
 //! combined tables show medians per cell.
 //!
+//! Both heaps start alike: DPDK's holds EAL's own allocations (156 KB in one 2 MiB page) when
+//! its test starts, so memplane's holds a block of that size for the whole run (see
+//! `DPDK_START_HELD`); `--empty-start` runs memplane from an empty heap instead.
+//!
 //! `cargo bench -p memplane --bench malloc_perf -- [--reps R] [--modes huge,nohuge]
-//! [--dpdk-test PATH | --no-dpdk]`
+//! [--dpdk-test PATH | --no-dpdk] [--empty-start]`
 
 #[path = "../malloc-heap/benches/common/mod.rs"]
 mod common;
@@ -240,7 +244,15 @@ fn memzone_table(h: &Heap, us_per_gib: f64, out: &mut Tables) {
     }
 }
 
-fn memplane_run(no_huge: bool) -> (String, Tables) {
+/// What DPDK 22.11's heap holds when `malloc_perf_autotest` starts: EAL's own allocations,
+/// 155,904 bytes in the one 2 MiB page it has grown by then (measured here with
+/// `rte_malloc_get_socket_stats` right after `rte_eal_init`: total 2,097,152, free 1,941,248).
+/// memplane's heap starts empty, so its first row would grow a cold page that DPDK's does not;
+/// holding a block of this size for the whole run starts both heaps alike (`--empty-start`
+/// does not).
+const DPDK_START_HELD: usize = 155_904;
+
+fn memplane_run(no_huge: bool, held: usize) -> (String, Tables) {
     let dir = RunDir::new(if no_huge { "mpb-perf-nh" } else { "mpb-perf" });
     let mut cfg = memplane::Config::new()
         .runtime_dir(&dir.0)
@@ -256,10 +268,20 @@ fn memplane_run(no_huge: bool) -> (String, Tables) {
     println!("== memplane malloc_perf ({backing})");
     let h = p.heap();
     let per_gib = reference_memset(h);
+    let start = (held > 0).then(|| h.malloc(held, 0).expect("the start block"));
+    if held > 0 {
+        println!(
+            "Start: a {held}-byte block held for the whole run (DPDK's heap starts with EAL's \
+             allocations of that size in one page; --empty-start to start empty)"
+        );
+    }
     let mut t = Tables::new();
     malloc_table(h, false, &mut t);
     malloc_table(h, true, &mut t);
     memzone_table(h, per_gib, &mut t);
+    if let Some(b) = start {
+        h.free(b).expect("free the start block");
+    }
     assert_eq!(h.validate(), Ok(()));
     drop(p);
     (backing, t)
@@ -452,6 +474,11 @@ fn main() {
                 .unwrap_or_else(|| "dpdk-test".into()),
         )
     };
+    let held = if args.flag("--empty-start") {
+        0
+    } else {
+        DPDK_START_HELD
+    };
     let mut huge = Vec::new();
     let mut nohuge = Vec::new();
     let mut huge_label = String::new();
@@ -459,12 +486,12 @@ fn main() {
     for rep in 0..reps {
         eprintln!("malloc_perf: rep {}/{reps}", rep + 1);
         if modes.split(',').any(|m| m == "huge") {
-            let (b, t) = memplane_run(false);
+            let (b, t) = memplane_run(false, held);
             huge_label = b;
             huge.push(t);
         }
         if modes.split(',').any(|m| m == "nohuge") {
-            nohuge.push(memplane_run(true).1);
+            nohuge.push(memplane_run(true, held).1);
         }
         if let Some(d) = &dpdk_test
             && let Some(t) = dpdk_run(d)
