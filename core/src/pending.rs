@@ -264,23 +264,43 @@ impl<P> Slot<P> {
     }
 }
 
-/// FNV-1a, enough to spread (peer, name) keys over the buckets.
-struct Fnv(u64);
+/// A multiply-rotate hash taking 8 bytes a step, enough to spread (peer, name) keys over the
+/// buckets (not a defence against chosen keys: peers are processes of the same user).
+struct KeyHasher(u64);
 
-impl Hasher for Fnv {
+impl KeyHasher {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(Self::K);
+    }
+}
+
+impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
-        self.0
+        // The bucket index takes the low bits: fold the well-mixed high ones in.
+        self.0 ^ (self.0 >> 29)
     }
     fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= b as u64;
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            // The length keeps "ab" and "ab\0" apart.
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 59));
         }
     }
 }
 
 fn key_hash<P: Hash>(peer: &P, name: &Name) -> u64 {
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    let mut h = KeyHasher(0xcbf2_9ce4_8422_2325);
     peer.hash(&mut h);
     name.hash(&mut h);
     h.finish()

@@ -24,9 +24,20 @@ use memplane_core::limits::MAX_FDS;
 
 use crate::error::Error;
 
-/// The address of a peer: its socket path. Cheap to clone.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The address of a peer: its socket path. Cheap to clone. Equal when the paths are equal
+/// component by component.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PeerAddr(Arc<Path>);
+
+/// Hashes the socket's file name only: paths equal component by component have equal last
+/// components, and every socket of a runtime directory has its own name, so this spreads keys as
+/// well as the whole path would, at a fraction of the cost (`Path`'s own hash walks every
+/// component of the directory too, on every request and answer).
+impl std::hash::Hash for PeerAddr {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.file_name().hash(h);
+    }
+}
 
 impl PeerAddr {
     /// The peer at `path`.
@@ -491,6 +502,16 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn peer_addresses_equal_by_components_hash_alike() {
+        let a = PeerAddr::new("/tmp//mp-x/./mp_socket_1_2");
+        let b = PeerAddr::new("/tmp/mp-x/mp_socket_1_2");
+        assert_eq!(a, b);
+        let set: std::collections::HashSet<PeerAddr> = [a].into_iter().collect();
+        assert!(set.contains(&b));
+        assert!(!set.contains(&PeerAddr::new("/tmp/mp-x/mp_socket_1_3")));
     }
 
     #[test]
