@@ -23,6 +23,7 @@ use parking_lot::{Condvar, Mutex};
 use memplane_core::channel::{Channel, Incoming, Side};
 use memplane_core::message::{Fds as _, Message, Param};
 use memplane_core::name::Name;
+use memplane_core::pending::Reply;
 use memplane_core::time::Instant;
 use memplane_core::txn::{
     ACTION_REQUEST, ACTION_ROLLBACK, ACTION_SYNC, Action, AllocFlags, AllocRequest, Coordinator,
@@ -118,6 +119,16 @@ pub struct Memory<C: Channel> {
 fn now() -> Instant {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     Instant::from_nanos(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// What the answers to a sync or rollback broadcast of transaction `id` say.
+fn sync_outcome<C: Channel>(id: TxnId, r: Reply<C::Replies>) -> SyncOutcome {
+    let params: Vec<Param> = r
+        .replies
+        .into_iter()
+        .map(|(_, m)| m.into_parts().1)
+        .collect();
+    SyncOutcome::from_answers(id, r.nb_sent, params.iter().map(|p| p.as_slice()))
 }
 
 fn msg<F: memplane_core::Fds>(name: &str, m: &TxnMsg) -> Message<F> {
@@ -322,26 +333,16 @@ where
             va_len: map.reservation().len(),
             note,
         };
-        let inner = Arc::new(Inner {
-            ch,
-            map,
-            timeouts,
-            primary: Some(Primary {
-                coord: Mutex::new(Coordinator::new(timeouts)),
-                participants: Mutex::new(Vec::new()),
-                results: Mutex::new(HashMap::new()),
-                done: Condvar::new(),
-                timer: Arc::new(TimerShared::default()),
-                hooks: Mutex::new(None),
-                vfio: Mutex::new(None),
-            }),
-            next_id: AtomicU64::new(1),
-            stop: AtomicBool::new(false),
-            timer_thread: Mutex::new(None),
-            dir: dir.to_owned(),
-            requests: Mutex::new(()),
-        });
-        let mem = Memory { inner };
+        let primary = Primary {
+            coord: Mutex::new(Coordinator::new(timeouts)),
+            participants: Mutex::new(Vec::new()),
+            results: Mutex::new(HashMap::new()),
+            done: Condvar::new(),
+            timer: Arc::new(TimerShared::default()),
+            hooks: Mutex::new(None),
+            vfio: Mutex::new(None),
+        };
+        let mem = Memory::assemble(ch, map, timeouts, Some(primary), dir);
         mem.register_primary_actions()?;
         mem.start_timer()?;
         for (node, &mb) in opts.socket_mem.iter().enumerate() {
@@ -350,6 +351,29 @@ where
             }
         }
         Ok((mem, setup))
+    }
+
+    /// The parts of a primary's or a secondary's memory, before its actions are registered.
+    fn assemble(
+        ch: Arc<C>,
+        map: MemMap,
+        timeouts: Timeouts,
+        primary: Option<Primary<C::Peer>>,
+        dir: &Path,
+    ) -> Memory<C> {
+        Memory {
+            inner: Arc::new(Inner {
+                ch,
+                map,
+                timeouts,
+                primary,
+                next_id: AtomicU64::new(1),
+                stop: AtomicBool::new(false),
+                timer_thread: Mutex::new(None),
+                dir: dir.to_owned(),
+                requests: Mutex::new(()),
+            }),
+        }
     }
 
     /// Attaches a secondary to the primary's memory in `dir`.
@@ -376,18 +400,7 @@ where
             IovaMode::Va
         };
         let map = MemMap::new(cfg, res, store, iova)?;
-        let inner = Arc::new(Inner {
-            ch,
-            map,
-            timeouts,
-            primary: None,
-            next_id: AtomicU64::new(1),
-            stop: AtomicBool::new(false),
-            timer_thread: Mutex::new(None),
-            dir: dir.to_owned(),
-            requests: Mutex::new(()),
-        });
-        let mem = Memory { inner };
+        let mem = Memory::assemble(ch, map, timeouts, None, dir);
         mem.register_secondary_actions()?;
         mem.join()?;
         mem.inner.map.sync().map_err(|r| MemError::SyncFailed {
@@ -807,16 +820,7 @@ where
             // A user thread drives this transaction: wait right here, replies come straight
             // to this thread's request socket.
             let o = match ch.request_peers(&peers, &message, step) {
-                Ok(r) => SyncOutcome::from_answers(
-                    id,
-                    r.nb_sent,
-                    r.replies
-                        .into_iter()
-                        .map(|(_, m)| m.into_parts().1)
-                        .collect::<Vec<_>>()
-                        .iter()
-                        .map(|p| p.as_slice()),
-                ),
+                Ok(r) => sync_outcome::<C>(id, r),
                 Err(_) => SyncOutcome {
                     sent: 0,
                     ok: 0,
@@ -831,12 +835,7 @@ where
         let asked = peers.len();
         let r = ch.request_peers_async(&peers, &message, step, move |_, r| {
             let Some(inner) = w.upgrade() else { return };
-            let params: Vec<Param> = r
-                .replies
-                .into_iter()
-                .map(|(_, m)| m.into_parts().1)
-                .collect();
-            let o = SyncOutcome::from_answers(id, r.nb_sent, params.iter().map(|p| p.as_slice()));
+            let o = sync_outcome::<C>(id, r);
             let mem = Memory { inner };
             mem.after_broadcast(asked, &o);
             mem.drive(|c| {
