@@ -190,6 +190,12 @@ impl Drop for Proc {
     }
 }
 
+/// Whether memplane's channel threads run under `SCHED_BATCH` (`MPB_BATCH_SCHED=1`, as `memplane
+/// mp bench --batch-sched`): off by default, as DPDK's control thread.
+pub fn batch_sched() -> bool {
+    std::env::var_os("MPB_BATCH_SCHED").is_some_and(|v| v == "1")
+}
+
 /// The DPDK C program (`interop/dpdk_malloc_bench.c`, built by `bench/heap.sh`), if given with
 /// `--dpdk-bin` and present.
 pub fn dpdk_bin(args: &Args) -> Option<PathBuf> {
@@ -335,7 +341,8 @@ impl MpPrimary {
         let ch = Channel::open(
             ChannelConfig::new()
                 .runtime_dir(dir)
-                .proc_type(ProcType::Primary),
+                .proc_type(ProcType::Primary)
+                .batch_scheduling(batch_sched()),
         )
         .expect("open the primary's channel");
         let (mem, setup) = memplane_hugepage::Memory::primary(
@@ -387,7 +394,8 @@ impl MpSecondary {
         let ch = Channel::open(
             ChannelConfig::new()
                 .runtime_dir(dir)
-                .proc_type(ProcType::Secondary),
+                .proc_type(ProcType::Secondary)
+                .batch_scheduling(batch_sched()),
         )
         .expect("open the secondary's channel");
         let mem = memplane_hugepage::Memory::secondary(
