@@ -168,6 +168,16 @@ impl Process {
             .as_ref()
             .expect("process started with Config::without_memory")
     }
+
+    /// The shared memory, `None` if the process was started without memory.
+    pub fn try_mem(&self) -> Option<&Memory<MpChannel>> {
+        self.memory.as_ref()
+    }
+
+    /// The shared heap, `None` if the process was started without memory.
+    pub fn try_heap(&self) -> Option<&Heap<MpChannel>> {
+        self.heap.as_ref()
+    }
 }
 
 impl Drop for Process {
