@@ -49,7 +49,7 @@ struct Queued {
 #[derive(Default)]
 struct PeerQueue {
     items: VecDeque<Queued>,
-    probe: Option<OwnedFd>,
+    probe: Option<Arc<OwnedFd>>,
 }
 
 /// Counters of the outbox.
@@ -91,7 +91,7 @@ pub struct UnixTransport {
 /// What the service thread should poll for the outbox.
 pub struct OutboxPoll {
     /// Probe sockets of the busy peers (poll for `POLLOUT`).
-    pub probes: Vec<(PeerAddr, OwnedFd)>,
+    pub probes: Vec<(PeerAddr, Arc<OwnedFd>)>,
     /// The earliest deadline of a waiting datagram.
     pub deadline: Option<Instant>,
     /// Datagrams delivered by this flush.
@@ -226,7 +226,7 @@ impl UnixTransport {
             }
             if q.probe.is_none() {
                 match probe(peer.path()) {
-                    Ok(p) => q.probe = Some(p),
+                    Ok(p) => q.probe = Some(Arc::new(p)),
                     Err(_) => {
                         *total -= q.items.len();
                         stats.dropped += q.items.len() as u64;
@@ -234,8 +234,10 @@ impl UnixTransport {
                     }
                 }
             }
-            if let Some(p) = q.probe.as_ref().and_then(|p| p.try_clone().ok()) {
-                poll.probes.push((peer.clone(), p));
+            // Shared, not duplicated: a flush per service-thread turn costs no system call per
+            // busy peer.
+            if let Some(p) = &q.probe {
+                poll.probes.push((peer.clone(), p.clone()));
             }
             let d = q.items.front().map(|i| i.deadline);
             poll.deadline = match (poll.deadline, d) {
