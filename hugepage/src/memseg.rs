@@ -78,7 +78,9 @@ pub struct MemMap {
 
 /// Maps each list's file over the list as a window, when the store has one file per list and
 /// the kernel can populate on request; otherwise (or if one mapping fails, after putting the
-/// placeholders back) pages are mapped one by one.
+/// placeholders back) pages are mapped one by one. `MEMPLANE_NO_WINDOWS` in the environment
+/// forces the page-by-page way, for comparisons; the choice is this process's own (every
+/// process maps the same pages at the same addresses either way).
 fn map_windows(cfg: &SharedConfig, res: &Reservation, store: &PageStore) -> bool {
     if std::env::var_os("MEMPLANE_NO_WINDOWS").is_some() || !res.can_populate() {
         return false;
