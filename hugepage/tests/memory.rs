@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use memplane_core::txn::Timeouts;
+use memplane_core::txn::{Timeouts, TxnStatus};
 use memplane_hugepage::memory::{default_hugepage_size, free_hugepages};
 use memplane_hugepage::{AllocSpec, Backing, IovaMode, MemError, MemOptions, Memory};
 use memplane_testkit::{Child, TestDir, child_dir, hex, say, unhex};
@@ -414,6 +414,51 @@ fn hugepage_files_per_page_and_stale_files_cleaned() {
 
 /// Hugepage tests count the system's free pages: run them one at a time.
 static HUGE: Mutex<()> = Mutex::new(());
+
+#[test]
+fn growth_without_a_free_hugepage_fails_cleanly() {
+    let Some(size) = hugepages_free() else {
+        memplane_testkit::skip(
+            "growth_without_a_free_hugepage_fails_cleanly: fewer than 16 free hugepages",
+        );
+        return;
+    };
+    let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = new_dir();
+    let p = primary(&dir, MemOptions::new().backing(Backing::Memfd));
+    let mut s = secondary(&dir, &[]);
+    assert!(s.line().starts_with("ready"));
+    let before = free_hugepages(size);
+    // Another user of the machine takes every free hugepage.
+    let hog = rustix::fs::memfd_create(
+        "hog",
+        rustix::fs::MemfdFlags::CLOEXEC
+            | rustix::fs::MemfdFlags::HUGETLB
+            | rustix::fs::MemfdFlags::from_bits_retain(size.trailing_zeros() << 26),
+    )
+    .unwrap();
+    rustix::fs::ftruncate(&hog, before * size).unwrap();
+    rustix::fs::fallocate(&hog, rustix::fs::FallocateFlags::empty(), 0, before * size).unwrap();
+    assert_eq!(free_hugepages(size), 0);
+    // Growth in the primary and from the secondary: a clear out-of-memory error, nothing
+    // half-done (no page counted, nothing mapped anywhere).
+    match alloc(&p.mem, size) {
+        Err(MemError::Txn(TxnStatus::NoMemory)) | Err(MemError::NoMemory { .. }) => {}
+        other => panic!("primary growth without pages: {other:?}"),
+    }
+    let r = s.cmd(&format!("alloc {:x}", size));
+    assert!(r.starts_with("error") && r.contains("memory"), "{r}");
+    assert_eq!(p.mem.total_used(), 0);
+    // The pages come back: growth works again, and every page returns at the end.
+    drop(hog);
+    assert_eq!(free_hugepages(size), before);
+    let r = alloc(&p.mem, size).unwrap();
+    assert_eq!(s.cmd(&format!("mapped {:x}", r.addr)), "true");
+    p.mem.free(r, 0).unwrap();
+    drop(s);
+    drop(p);
+    assert_eq!(free_hugepages(size), before, "hugepages leaked");
+}
 
 #[test]
 fn secondary_with_taken_addresses_gets_a_clear_error() {
