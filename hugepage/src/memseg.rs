@@ -82,7 +82,7 @@ pub struct MemMap {
 /// forces the page-by-page way, for comparisons; the choice is this process's own (every
 /// process maps the same pages at the same addresses either way).
 fn map_windows(cfg: &SharedConfig, res: &Reservation, store: &PageStore) -> bool {
-    if std::env::var_os("MEMPLANE_NO_WINDOWS").is_some() || !res.can_populate() {
+    if std::env::var_os("MEMPLANE_NO_WINDOWS").is_some() || !crate::va::can_populate() {
         return false;
     }
     let lists = (0..cfg.nlists()).map(|i| {
@@ -155,7 +155,7 @@ impl MemMap {
         let ps = l.page_size;
         let va = l.base + first as u64 * ps;
         if self.windows {
-            return self.res.open_window(va, n as u64 * ps, true);
+            return self.res.open_window(va, n as u64 * ps);
         }
         for k in 0..n {
             let (src, off) = self.store.source(li, first + k, ps, create)?;
@@ -180,11 +180,6 @@ impl MemMap {
         } else {
             self.res.unmap(va, len)
         }
-    }
-
-    /// Whether this process maps lists through windows (see [`Reservation::map_window`]).
-    pub fn uses_windows(&self) -> bool {
-        self.windows
     }
 
     /// The shared configuration.

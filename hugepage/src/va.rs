@@ -21,6 +21,13 @@ use crate::error::MemError;
 /// The default start of the reservation (DPDK's, on 64-bit: 4 GiB).
 pub const DEFAULT_BASE: u64 = 1 << 32;
 
+/// Whether the kernel can populate a range on request (`MADV_POPULATE_WRITE`, Linux 5.14), which
+/// windows need: asked with an empty range at address 0, which the kernel checks and then skips.
+pub fn can_populate() -> bool {
+    // SAFETY: a zero-length madvise touches no memory; the kernel only validates the advice.
+    unsafe { libc::madvise(std::ptr::null_mut(), 0, libc::MADV_POPULATE_WRITE) == 0 }
+}
+
 /// An address range reserved (`PROT_NONE`) in this process; unmapped when dropped.
 pub struct Reservation {
     base: u64,
@@ -219,10 +226,10 @@ impl Reservation {
         Ok(())
     }
 
-    /// Makes `[va, va + len)` of a window readable and writable; with `populate` its pages are
-    /// faulted in for writing (allocated in the file where they are holes, so zero-filled), and
-    /// a page the kernel cannot supply is [`MemError::NoMemory`] here, not a `SIGBUS` later.
-    pub fn open_window(&self, va: u64, len: u64, populate: bool) -> Result<(), MemError> {
+    /// Makes `[va, va + len)` of a window readable and writable and faults its pages in for
+    /// writing (allocated in the file where they are holes, so zero-filled): a page the kernel
+    /// cannot supply is [`MemError::NoMemory`] here, not a `SIGBUS` later.
+    pub fn open_window(&self, va: u64, len: u64) -> Result<(), MemError> {
         self.check(va, len)?;
         // SAFETY: the range is inside our reservation and covered by a window mapping of the
         // memory layer's file; making it accessible changes no memory contents.
@@ -234,20 +241,18 @@ impl Reservation {
             )
         }
         .map_err(|e| MemError::io(format!("open {len} bytes at {va:#x}"), e.into()))?;
-        if populate {
-            // SAFETY: as above; populating only faults pages of the shared file in, the way a
-            // first write would.
-            let r = unsafe { libc::madvise(va as *mut _, len as usize, libc::MADV_POPULATE_WRITE) };
-            if r != 0 {
-                let e = std::io::Error::last_os_error();
-                let _ = self.close_window(va, len);
-                return Err(match e.raw_os_error() {
-                    Some(libc::ENOMEM | libc::EFAULT) => MemError::NoMemory {
-                        what: format!("no page to map at {va:#x} ({len} bytes)"),
-                    },
-                    _ => MemError::io(format!("populate {len} bytes at {va:#x}"), e),
-                });
-            }
+        // SAFETY: as above; populating only faults pages of the shared file in, the way a
+        // first write would.
+        let r = unsafe { libc::madvise(va as *mut _, len as usize, libc::MADV_POPULATE_WRITE) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            let _ = self.close_window(va, len);
+            return Err(match e.raw_os_error() {
+                Some(libc::ENOMEM | libc::EFAULT) => MemError::NoMemory {
+                    what: format!("no page to map at {va:#x} ({len} bytes)"),
+                },
+                _ => MemError::io(format!("populate {len} bytes at {va:#x}"), e),
+            });
         }
         Ok(())
     }
@@ -268,13 +273,6 @@ impl Reservation {
         }
         .map_err(|e| MemError::io(format!("close {len} bytes at {va:#x}"), e.into()))?;
         Ok(())
-    }
-
-    /// Whether the kernel can populate a range on request (`MADV_POPULATE_WRITE`, Linux 5.14),
-    /// which windows need: asked with an empty range, which the kernel checks and then skips.
-    pub fn can_populate(&self) -> bool {
-        // SAFETY: a zero-length madvise at our own page-aligned base touches nothing.
-        unsafe { libc::madvise(self.base as *mut _, 0, libc::MADV_POPULATE_WRITE) == 0 }
     }
 
     /// Replaces `[va, va + len)` by a fresh `PROT_NONE` placeholder: the pages are no longer
@@ -310,30 +308,13 @@ impl Drop for Reservation {
 mod tests {
     use super::*;
 
-    /// The permissions `/proc/self/maps` shows for the mapping that contains `va`.
-    fn perms_at(va: u64) -> String {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        for l in maps.lines() {
-            let (range, rest) = l.split_once(' ').unwrap();
-            let (a, b) = range.split_once('-').unwrap();
-            let (a, b) = (
-                u64::from_str_radix(a, 16).unwrap(),
-                u64::from_str_radix(b, 16).unwrap(),
-            );
-            if (a..b).contains(&va) {
-                return rest[..4].to_owned();
-            }
-        }
-        panic!("{va:#x} is not mapped");
-    }
-
     #[test]
     fn a_window_opens_populated_and_closes() {
         use std::os::fd::AsFd;
         let page = 4096u64;
         let len = 16 * page;
         let r = Reservation::anywhere(DEFAULT_BASE << 5, len, 1 << 21).unwrap();
-        if !r.can_populate() {
+        if !can_populate() {
             memplane_testkit::skip("the kernel has no MADV_POPULATE_WRITE (Linux < 5.14)");
             return;
         }
@@ -341,16 +322,16 @@ mod tests {
             rustix::fs::memfd_create("va-window-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         rustix::fs::ftruncate(&fd, len).unwrap();
         r.map_window(r.base(), len, fd.as_fd()).unwrap();
-        assert_eq!(perms_at(r.base()), "---s");
+        assert_eq!(memplane_testkit::map_perms("self", r.base()), "---s");
         let va = r.base() + 4 * page;
-        r.open_window(va, 2 * page, true).unwrap();
-        assert_eq!(perms_at(va), "rw-s");
+        r.open_window(va, 2 * page).unwrap();
+        assert_eq!(memplane_testkit::map_perms("self", va), "rw-s");
         assert_eq!(
-            perms_at(va - page),
+            memplane_testkit::map_perms("self", va - page),
             "---s",
             "only the opened pages are accessible"
         );
-        assert_eq!(perms_at(va + 2 * page), "---s");
+        assert_eq!(memplane_testkit::map_perms("self", va + 2 * page), "---s");
         // Populated: the file now holds those two pages, zero-filled.
         let st = rustix::fs::fstat(&fd).unwrap();
         assert_eq!(st.st_blocks as u64 * 512, 2 * page);
@@ -358,11 +339,8 @@ mod tests {
         let first = unsafe { std::ptr::read_volatile(va as *const u64) };
         assert_eq!(first, 0);
         r.close_window(va, 2 * page).unwrap();
-        assert_eq!(perms_at(va), "---s");
-        assert!(
-            r.open_window(r.base() + len, page, false).is_err(),
-            "outside"
-        );
+        assert_eq!(memplane_testkit::map_perms("self", va), "---s");
+        assert!(r.open_window(r.base() + len, page).is_err(), "outside");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::Duration;
 use memplane_core::txn::{Timeouts, TxnStatus};
 use memplane_hugepage::memory::{default_hugepage_size, free_hugepages};
 use memplane_hugepage::{AllocSpec, Backing, IovaMode, MemError, MemOptions, Memory};
-use memplane_testkit::{Child, TestDir, child_dir, hex, say, unhex};
+use memplane_testkit::{Child, TestDir, child_dir, hex, map_perms, say, unhex};
 use memplane_unix::{Channel, ChannelConfig, MpChannel, ProcType};
 
 /// The file prefix of this test process's primaries: its hugepage files, and the stale ones it
@@ -279,32 +279,6 @@ fn shared_memory_scenario(opts: MemOptions) {
     drop(s);
 }
 
-/// The permissions `/proc/PID/maps` shows for the mapping of process `pid` that holds `va`.
-fn perms_at(pid: &str, va: u64) -> String {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    for l in maps.lines() {
-        let (range, rest) = l.split_once(' ').unwrap();
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (
-            u64::from_str_radix(a, 16).unwrap(),
-            u64::from_str_radix(b, 16).unwrap(),
-        );
-        if (a..b).contains(&va) {
-            return rest[..4].to_owned();
-        }
-    }
-    panic!("{va:#x} is not mapped in {pid}");
-}
-
-/// Whether this kernel has `MADV_POPULATE_WRITE` (Linux 5.14), which windows need.
-fn kernel_can_populate() -> bool {
-    let page = vec![0u8; 8192];
-    let aligned = (page.as_ptr() as usize).next_multiple_of(4096);
-    // SAFETY: a zero-length madvise at a page-aligned address inside our own buffer touches
-    // nothing; the kernel only checks the advice.
-    unsafe { libc::madvise(aligned as *mut _, 0, libc::MADV_POPULATE_WRITE) == 0 }
-}
-
 #[test]
 fn windows_and_page_by_page_mappings_agree() {
     // One secondary maps each list's memfd as a window (the default), another page by page
@@ -337,17 +311,17 @@ fn windows_and_page_by_page_mappings_agree() {
         b"page by page"
     );
     assert_eq!(read_at(r.addr + 64, 12), b"page by page");
-    assert_eq!(perms_at(&wpid, r.addr), "rw-s");
-    assert_eq!(perms_at(&npid, r.addr), "rw-s");
+    assert_eq!(map_perms(&wpid, r.addr), "rw-s");
+    assert_eq!(map_perms(&npid, r.addr), "rw-s");
     // Freed: inaccessible in both, a closed window in one (on kernels that can populate on
     // request; page by page on older ones), a private placeholder in the other.
     p.mem.free(r, 0).unwrap();
-    let windows = kernel_can_populate();
+    let windows = memplane_hugepage::va::can_populate();
     assert_eq!(
-        perms_at(&wpid, r.addr),
+        map_perms(&wpid, r.addr),
         if windows { "---s" } else { "---p" }
     );
-    assert_eq!(perms_at(&npid, r.addr), "---p");
+    assert_eq!(map_perms(&npid, r.addr), "---p");
     assert_eq!(w.cmd(&format!("mapped {:x}", r.addr)), "false");
     assert_eq!(n.cmd(&format!("mapped {:x}", r.addr)), "false");
 }

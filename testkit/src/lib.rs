@@ -171,6 +171,27 @@ pub fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// The permissions (`rw-s`, `---p`, ...) that `/proc/<pid>/maps` shows for the mapping holding
+/// `va`; `pid` is a process id or `self`. Panics if nothing is mapped there.
+pub fn map_perms(pid: &str, va: u64) -> String {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("read maps");
+    for l in maps.lines() {
+        let Some((range, rest)) = l.split_once(' ') else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if (a..b).contains(&va) {
+            return rest.get(..4).unwrap_or(rest).to_owned();
+        }
+    }
+    panic!("{va:#x} is not mapped in process {pid}");
+}
+
 /// Says why a test is skipped, straight to stderr (libtest's capture would hide a skip of a
 /// passing test). With `MEMPLANE_NO_SKIP=1` in the environment (CI, which has root, hugepages
 /// and DPDK) a skip is a failure instead: nothing is skipped silently there.
