@@ -13,10 +13,11 @@
 //! is memory the kernel handed out cleared and nobody has written since (a new region, and the
 //! pieces split off it), so a zeroed allocation from it clears only the 16 bytes of the old links
 //! (DPDK gets the same effect by clearing memory at every free). Any block freed by a user is
-//! not zeroed, and neither is a block merged with one. Every header read is verified against its check word, so an overflow that
-//! tramples the next header, a free of a wild pointer, or a double free is reported as a
-//! [`HeapError`] instead of corrupting the heap further. Regions carry no sentinel: a fully free
-//! region is one free block covering it exactly, so its pages can go back to the kernel whole.
+//! not zeroed, and neither is a block merged with one. Every header read is verified against its
+//! check word, so an overflow that tramples the next header, a free of a wild pointer, or a
+//! double free is reported as a [`HeapError`] instead of corrupting the heap further. Regions
+//! carry no sentinel: a fully free region is one free block covering it exactly, so its pages
+//! can go back to the kernel whole.
 //!
 //! With the `debug-cookies` feature, every allocation also gets a cookie after its data, checked
 //! at free and by validation.
@@ -341,31 +342,28 @@ impl HeapCore {
 
     /// Moves the list node of free block `from` (of `old_size` bytes) to `to`, now a free block
     /// of `new_size` bytes in the same class: it takes `from`'s place in its list, so the
-    /// bitmaps do not change (a split off the front or a merge into a free block in front
-    /// mostly stays in its class: classes are 1/32 wide above `SMALL`).
+    /// bitmaps do not change (a split off the front mostly stays in its class: classes are
+    /// 1/32 wide above `SMALL`).
     ///
     /// # Safety
     /// `from` is linked in list `mapping(old_size)`, which is `mapping(new_size)`; `to` is
-    /// inside the same free memory and at least `MIN_BLOCK` long; its link words may overlap
-    /// nothing but `from`'s own.
+    /// inside the same free memory, past `from`'s links, and at least `MIN_BLOCK` long.
     unsafe fn relink(&mut self, from: u64, old_size: u64, to: u64, new_size: u64) {
         debug_assert_eq!(mapping(old_size), mapping(new_size));
         // SAFETY: `from` is a linked free block; its neighbours in the list are free blocks.
         unsafe {
             let next = rd(from + 32);
             let prev = rd(from + 40);
-            if to != from {
-                wr(to + 32, next);
-                wr(to + 40, prev);
-                if prev != 0 {
-                    wr(prev + 32, to);
-                } else {
-                    let (fl, sl) = mapping(new_size);
-                    self.heads[fl][sl] = to;
-                }
-                if next != 0 {
-                    wr(next + 40, to);
-                }
+            wr(to + 32, next);
+            wr(to + 40, prev);
+            if prev != 0 {
+                wr(prev + 32, to);
+            } else {
+                let (fl, sl) = mapping(new_size);
+                self.heads[fl][sl] = to;
+            }
+            if next != 0 {
+                wr(next + 40, to);
             }
         }
         self.counters.free = self.counters.free - old_size + new_size;
@@ -699,7 +697,8 @@ impl HeapCore {
                 F_FREE | if last { F_LAST } else { 0 } | if prev_free { F_PREV_FREE } else { 0 },
             );
             match in_place {
-                Some(old) => self.relink(addr, old, addr, size),
+                // The block in front stays linked where it is; only the free bytes grow.
+                Some(old) => self.counters.free += size - old,
                 None => self.insert(addr, size),
             }
         }
