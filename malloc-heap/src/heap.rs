@@ -181,6 +181,17 @@ impl HeapHooks for Hooks {
     }
 }
 
+/// A request's size and alignment as the heap takes them (alignment 0 means 1), or why they
+/// cannot be served.
+#[inline]
+fn checked(size: usize, align: usize) -> Result<(u64, u64), AllocError> {
+    let (size, align) = (size as u64, align.max(1) as u64);
+    if size == 0 || size > MAX_ALLOC || !align.is_power_of_two() {
+        return Err(AllocError::BadRequest { size, align });
+    }
+    Ok((size, align))
+}
+
 /// The shared heap of this process.
 pub struct Heap<C: Channel> {
     pub(crate) mem: Memory<C>,
@@ -354,15 +365,8 @@ where
     /// [`LINKS`] bytes; `None` when that does not simply succeed.
     #[inline]
     fn alloc_fast(&self, size: usize, align: usize) -> Option<(NonNull<u8>, bool)> {
-        let (size, align) = (size as u64, align.max(1) as u64);
-        if size == 0 || size > MAX_ALLOC || !align.is_power_of_two() {
-            return None;
-        }
-        let (_g, h) = self.shared.lock(self.current_heap()).ok()?;
-        // SAFETY: we hold the heap's lock; its regions are mapped here (a region joins a heap
-        // only once every attached process maps it).
-        let (p, z) = unsafe { h.core.alloc_z(size, align) }.ok()??;
-        Some((NonNull::new(p as *mut u8)?, z))
+        let (size, align) = checked(size, align).ok()?;
+        self.try_alloc(self.current_heap(), size, align).ok()?
     }
 
     /// Zero-fills the first `size` bytes of the fresh block `p`: only its old links when the
@@ -432,10 +436,7 @@ where
         size: usize,
         align: usize,
     ) -> Result<(NonNull<u8>, bool), AllocError> {
-        let (size, align) = (size as u64, align.max(1) as u64);
-        if size == 0 || size > MAX_ALLOC || !align.is_power_of_two() {
-            return Err(AllocError::BadRequest { size, align });
-        }
+        let (size, align) = checked(size, align)?;
         let i = self.shared.index(node)?;
         if let Some(p) = self.try_alloc(i, size, align)? {
             return Ok(p);
@@ -505,6 +506,7 @@ where
         Ok(())
     }
 
+    #[inline]
     fn try_alloc(
         &self,
         i: usize,
@@ -552,10 +554,7 @@ where
         out: &mut [*mut u8],
         mut n: usize,
     ) -> Result<usize, AllocError> {
-        let (size, align) = (size as u64, align.max(1) as u64);
-        if size == 0 || size > MAX_ALLOC || !align.is_power_of_two() {
-            return Err(AllocError::BadRequest { size, align });
-        }
+        let (size, align) = checked(size, align)?;
         let (_g, h) = self.shared.lock(i)?;
         while n < out.len() {
             // SAFETY: lock held; the heap's regions are mapped here.
@@ -689,13 +688,7 @@ where
             return self.malloc(size, align);
         };
         let p = ptr.as_ptr() as u64;
-        let align = align.max(1);
-        if size == 0 || size as u64 > MAX_ALLOC || !align.is_power_of_two() {
-            return Err(AllocError::BadRequest {
-                size: size as u64,
-                align: align as u64,
-            });
-        }
+        let align = checked(size, align)?.1 as usize;
         let i = self.heap_index_of(p)?;
         let old = {
             let (_g, h) = self.shared.lock(i)?;
