@@ -326,8 +326,6 @@ pub struct MpChannel {
     request_sockets: Mutex<Vec<RequestSocket>>,
     /// Sender paths seen lately, and their addresses.
     peers_seen: Mutex<std::collections::HashMap<Box<[u8]>, PeerAddr>>,
-    /// The sender of the last datagram, and its address.
-    last_peer: Mutex<Option<([u8; 108], usize, PeerAddr)>>,
     request_seq: AtomicU64,
 }
 
@@ -681,24 +679,6 @@ impl MpChannel {
     /// The peer address for a sender's path bytes, from a small cache so the hot path does not
     /// allocate.
     fn peer_of(&self, b: &[u8]) -> PeerAddr {
-        // Datagrams come in runs from one peer (answers to one request, a burst of messages):
-        // the last sender first, without hashing its path.
-        let mut last = self.last_peer.lock();
-        if let Some((bytes, len, p)) = &*last
-            && bytes[..*len] == *b
-        {
-            return p.clone();
-        }
-        let p = self.peer_of_slow(b);
-        if b.len() <= 108 {
-            let mut bytes = [0u8; 108];
-            bytes[..b.len()].copy_from_slice(b);
-            *last = Some((bytes, b.len(), p.clone()));
-        }
-        p
-    }
-
-    fn peer_of_slow(&self, b: &[u8]) -> PeerAddr {
         let mut c = self.peers_seen.lock();
         if let Some(p) = c.get(b) {
             return p.clone();
@@ -933,7 +913,6 @@ impl Channel {
             receive_errors: AtomicU64::new(0),
             request_sockets: Mutex::new(Vec::new()),
             peers_seen: Mutex::new(std::collections::HashMap::new()),
-            last_peer: Mutex::new(None),
             request_seq: AtomicU64::new(0),
         });
         let batch = cfg.batch_scheduling;
