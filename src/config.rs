@@ -157,15 +157,13 @@ impl Process {
 
     /// The shared memory (panics if the process was started without memory).
     pub fn mem(&self) -> &Memory<MpChannel> {
-        self.memory
-            .as_ref()
+        self.try_mem()
             .expect("process started with Config::without_memory")
     }
 
     /// The shared heap (panics if the process was started without memory).
     pub fn heap(&self) -> &Heap<MpChannel> {
-        self.heap
-            .as_ref()
+        self.try_heap()
             .expect("process started with Config::without_memory")
     }
 

@@ -68,6 +68,18 @@ fn fill(l: &Live) {
     unsafe { std::ptr::write_bytes(l.ptr.as_ptr(), l.fill, l.size) };
 }
 
+/// Fills a fresh block with `tag` and adds it to the live ones.
+fn add_live(live: &mut Vec<Live>, ptr: NonNull<u8>, size: usize, align: usize, tag: u8) {
+    let l = Live {
+        ptr,
+        size,
+        align,
+        fill: tag,
+    };
+    fill(&l);
+    live.push(l);
+}
+
 /// A case's live blocks; whatever a failed case leaves is freed when it drops, so the next case
 /// (and each shrinking step) starts from an empty heap.
 struct Lives<'a> {
@@ -134,14 +146,7 @@ fn run_case(h: &Heap<MpChannel>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     let s = unsafe { std::slice::from_raw_parts(p.as_ptr(), size) };
                     prop_assert!(s.iter().all(|&b| b == 0), "zmalloc not zeroed");
                 }
-                let l = Live {
-                    ptr: p,
-                    size,
-                    align,
-                    fill: tag,
-                };
-                fill(&l);
-                live.push(l);
+                add_live(live, p, size, align, tag);
             }
             Op::Realloc {
                 pick,
@@ -157,14 +162,7 @@ fn run_case(h: &Heap<MpChannel>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 // SAFETY: the block holds at least `keep` bytes.
                 let s = unsafe { std::slice::from_raw_parts(p.as_ptr(), keep) };
                 prop_assert!(s.iter().all(|&b| b == old.fill), "realloc lost contents");
-                let l = Live {
-                    ptr: p,
-                    size,
-                    align,
-                    fill: tag,
-                };
-                fill(&l);
-                live.push(l);
+                add_live(live, p, size, align, tag);
             }
             Op::Free { pick } if !live.is_empty() => {
                 let l = live.swap_remove(pick % live.len());
