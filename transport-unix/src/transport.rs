@@ -14,6 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use rustix::io::Errno;
@@ -84,6 +85,11 @@ pub struct UnixTransport {
     dir: PathBuf,
     primary: PeerAddr,
     outbox: Mutex<Outbox>,
+    /// The outbox's datagram count, readable without its lock: while it is zero a send goes
+    /// straight to the socket, and no lock is held across the system call (a sender preempted
+    /// inside `sendmsg`, as a wake-up of the receiver on the same CPU does, would otherwise
+    /// make every other thread of the process that sends wait for it to run again).
+    waiting: AtomicUsize,
     /// Wakes the service thread (an eventfd).
     wake: OwnedFd,
 }
@@ -112,6 +118,7 @@ impl UnixTransport {
             dir,
             primary,
             outbox: Mutex::new(Outbox::default()),
+            waiting: AtomicUsize::new(0),
             wake,
         })
     }
@@ -246,6 +253,7 @@ impl UnixTransport {
             };
             true
         });
+        self.waiting.store(*total, Ordering::Release);
         poll
     }
 
@@ -263,13 +271,26 @@ impl UnixTransport {
         wait: bool,
     ) -> Result<(), SendError> {
         let sock = from.map_or(&self.sock, |s| &**s);
-        let mut o = self.outbox.lock();
-        // An empty outbox (the common case) needs no lookup: hashing a path is not free.
-        if o.total == 0 || !o.peers.contains_key(to) {
+        // An empty outbox (the common case) needs neither the lock nor a lookup. A datagram
+        // queued by another thread meanwhile is concurrent with this one: no order between
+        // them to keep. This thread's own queued datagrams are counted, so they are not
+        // overtaken.
+        let tried = self.waiting.load(Ordering::Acquire) == 0;
+        if tried {
             match sock.send_to(to.path(), datagram, &fds.borrowed()) {
                 Ok(()) => return Ok(()),
                 Err(Errno::AGAIN) => {}
                 Err(e) => return Err(self.classify(to, e)),
+            }
+        }
+        let mut o = self.outbox.lock();
+        if o.total == 0 || !o.peers.contains_key(to) {
+            if !tried {
+                match sock.send_to(to.path(), datagram, &fds.borrowed()) {
+                    Ok(()) => return Ok(()),
+                    Err(Errno::AGAIN) => {}
+                    Err(e) => return Err(self.classify(to, e)),
+                }
             }
             if wait {
                 let probe = match o.wait_probes.get(to) {
@@ -315,6 +336,7 @@ impl UnixTransport {
             from: from.cloned(),
         });
         o.total += 1;
+        self.waiting.store(o.total, Ordering::Release);
         o.stats.queued += 1;
         drop(o);
         if wake {
@@ -373,7 +395,7 @@ impl UnixTransport {
 
     /// Whether anything waits in the outbox.
     pub fn outbox_waiting(&self) -> bool {
-        self.outbox.lock().total > 0
+        self.waiting.load(Ordering::Acquire) > 0
     }
 }
 
