@@ -350,8 +350,8 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
     }
 
     /// Sends `datagram` to each of `peers`: to a single peer with [`Transport::send_one`] (the
-    /// transport may wait for it), to several with [`Transport::send`] (a busy one must not
-    /// hold up the others).
+    /// transport may wait for it), to several with [`Transport::send_each`] (a busy one must
+    /// not hold up the others).
     fn send_each(
         &self,
         peers: &[PeerOf<X>],
@@ -364,9 +364,8 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
             done(only, self.transport.send_one(only, datagram, fds, deadline));
             return;
         }
-        for p in peers {
-            done(p, self.transport.send(p, datagram, fds, deadline));
-        }
+        self.transport
+            .send_each(peers, datagram, fds, deadline, &mut done);
     }
 
     /// Answers a request from `to` with `msg` (whose name should be the request's).

@@ -71,6 +71,23 @@ pub trait Transport {
         self.send(to, datagram, fds, deadline)
     }
 
+    /// Sends one datagram to each of several peers (a broadcast) and reports each result to
+    /// `done`, in any order, exactly once per peer. A busy peer must not hold up the others (as
+    /// with [`Transport::send`]). By default [`Transport::send`] to each in turn; a transport
+    /// that can hand the kernel all of them at once (`sendmmsg`) does.
+    fn send_each(
+        &self,
+        to: &[Self::Peer],
+        datagram: &[u8],
+        fds: &Self::Fds,
+        deadline: Instant,
+        done: &mut dyn FnMut(&Self::Peer, Result<(), SendError>),
+    ) {
+        for p in to {
+            done(p, self.send(p, datagram, fds, deadline));
+        }
+    }
+
     /// Calls `f` with every peer a broadcast goes to: from a primary, each live secondary; from a
     /// secondary, the primary.
     fn for_each_peer(&self, f: &mut dyn FnMut(&Self::Peer)) -> Result<(), SendError>;

@@ -542,18 +542,27 @@ impl MpChannel {
             Waiting::Sync(Unpark(thread::current())),
         )?;
         let tr = self.ep.transport();
-        for peer in peers {
-            // This thread may block (it waits for the answers next); with one peer it waits
-            // for room itself, with several a busy one must not hold up the others.
+        // This thread may block (it waits for the answers next): with one peer it waits for
+        // room itself; with several a busy one must not hold up the others.
+        if let [peer] = peers {
             let r = tr.send_from(
                 Some(&rs.sock),
                 peer,
                 p.datagram.as_bytes(),
                 msg.fds(),
                 p.deadline,
-                peers.len() == 1,
+                true,
             );
             self.ep.sent(p.id, peer, r);
+        } else {
+            tr.send_from_many(
+                Some(&rs.sock),
+                peers,
+                p.datagram.as_bytes(),
+                msg.fds(),
+                p.deadline,
+                &mut |peer, r| self.ep.sent(p.id, peer, r),
+            );
         }
         self.ep.sending_done(p.id, t)?;
         let waiter = SocketWaiter {

@@ -212,6 +212,52 @@ impl Socket {
         }
     }
 
+    /// Sends `bytes` with `fds` to each of `to` in one `sendmmsg` (a broadcast costs one system
+    /// call, and the sender is not preempted between its sends by the receivers it wakes).
+    /// Returns how many leading destinations it was sent to; the error of the first one is
+    /// returned only when it failed (`to[0]`): the caller retries the destination after the
+    /// sent ones on its own to learn why it failed.
+    pub fn send_many(
+        &self,
+        to: &[&Path],
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<usize, Errno> {
+        if to.is_empty() {
+            return Ok(0);
+        }
+        let addrs = to
+            .iter()
+            .map(|p| SocketAddrUnix::new(*p).map(|a| net::addr::SocketAddrArg::as_any(&a)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let space_len = rustix::cmsg_space!(ScmRights(fds.len()));
+        let mut spaces = vec![MaybeUninit::<u8>::uninit(); space_len * to.len()];
+        let mut controls = Vec::with_capacity(to.len());
+        for space in spaces.chunks_mut(space_len) {
+            let mut c = SendAncillaryBuffer::new(space);
+            if !c.push(SendAncillaryMessage::ScmRights(fds)) {
+                return Err(Errno::TOOMANYREFS);
+            }
+            controls.push(c);
+        }
+        let iov = [io::IoSlice::new(bytes)];
+        let mut msgs: Vec<net::MMsgHdr<'_>> = addrs
+            .iter()
+            .zip(controls.iter_mut())
+            .map(|(a, c)| net::MMsgHdr::new_with_addr(a, &iov, c))
+            .collect();
+        loop {
+            match net::sendmmsg(
+                &self.fd,
+                &mut msgs,
+                SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+            ) {
+                Err(Errno::INTR) => continue,
+                r => return r,
+            }
+        }
+    }
+
     /// Receives one datagram into `buf`, waiting for one if `wait`; `None` when nothing is
     /// waiting and `wait` is false.
     pub fn recv(&self, buf: &mut [u8], wait: bool) -> Result<Option<Received>, Errno> {

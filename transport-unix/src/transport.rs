@@ -75,6 +75,9 @@ struct Outbox {
     wait_probes: HashMap<PeerAddr, Arc<OwnedFd>>,
 }
 
+/// Most destinations of one `sendmmsg`.
+pub const SEND_BATCH: usize = 64;
+
 /// At most this many cached wait probes (then the cache starts again).
 const WAIT_PROBES: usize = 64;
 
@@ -345,6 +348,43 @@ impl UnixTransport {
         Ok(())
     }
 
+    /// Sends `datagram` to each of `peers` from socket `from` (the channel's own when `None`),
+    /// as [`UnixTransport::send_from`] without waiting does for each, and reports each result
+    /// to `done`. While the outbox is empty, one `sendmmsg` takes up to [`SEND_BATCH`] peers;
+    /// the first peer it could not send to goes through `send_from`, which tells why (gone,
+    /// busy: queued) and goes on.
+    pub fn send_from_many(
+        &self,
+        from: Option<&Arc<Socket>>,
+        peers: &[PeerAddr],
+        datagram: &[u8],
+        fds: &Fds,
+        deadline: Instant,
+        done: &mut dyn FnMut(&PeerAddr, Result<(), SendError>),
+    ) {
+        let sock = from.map_or(&self.sock, |s| &**s);
+        let mut rest = peers;
+        while rest.len() > 1 && self.waiting.load(Ordering::Acquire) == 0 {
+            let chunk = &rest[..rest.len().min(SEND_BATCH)];
+            let paths: Vec<&Path> = chunk.iter().map(|p| p.path()).collect();
+            let n = sock
+                .send_many(&paths, datagram, &fds.borrowed())
+                .unwrap_or(0);
+            for p in &chunk[..n] {
+                done(p, Ok(()));
+            }
+            rest = &rest[n..];
+            if n < chunk.len() {
+                let p = &rest[0];
+                done(p, self.send_from(from, p, datagram, fds, deadline, false));
+                rest = &rest[1..];
+            }
+        }
+        for p in rest {
+            done(p, self.send_from(from, p, datagram, fds, deadline, false));
+        }
+    }
+
     /// Waits (until `deadline`) for `to` to have room, polling its probe, and sends.
     fn wait_and_send(
         &self,
@@ -413,6 +453,17 @@ impl Transport for UnixTransport {
         self.send_from(None, to, datagram, fds, deadline, false)
     }
 
+    fn send_each(
+        &self,
+        to: &[PeerAddr],
+        datagram: &[u8],
+        fds: &Fds,
+        deadline: Instant,
+        done: &mut dyn FnMut(&PeerAddr, Result<(), SendError>),
+    ) {
+        self.send_from_many(None, to, datagram, fds, deadline, done)
+    }
+
     fn send_one(
         &self,
         to: &PeerAddr,
@@ -441,5 +492,77 @@ impl Transport for UnixTransport {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::socket::RecvBatch;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = PathBuf::from(format!("/tmp/mpt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// One `sendmmsg` for a broadcast; a gone peer and a full peer in the middle are each told
+    /// apart (gone: an error, full: queued), and the peers after them still get the datagram,
+    /// with its fd.
+    #[test]
+    fn a_broadcast_reaches_every_live_peer_past_a_gone_one_and_a_full_one() {
+        let d = dir("many");
+        let t = UnixTransport::new(
+            Socket::bind(&d.join("mp_socket")).unwrap(),
+            Role::Primary,
+            d.clone(),
+        )
+        .unwrap();
+        let a = Socket::bind(&d.join("mp_socket_1_a")).unwrap();
+        let full = Socket::bind(&d.join("mp_socket_2_b")).unwrap();
+        let b = Socket::bind(&d.join("mp_socket_3_c")).unwrap();
+        // Fill `full`'s queue (its length is the kernel's max_dgram_qlen).
+        let filler = Socket::bind(&d.join("filler")).unwrap();
+        while filler.send_to(full.path(), b"x", &[]).is_ok() {}
+        let peers: Vec<PeerAddr> = [
+            d.join("mp_socket_1_a"),
+            d.join("mp_socket_9_gone"),
+            d.join("mp_socket_2_b"),
+            d.join("mp_socket_3_c"),
+        ]
+        .iter()
+        .map(PeerAddr::new)
+        .collect();
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        let fds = Fds(vec![w]);
+        let mut results = Vec::new();
+        let deadline = crate::clock::now().saturating_add(std::time::Duration::from_secs(5));
+        t.send_from_many(None, &peers, b"hello", &fds, deadline, &mut |p, r| {
+            results.push((p.name().to_owned(), r))
+        });
+        assert_eq!(
+            results,
+            vec![
+                ("mp_socket_1_a".to_owned(), Ok(())),
+                ("mp_socket_9_gone".to_owned(), Err(SendError::PeerGone)),
+                ("mp_socket_2_b".to_owned(), Ok(())),
+                ("mp_socket_3_c".to_owned(), Ok(())),
+            ]
+        );
+        assert_eq!(
+            t.outbox_stats().waiting,
+            1,
+            "the full peer's datagram waits"
+        );
+        let mut batch = RecvBatch::new();
+        for s in [&a, &b] {
+            assert_eq!(s.recv_batch(&mut batch, false).unwrap(), 1);
+            let (m, bytes) = batch.take(0);
+            assert_eq!(bytes, b"hello");
+            assert_eq!(m.fds.0.len(), 1);
+        }
+        drop((r, fds, filler));
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
