@@ -38,6 +38,9 @@ impl fmt::Display for SendError {
 
 impl core::error::Error for SendError {}
 
+/// Where [`Transport::send_each`] reports how the send to each peer went.
+pub type SendDone<'a, P> = dyn FnMut(&P, Result<(), SendError>) + 'a;
+
 /// A carrier of datagrams between processes.
 pub trait Transport {
     /// How a peer is addressed (a socket path, a process index...).
@@ -81,7 +84,7 @@ pub trait Transport {
         datagram: &[u8],
         fds: &Self::Fds,
         deadline: Instant,
-        done: &mut dyn FnMut(&Self::Peer, Result<(), SendError>),
+        done: &mut SendDone<'_, Self::Peer>,
     ) {
         for p in to {
             done(p, self.send(p, datagram, fds, deadline));

@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use rustix::io::Errno;
 
 use memplane_core::time::Instant;
-use memplane_core::transport::{SendError, Transport};
+use memplane_core::transport::{SendDone, SendError, Transport};
 use memplane_core::wire::MAX_DATAGRAM_LEN;
 
 use crate::rundir;
@@ -360,7 +360,7 @@ impl UnixTransport {
         datagram: &[u8],
         fds: &Fds,
         deadline: Instant,
-        done: &mut dyn FnMut(&PeerAddr, Result<(), SendError>),
+        done: &mut SendDone<'_, PeerAddr>,
     ) {
         let sock = from.map_or(&self.sock, |s| &**s);
         let mut rest = peers;
@@ -459,7 +459,7 @@ impl Transport for UnixTransport {
         datagram: &[u8],
         fds: &Fds,
         deadline: Instant,
-        done: &mut dyn FnMut(&PeerAddr, Result<(), SendError>),
+        done: &mut SendDone<'_, PeerAddr>,
     ) {
         self.send_from_many(None, to, datagram, fds, deadline, done)
     }
