@@ -20,6 +20,9 @@ pub struct Incoming<P, F: Fds> {
     pub msg: Message<F>,
     /// Who sent it: answer there.
     pub from: P,
+    /// The sender's process id as the kernel reported it (credentials passed with the
+    /// datagram), in the receiver's pid namespace; 0 when the transport cannot tell.
+    pub pid: u32,
 }
 
 impl<P, F: Fds> Incoming<P, F> {

@@ -8,9 +8,12 @@
 //! which secondaries die or hang. Whatever happens, these must hold:
 //! - every request gets exactly one final answer, from the primary (never a requester timeout);
 //! - the coordinator emits exactly one reply per request and no action after it;
-//! - when pages join the heap, every live secondary has them mapped;
+//! - when pages join the heap, every live secondary has them mapped; a requester that maps its
+//!   pages itself (`AllocFlags::REQUESTER_MAPS`) is not asked to sync, its pages join the heap
+//!   held for it, and it maps them (from the answer's `seq`) before it hands them to the heap;
 //! - at the end, the heap holds exactly the pages in the shared map (nothing leaked, nothing
-//!   lost), and every live secondary whose last sync succeeded maps exactly those pages.
+//!   lost) but those held for requesters that died before their answer, and every live
+//!   secondary whose last sync succeeded maps exactly those pages.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -78,7 +81,7 @@ struct Secondary {
 
 #[derive(Clone, Debug)]
 enum Step {
-    Alloc { who: usize, pages: u8 },
+    Alloc { who: usize, pages: u8, maps: bool },
     Free { who: usize },
     Deliver { pick: usize },
     Advance { ms: u16 },
@@ -90,7 +93,8 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (0..=MAX_SECONDARIES, 1u8..4).prop_map(|(who, pages)| Step::Alloc { who, pages }),
+        3 => (0..=MAX_SECONDARIES, 1u8..4, any::<bool>())
+            .prop_map(|(who, pages, maps)| Step::Alloc { who, pages, maps }),
         2 => (0..=MAX_SECONDARIES).prop_map(|who| Step::Free { who }),
         8 => any::<usize>().prop_map(|pick| Step::Deliver { pick }),
         2 => (1u16..300).prop_map(|ms| Step::Advance { ms }),
@@ -110,6 +114,11 @@ struct Cluster {
     /// The shared map's change counter: bumped by every allocation and free.
     version: u64,
     heap: BTreeSet<u64>,
+    /// Pages in the heap held for the requester that maps them itself, until it hands them over
+    /// (page -> its transaction).
+    held: std::collections::BTreeMap<u64, TxnId>,
+    /// Which secondary asked for each transaction.
+    requested_by: HashMap<TxnId, u32>,
     secs: Vec<Secondary>,
     net: VecDeque<Net>,
     late_mask: u64,
@@ -127,6 +136,8 @@ struct Cluster {
     submitted: HashSet<TxnId>,
     /// Requests whose requester died before its answer: they need none.
     orphaned: HashSet<TxnId>,
+    /// What each secondary's transaction asked for.
+    requests: HashMap<TxnId, MemRequest>,
 }
 
 impl Cluster {
@@ -153,6 +164,8 @@ impl Cluster {
             used: BTreeSet::new(),
             version: 0,
             heap: BTreeSet::new(),
+            held: std::collections::BTreeMap::new(),
+            requested_by: HashMap::new(),
             secs,
             net: VecDeque::new(),
             late_mask,
@@ -166,6 +179,7 @@ impl Cluster {
             replies: HashMap::new(),
             submitted: HashSet::new(),
             orphaned: HashSet::new(),
+            requests: HashMap::new(),
         }
     }
 
@@ -189,14 +203,19 @@ impl Cluster {
 
     // ----- requests -------------------------------------------------------------------------
 
-    fn alloc(&mut self, who: usize, pages: u8) {
+    fn alloc(&mut self, who: usize, pages: u8, maps: bool) {
         let req = MemRequest::Alloc(AllocRequest {
             heap: 0,
             node: None,
             page_size: PAGE,
             bytes: pages as u64 * PAGE - 100,
             align: 0,
-            flags: AllocFlags::default(),
+            // The primary's own requests carry it too sometimes: it must be ignored there.
+            flags: if maps {
+                AllocFlags::REQUESTER_MAPS
+            } else {
+                AllocFlags::default()
+            },
         });
         self.request(who, req);
     }
@@ -250,13 +269,32 @@ impl Cluster {
     /// A requester took its final answer.
     fn answered(&mut self, who: Option<usize>, id: TxnId, req: MemRequest, outcome: Outcome) {
         *self.answers.entry(id).or_default() += 1;
-        let Outcome::Done { status, range } = outcome else {
+        let Outcome::Done { status, range, seq } = outcome else {
             panic!("request {id:?} ended with {outcome:?}: the primary must always answer first");
         };
         match req {
-            MemRequest::Alloc(_) => {
+            MemRequest::Alloc(a) => {
                 if status.is_ok() {
                     assert!(range.len > 0);
+                    if let Some(w) = who.filter(|_| a.flags.contains(AllocFlags::REQUESTER_MAPS)) {
+                        // Map the pages as a sync with the answer's `seq` would, then hand them
+                        // to the heap.
+                        let s = &mut self.secs[w];
+                        if s.seq + 1 == seq {
+                            for p in Self::pages(&range) {
+                                s.mapped.insert(p);
+                            }
+                            s.seq = seq;
+                        } else if s.seq < seq {
+                            s.mapped = self.used.clone();
+                            s.seq = self.version;
+                        }
+                        for p in Self::pages(&range) {
+                            assert!(s.mapped.contains(&p), "requester {w} did not map page {p}");
+                            assert_eq!(self.held.remove(&p), Some(id), "page {p} not held for {w}");
+                            assert!(self.heap.insert(p), "page {p} in the heap twice");
+                        }
+                    }
                     let owned = match who {
                         Some(w) => &mut self.secs[w].owned,
                         None => &mut self.local_owned,
@@ -335,23 +373,30 @@ impl Cluster {
                 self.version += 1;
                 self.coord.pages_freed(id, Ok(()), now).unwrap();
             }
-            Action::BroadcastSync { id, range } => {
+            Action::BroadcastSync { id, range, skip } => {
                 let seq = self.version;
-                self.broadcast(ACTION_SYNC, TxnMsg::Sync { id, range, seq }, (id, false))
+                let msg = TxnMsg::Sync { id, range, seq };
+                self.broadcast(ACTION_SYNC, msg, (id, false), skip)
             }
             Action::BroadcastRollback { id, range } => {
                 let seq = self.version;
                 let msg = TxnMsg::Rollback { id, range, seq };
-                self.broadcast(ACTION_ROLLBACK, msg, (id, true))
+                self.broadcast(ACTION_ROLLBACK, msg, (id, true), None)
             }
-            Action::Publish { id, range, .. } => {
+            Action::Publish {
+                id, range, held, ..
+            } => {
                 if std::mem::take(&mut self.fail_publish) {
                     self.coord
                         .published(id, Err(TxnStatus::Failed), now)
                         .unwrap();
                     return;
                 }
+                let requester = self.requested_by.get(&id).copied();
                 for (i, s) in self.secs.iter().enumerate() {
+                    if held && requester == Some(i as u32) {
+                        continue;
+                    }
                     if !s.dead {
                         for p in Self::pages(&range) {
                             assert!(
@@ -361,9 +406,15 @@ impl Cluster {
                         }
                     }
                 }
+                assert_eq!(held, requester.is_some_and(|_| self.maps_itself(id)));
                 for p in Self::pages(&range) {
                     assert!(self.used.contains(&p));
-                    assert!(self.heap.insert(p), "page {p} published twice");
+                    let fresh = if held {
+                        !self.heap.contains(&p) && self.held.insert(p, id).is_none()
+                    } else {
+                        !self.held.contains_key(&p) && self.heap.insert(p)
+                    };
+                    assert!(fresh, "page {p} published twice");
                 }
                 self.coord.published(id, Ok(()), now).unwrap();
             }
@@ -383,13 +434,19 @@ impl Cluster {
                 range,
             } => {
                 *self.replies.entry(id).or_default() += 1;
-                let msg = TxnMsg::Response { id, status, range };
+                let seq = self.version;
+                let msg = TxnMsg::Response {
+                    id,
+                    status,
+                    range,
+                    seq,
+                };
                 match to {
                     Origin::Local(tok) => {
                         let (req, out) = self.local.get_mut(&tok).unwrap();
                         assert!(out.is_none());
                         let req = *req;
-                        let o = Outcome::Done { status, range };
+                        let o = Outcome::Done { status, range, seq };
                         *out = Some(o);
                         self.answered(None, id, req, o);
                     }
@@ -413,8 +470,17 @@ impl Cluster {
         self.orphaned.insert(id);
     }
 
-    fn broadcast(&mut self, name: &'static str, msg: TxnMsg, b: Bcast) {
-        let peers: Vec<u32> = (0..self.secs.len() as u32).collect();
+    /// Whether the secondary that asked for transaction `id` maps its pages itself.
+    fn maps_itself(&self, id: TxnId) -> bool {
+        self.requests.get(&id).is_some_and(
+            |r| matches!(r, MemRequest::Alloc(a) if a.flags.contains(AllocFlags::REQUESTER_MAPS)),
+        )
+    }
+
+    fn broadcast(&mut self, name: &'static str, msg: TxnMsg, b: Bcast, skip: Option<u32>) {
+        let peers: Vec<u32> = (0..self.secs.len() as u32)
+            .filter(|p| Some(*p) != skip)
+            .collect();
         let deadline = self.now.saturating_add(self.timeouts.step);
         let id = self
             .table
@@ -483,6 +549,8 @@ impl Cluster {
                 let TxnMsg::Request { id, req } = msg else {
                     panic!()
                 };
+                self.requested_by.insert(id, from);
+                self.requests.insert(id, req);
                 self.coord.submit(Origin::Peer(from), id, req, now);
                 self.run_actions();
             }
@@ -639,7 +707,7 @@ impl Cluster {
 
     fn run(&mut self, s: Step) {
         match s {
-            Step::Alloc { who, pages } => self.alloc(who.min(self.secs.len()), pages),
+            Step::Alloc { who, pages, maps } => self.alloc(who.min(self.secs.len()), pages, maps),
             Step::Free { who } => self.free(who.min(self.secs.len())),
             Step::Deliver { pick } => self.deliver(pick),
             Step::Advance { ms } => self.advance(Duration::from_millis(ms as u64)),
@@ -701,9 +769,18 @@ impl Cluster {
                 assert_eq!(answers, 1, "final answers for {id:?}");
             }
         }
-        // Pages owned by requesters that died before hearing back still sit in the heap; the
-        // heap and the shared map agree exactly.
-        assert_eq!(self.heap, self.used, "heap and shared map disagree");
+        // Pages owned by requesters that died before hearing back still sit in the heap (held
+        // for them, if they were to map them themselves); the heap and the shared map agree
+        // exactly.
+        let mut all = self.heap.clone();
+        for (p, id) in &self.held {
+            assert!(all.insert(*p), "page {p} both free and held");
+            assert!(
+                self.orphaned.contains(id) && self.answers.get(id).copied().unwrap_or(0) == 0,
+                "page {p} still held for {id:?}, whose requester took its answer or lives"
+            );
+        }
+        assert_eq!(all, self.used, "heap and shared map disagree");
         for (i, s) in self.secs.iter().enumerate() {
             if !s.dead && !s.hung && s.last_sync_ok {
                 assert_eq!(s.mapped, self.used, "secondary {i} out of line");
@@ -751,7 +828,11 @@ proptest! {
 fn regression_hung_secondary_rolls_back() {
     let mut c = Cluster::new(2, &[0, 0, 0, 0], 0, 7);
     c.run(Step::Hang { who: 1 });
-    c.run(Step::Alloc { who: 0, pages: 2 });
+    c.run(Step::Alloc {
+        who: 0,
+        pages: 2,
+        maps: false,
+    });
     c.settle();
     c.check_end();
     assert!(c.used.is_empty());
@@ -763,7 +844,11 @@ fn regression_hung_secondary_rolls_back() {
 #[test]
 fn regression_late_acks_after_deadline() {
     let mut c = Cluster::new(3, &[0, 0, 0, 0], u64::MAX, 11);
-    c.run(Step::Alloc { who: 0, pages: 1 });
+    c.run(Step::Alloc {
+        who: 0,
+        pages: 1,
+        maps: false,
+    });
     c.run(Step::Advance { ms: 1 });
     c.run(Step::Advance { ms: 250 });
     c.settle();
@@ -775,7 +860,11 @@ fn regression_late_acks_after_deadline() {
 #[test]
 fn regression_requester_dies() {
     let mut c = Cluster::new(2, &[0, 0, 0, 0], 0, 3);
-    c.run(Step::Alloc { who: 0, pages: 3 });
+    c.run(Step::Alloc {
+        who: 0,
+        pages: 3,
+        maps: false,
+    });
     c.run(Step::Kill { who: 0 });
     c.settle();
     c.check_end();
@@ -787,7 +876,11 @@ fn regression_requester_dies() {
 #[test]
 fn regression_secondary_dies_after_sync_sent() {
     let mut c = Cluster::new(2, &[0, 0, 0, 0], 0, 3);
-    c.run(Step::Alloc { who: 0, pages: 3 });
+    c.run(Step::Alloc {
+        who: 0,
+        pages: 3,
+        maps: false,
+    });
     c.run(Step::Deliver { pick: 0 });
     c.run(Step::Kill { who: 1 });
     c.settle();
@@ -802,11 +895,58 @@ fn regression_busy_queue() {
     let mut c = Cluster::new(4, &[0, 0, 0, 0], 0, 5);
     c.run(Step::Hang { who: 3 });
     for who in 0..3 {
-        c.run(Step::Alloc { who, pages: 1 });
+        c.run(Step::Alloc {
+            who,
+            pages: 1,
+            maps: false,
+        });
     }
     for _ in 0..6 {
-        c.run(Step::Alloc { who: 4, pages: 1 });
+        c.run(Step::Alloc {
+            who: 4,
+            pages: 1,
+            maps: false,
+        });
     }
     c.settle();
     c.check_end();
+}
+
+/// A requester that maps its pages itself is not asked to sync; the other secondary is, before
+/// the pages join the heap (held for the requester); the requester maps them from the answer and
+/// hands them over.
+#[test]
+fn requester_maps_its_own_pages() {
+    let mut c = Cluster::new(2, &[0, 0, 0, 0], 0, 11);
+    c.run(Step::Alloc {
+        who: 0,
+        pages: 2,
+        maps: true,
+    });
+    c.settle();
+    c.check_end();
+    assert_eq!(c.used.len(), 2);
+    assert!(c.held.is_empty());
+    assert_eq!(c.secs[0].mapped, c.used);
+    assert_eq!(c.secs[1].mapped, c.used);
+}
+
+/// A requester that maps its pages itself and dies before its answer leaves them held for it
+/// (as any block of a dead process): accounted, not lost, not handed to anyone.
+#[test]
+fn a_dead_requester_leaves_its_held_pages_accounted() {
+    let mut c = Cluster::new(2, &[0, 0, 0, 0], 0, 13);
+    c.run(Step::Alloc {
+        who: 1,
+        pages: 1,
+        maps: true,
+    });
+    // Deliver the request, the sync to the other secondary and its ack; not the response.
+    for _ in 0..3 {
+        c.run(Step::Deliver { pick: 0 });
+    }
+    c.run(Step::Kill { who: 1 });
+    c.settle();
+    c.check_end();
+    assert_eq!(c.held.len(), 1);
 }

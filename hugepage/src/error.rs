@@ -50,6 +50,15 @@ pub enum MemError {
         /// Its length.
         len: u64,
     },
+    /// The primary allocated these pages for this process, which could not map them itself
+    /// ([`crate::AllocSpec::requester_maps`]). They are still allocated: the caller gives them
+    /// back with [`crate::Memory::free`] (after taking them out of any heap holding them).
+    MapFailed {
+        /// First byte.
+        start: u64,
+        /// Length.
+        len: u64,
+    },
     /// The primary answered with a failure.
     Txn(TxnStatus),
     /// The channel failed.
@@ -79,7 +88,7 @@ impl MemError {
             MemError::NoMemory { .. } => TxnStatus::NoMemory,
             MemError::LimitExceeded { .. } => TxnStatus::LimitExceeded,
             MemError::Invalid(_) => TxnStatus::Invalid,
-            MemError::SyncFailed { .. } => TxnStatus::SyncFailed,
+            MemError::SyncFailed { .. } | MemError::MapFailed { .. } => TxnStatus::SyncFailed,
             MemError::Txn(s) => *s,
             _ => TxnStatus::Failed,
         }
@@ -109,6 +118,12 @@ impl fmt::Display for MemError {
             MemError::SyncFailed { start, len } => write!(
                 f,
                 "a secondary failed to map [{start:#x}, {:#x}); the allocation was rolled back",
+                start + len
+            ),
+            MemError::MapFailed { start, len } => write!(
+                f,
+                "this process could not map the pages [{start:#x}, {:#x}) the primary allocated \
+                 for it; they are to be given back",
                 start + len
             ),
             MemError::Txn(s) => write!(f, "the primary refused: {s}"),

@@ -52,13 +52,23 @@ pub trait HeapHooks: Send + Sync {
     /// New pages, mapped everywhere: add them to heap `heap`. They come straight from the
     /// kernel, populated and so zero-filled, and nothing has written them yet (DMA mapping and
     /// memory-event callbacks only see their addresses).
-    fn publish(&self, heap: u32, range: MemRange) -> Result<(), TxnStatus>;
+    ///
+    /// With `held`, the requester (a secondary that asked with
+    /// [`AllocSpec::requester_maps`]) has not mapped them yet: they must join the heap as one
+    /// allocated block that the requester releases once it has mapped them, so that nothing
+    /// hands any of them out before (and a requester that dies first leaves them accounted as
+    /// its own, like any block of a dead process).
+    fn publish(&self, heap: u32, range: MemRange, held: bool) -> Result<(), TxnStatus>;
     /// A free did not happen: put the pages back into heap `heap`.
     fn restore(&self, heap: u32, range: MemRange);
 }
 
+/// A requester as the coordinator knows it: where to answer, and its process id as the kernel
+/// reported it (0: unknown), which tells which participant it is.
+type Who<P> = (P, u32);
+
 struct Primary<P> {
-    coord: Mutex<Coordinator<P>>,
+    coord: Mutex<Coordinator<Who<P>>>,
     participants: Mutex<Vec<(P, u32)>>,
     results: Mutex<HashMap<u64, Result<MemRange, TxnStatus>>>,
     done: Condvar,
@@ -459,7 +469,7 @@ where
                 match TxnMsg::decode(inc.msg.param()) {
                     Ok(TxnMsg::Request { id, req }) => {
                         Memory { inner }.drive(|c| {
-                            c.submit(Origin::Peer(inc.from.clone()), id, req, now());
+                            c.submit(Origin::Peer((inc.from.clone(), inc.pid)), id, req, now());
                         });
                     }
                     _ => {
@@ -467,6 +477,7 @@ where
                             id: TxnId(0),
                             status: TxnStatus::Invalid,
                             range: MemRange::default(),
+                            seq: 0,
                         };
                         let _ = ch.reply_to(&inc.from, &msg(ACTION_REQUEST, &resp));
                     }
@@ -481,10 +492,14 @@ where
             move |ch: &C, inc: Incoming<C::Peer, C::Fds>| {
                 let Some(inner) = w.upgrade() else { return };
                 let p = inc.msg.param();
-                let pid = if p.len() == 4 {
-                    u32::from_le_bytes([p[0], p[1], p[2], p[3]])
-                } else {
+                // The kernel's word for who this is, when the transport has it: it is what a
+                // requester's pid is compared with (see `participants`), in this namespace.
+                let pid = if p.len() != 4 {
                     0
+                } else if inc.pid != 0 {
+                    inc.pid
+                } else {
+                    u32::from_le_bytes([p[0], p[1], p[2], p[3]])
                 };
                 let status = if pid == 0 {
                     TxnStatus::Invalid
@@ -680,7 +695,7 @@ where
     }
 
     /// Runs `f` on the coordinator, then every action it queued.
-    fn drive(&self, f: impl FnOnce(&mut Coordinator<C::Peer>)) {
+    fn drive(&self, f: impl FnOnce(&mut Coordinator<Who<C::Peer>>)) {
         let Some(pr) = &self.inner.primary else {
             return;
         };
@@ -698,7 +713,7 @@ where
         }
     }
 
-    fn execute(&self, c: &mut Coordinator<C::Peer>, a: Action<C::Peer>) {
+    fn execute(&self, c: &mut Coordinator<Who<C::Peer>>, a: Action<Who<C::Peer>>) {
         let inner = &self.inner;
         let Some(pr) = &inner.primary else { return };
         match a {
@@ -712,19 +727,24 @@ where
             }
             // The list's version now is the one this transaction's change produced: changes
             // are made only here and in `alloc_pinned`, all under the coordinator's lock.
-            Action::BroadcastSync { id, range } => {
+            Action::BroadcastSync { id, range, skip } => {
                 let seq = inner.map.change_seq(&range);
                 let m = TxnMsg::Sync { id, range, seq };
-                self.broadcast(c, id, m, ACTION_SYNC, false)
+                self.broadcast(c, id, m, ACTION_SYNC, false, skip)
             }
             Action::BroadcastRollback { id, range } => {
                 let seq = inner.map.change_seq(&range);
                 let m = TxnMsg::Rollback { id, range, seq };
-                self.broadcast(c, id, m, ACTION_ROLLBACK, true)
+                self.broadcast(c, id, m, ACTION_ROLLBACK, true, None)
             }
-            Action::Publish { id, heap, range } => {
+            Action::Publish {
+                id,
+                heap,
+                range,
+                held,
+            } => {
                 let hooks = pr.hooks.lock().clone();
-                let r = hooks.map_or(Ok(()), |h| h.publish(heap, range));
+                let r = hooks.map_or(Ok(()), |h| h.publish(heap, range, held));
                 let _ = c.published(id, r, now());
             }
             Action::Restore { heap, range, .. } => {
@@ -747,8 +767,21 @@ where
                     pr.results.lock().insert(tok, r);
                     pr.done.notify_all();
                 }
-                Origin::Peer(p) => {
-                    let resp = TxnMsg::Response { id, status, range };
+                Origin::Peer((p, _)) => {
+                    // The map's version after this change, for a requester that maps its pages
+                    // itself (nothing else changed the list since: changes happen only under
+                    // the coordinator's lock, which is held here).
+                    let seq = if status.is_ok() && range.len > 0 {
+                        inner.map.change_seq(&range)
+                    } else {
+                        0
+                    };
+                    let resp = TxnMsg::Response {
+                        id,
+                        status,
+                        range,
+                        seq,
+                    };
                     let _ = inner.ch.reply_to(&p, &msg(ACTION_REQUEST, &resp));
                 }
             },
@@ -757,13 +790,15 @@ where
 
     /// The attached secondaries, as they are (no liveness check here: a broadcast to a process
     /// that is gone fails to send at once, its socket being closed, and costs no timeout).
-    fn participants(&self) -> Vec<C::Peer> {
+    /// `except` (a pid, 0 for none) is left out: a requester that maps its pages itself.
+    fn participants(&self, except: u32) -> Vec<C::Peer> {
         let Some(pr) = &self.inner.primary else {
             return Vec::new();
         };
         pr.participants
             .lock()
             .iter()
+            .filter(|(_, pid)| except == 0 || *pid != except)
             .map(|(p, _)| p.clone())
             .collect()
     }
@@ -795,14 +830,15 @@ where
 
     fn broadcast(
         &self,
-        c: &mut Coordinator<C::Peer>,
+        c: &mut Coordinator<Who<C::Peer>>,
         id: TxnId,
         m: TxnMsg,
         name: &'static str,
         rollback: bool,
+        skip: Option<Who<C::Peer>>,
     ) {
-        let peers = self.participants();
-        let report = |c: &mut Coordinator<C::Peer>, o: SyncOutcome| {
+        let peers = self.participants(skip.map_or(0, |(_, pid)| pid));
+        let report = |c: &mut Coordinator<Who<C::Peer>>, o: SyncOutcome| {
             let _ = if rollback {
                 c.rollback_done(id, o, now())
             } else {
@@ -866,7 +902,9 @@ where
         )
     }
 
-    fn transact(&self, req: MemRequest) -> Result<MemRange, MemError> {
+    /// Runs `req` (here in the primary, through the primary in a secondary); the range it
+    /// allocated or freed, and the map's change counter after it (0 from the primary itself).
+    fn transact(&self, req: MemRequest) -> Result<(MemRange, u64), MemError> {
         let inner = &self.inner;
         match &inner.primary {
             Some(pr) => {
@@ -885,7 +923,7 @@ where
                 let mut g = pr.results.lock();
                 loop {
                     if let Some(r) = g.remove(&id.0) {
-                        return r.map_err(MemError::Txn);
+                        return r.map(|r| (r, 0)).map_err(MemError::Txn);
                     }
                     if pr.done.wait_until(&mut g, deadline).timed_out() {
                         return Err(MemError::NoAnswer);
@@ -920,7 +958,8 @@ where
                     Outcome::Done {
                         status: TxnStatus::Ok,
                         range,
-                    } => Ok(range),
+                        seq,
+                    } => Ok((range, seq)),
                     Outcome::Done { status, .. } => Err(MemError::Txn(status)),
                     Outcome::TimedOut | Outcome::Unreachable => Err(MemError::NoAnswer),
                 }
@@ -930,18 +969,28 @@ where
 
     /// Allocates pages for at least `bytes` bytes (through the primary: it maps them, every
     /// attached secondary maps them, then they are returned). They are mapped here on return.
+    ///
+    /// With [`AllocSpec::requester_maps`] (a secondary), this process maps them itself from
+    /// the primary's answer instead of being asked to sync: if it cannot, the pages are still
+    /// allocated, and [`MemError::MapFailed`] names them for the caller to give back.
     pub fn alloc(&self, spec: &AllocSpec) -> Result<MemRange, MemError> {
+        let maps_itself = spec.requester_maps && !self.is_primary();
+        let mut flags = AllocFlags::default();
+        if spec.iova_contig {
+            flags = AllocFlags::from_bits(flags.bits() | AllocFlags::IOVA_CONTIG.bits())
+                .unwrap_or(flags);
+        }
+        if maps_itself {
+            flags = AllocFlags::from_bits(flags.bits() | AllocFlags::REQUESTER_MAPS.bits())
+                .unwrap_or(flags);
+        }
         let req = AllocRequest {
             heap: spec.heap,
             node: spec.node,
             page_size: spec.page_size,
             bytes: spec.bytes,
             align: spec.align,
-            flags: if spec.iova_contig {
-                AllocFlags::IOVA_CONTIG
-            } else {
-                AllocFlags::default()
-            },
+            flags,
         };
         if req.bytes == 0 || (req.align != 0 && !req.align.is_power_of_two()) {
             return Err(MemError::Invalid(format!(
@@ -949,7 +998,14 @@ where
                 req.bytes, req.align
             )));
         }
-        self.transact(MemRequest::Alloc(req))
+        let (range, seq) = self.transact(MemRequest::Alloc(req))?;
+        if maps_itself && self.inner.map.sync_change(&range, seq).is_err() {
+            return Err(MemError::MapFailed {
+                start: range.addr,
+                len: range.len,
+            });
+        }
+        Ok(range)
     }
 
     fn alloc_pinned(&self, node: u32, bytes: u64) -> Result<(), MemError> {
@@ -1181,6 +1237,13 @@ pub struct AllocSpec {
     pub iova_contig: bool,
     /// Heap the pages are for.
     pub heap: u32,
+    /// A secondary maps the new pages itself from the primary's answer, rather than being asked
+    /// to sync along with every other secondary: one round trip fewer on its way (see
+    /// [`AllocFlags::REQUESTER_MAPS`]). Where the primary publishes new pages to a heap, they
+    /// join it as one block held for this process (see [`HeapHooks::publish`]), which the
+    /// caller must release once it has them: the heap layer's growth does. Ignored in the
+    /// primary.
+    pub requester_maps: bool,
 }
 
 impl<C: Channel> Drop for Inner<C> {

@@ -154,14 +154,32 @@ struct Hooks {
     shared: Arc<Shared>,
 }
 
+/// How pages join a heap.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Join {
+    /// As free memory whose bytes are all zero.
+    Zeroed,
+    /// As free memory holding whatever users last wrote.
+    Dirty,
+    /// As one block held for the requester, which has not mapped them yet.
+    Held,
+}
+
 impl Hooks {
-    /// Adds `range` to heap `heap` as a new region; `zeroed`: its bytes are all zero.
-    fn add(&self, heap: u32, range: MemRange, zeroed: bool) -> Result<(), TxnStatus> {
+    /// Adds `range` to heap `heap` as a new region.
+    fn add(&self, heap: u32, range: MemRange, how: Join) -> Result<(), TxnStatus> {
         let i = self.shared.map.heap_of(heap).ok_or(TxnStatus::Invalid)?;
         let (_g, h) = self.shared.lock(i).map_err(|_| TxnStatus::Failed)?;
-        // SAFETY: lock held; the pages are mapped in every attached process and belong to
+        // SAFETY: lock held; the pages are mapped in every attached process (but the
+        // requester, for a held block, which nothing reads until it releases it) and belong to
         // nobody; zero when the caller says so.
-        if !unsafe { h.add_range(range.addr, range.len, zeroed) } {
+        let added = unsafe {
+            match how {
+                Join::Held => h.add_range_held(range.addr, range.len),
+                _ => h.add_range(range.addr, range.len, how == Join::Zeroed),
+            }
+        };
+        if !added {
             return Err(TxnStatus::LimitExceeded);
         }
         h.grows += 1;
@@ -170,14 +188,14 @@ impl Hooks {
 }
 
 impl HeapHooks for Hooks {
-    fn publish(&self, heap: u32, range: MemRange) -> Result<(), TxnStatus> {
+    fn publish(&self, heap: u32, range: MemRange, held: bool) -> Result<(), TxnStatus> {
         // New pages are zero-filled by the kernel (see `HeapHooks::publish`).
-        self.add(heap, range, true)
+        self.add(heap, range, if held { Join::Held } else { Join::Zeroed })
     }
 
     fn restore(&self, heap: u32, range: MemRange) {
         // Pages that were free heap memory: whatever users last wrote there.
-        let _ = self.add(heap, range, false);
+        let _ = self.add(heap, range, Join::Dirty);
     }
 }
 
@@ -451,20 +469,27 @@ where
             }
             // Enough for the block, its alignment and a split.
             let bytes = size + align.max(64) + HEADER + MIN_BLOCK;
+            // A secondary maps the new pages itself: they come back held for it in the heap,
+            // and join it as free memory once mapped here.
             let grown = self.mem.alloc(&AllocSpec {
                 bytes,
                 node: Some(node),
                 heap: node,
+                requester_maps: true,
                 ..AllocSpec::default()
             });
-            drop(g);
-            let grown = match grown {
+            let grown = match grown.and_then(|r| self.take_held(i, r).map(|()| r)) {
                 Ok(r) => r,
                 Err(e) => {
+                    if let MemError::MapFailed { start, len } = e {
+                        self.drop_unmapped(i, start, len);
+                    }
+                    drop(g);
                     why = e.to_string();
                     break;
                 }
             };
+            drop(g);
             let p = self.try_alloc(i, size, align)?;
             // Space freed elsewhere meanwhile may have served us: then nobody will ever use (or
             // free into) the new region, so it goes back now rather than never.
@@ -478,6 +503,46 @@ where
             );
         }
         Err(AllocError::OutOfMemory { size, why })
+    }
+
+    /// After growth from a secondary: the new region `r` of heap `i` holds one block held for
+    /// this process, which has just mapped it; it becomes free memory. In the primary (which
+    /// never asks for held pages) there is nothing to do. When this process could not map the
+    /// pages, the region leaves the heap unread and the pages go back to the primary.
+    fn take_held(&self, i: usize, r: MemRange) -> Result<(), MemError> {
+        if self.mem.is_primary() {
+            return Ok(());
+        }
+        let (_g, h) = self
+            .shared
+            .lock(i)
+            .map_err(|e| MemError::Invalid(e.to_string()))?;
+        // SAFETY: lock held; the region was made for this process's request, which mapped it
+        // (Memory::alloc returned it).
+        unsafe { h.core.release_held(r.addr + HEADER) }
+            .map_err(|e| MemError::Invalid(format!("new heap region {r:?}: {e}")))
+    }
+
+    /// The growth of heap `i` gave this process pages `[start, start + len)` it could not map:
+    /// they are held for it in the heap; take the region out without reading it and give the
+    /// pages back.
+    fn drop_unmapped(&self, i: usize, start: u64, len: u64) {
+        let dropped = match self.shared.lock(i) {
+            Ok((_g, h)) => h.drop_held(start, len),
+            Err(_) => false,
+        };
+        if !dropped
+            || self
+                .mem
+                .free(MemRange { addr: start, len }, self.shared.map.node_of(i))
+                .is_err()
+        {
+            eprintln!(
+                "memplane heap {i}: [{start:#x}, {:#x}), not mapped here after growth, could not be \
+                 given back",
+                start + len
+            );
+        }
     }
 
     /// Gives region `r` back if it is still entirely free.
@@ -830,6 +895,15 @@ where
             .collect()
     }
 
+    /// Whether region `r` may be walked here. A region joins a heap once every attached
+    /// process maps it, but for the secondary whose growth made it: there it is one block held
+    /// for that secondary until the growing thread has mapped it, and another thread of the
+    /// same process that walks the heap meanwhile maps it first (a sync is idempotent).
+    fn mapped_here(&self, r: &Region) -> bool {
+        self.mem.is_mapped_here(r.start)
+            || (self.mem.sync().is_ok() && self.mem.is_mapped_here(r.start))
+    }
+
     /// Walks every heap and checks every block and list; returns what is wrong.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
@@ -845,7 +919,14 @@ where
             let mut ps = Vec::new();
             for r in h.regions() {
                 total += r.end - r.start;
-                // SAFETY: lock held; the region is the heap's and mapped here.
+                if !self.mapped_here(r) {
+                    ps.push(format!(
+                        "region [{:#x}, {:#x}) is not mapped in this process",
+                        r.start, r.end
+                    ));
+                    continue;
+                }
+                // SAFETY: lock held; the region is the heap's and mapped here (checked).
                 let (f, nf, na, rq) =
                     unsafe { h.core.walk_region(r.start, r.end, &mut ps, |_, _, _| {}) };
                 free += f;
@@ -906,9 +987,9 @@ where
             );
             for r in h.regions() {
                 let _ = writeln!(out, "  region [{:#x}, {:#x})", r.start, r.end);
-                if blocks {
+                if blocks && self.mapped_here(r) {
                     let mut ps = Vec::new();
-                    // SAFETY: lock held; the region is the heap's and mapped here.
+                    // SAFETY: lock held; the region is the heap's and mapped here (checked).
                     unsafe {
                         h.core.walk_region(r.start, r.end, &mut ps, |a, s, free| {
                             let _ = writeln!(

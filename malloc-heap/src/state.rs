@@ -337,6 +337,43 @@ impl HeapData {
         true
     }
 
+    /// Adds `[start, start + len)` as a region holding one allocated block for a process that
+    /// has not mapped it yet (see `HeapCore::add_region_held`). False when the region table is
+    /// full.
+    ///
+    /// # Safety
+    /// As [`HeapData::add_range`], the pages zero-filled.
+    pub unsafe fn add_range_held(&mut self, start: u64, len: u64) -> bool {
+        if !self.insert_region(Region {
+            start,
+            end: start + len,
+        }) {
+            return false;
+        }
+        // SAFETY: the caller's guarantees.
+        unsafe { self.core.add_region_held(start, len) };
+        self.core.counters.regions = self.nregions;
+        true
+    }
+
+    /// Drops the region `[start, start + len)` holding one held block, without reading it (its
+    /// holder could not map it). False if no region is exactly that range.
+    pub fn drop_held(&mut self, start: u64, len: u64) -> bool {
+        let n = self.nregions as usize;
+        if !self.regions[..n]
+            .iter()
+            .any(|r| r.start == start && r.end == start + len)
+        {
+            return false;
+        }
+        if !self.cut_region(start, start + len) {
+            return false;
+        }
+        self.core.forget_held(len);
+        self.core.counters.regions = self.nregions;
+        true
+    }
+
     /// Adds a region, keeping the table sorted. False when the table is full.
     pub fn insert_region(&mut self, reg: Region) -> bool {
         let n = self.nregions as usize;

@@ -443,6 +443,71 @@ impl HeapCore {
         self.counters.regions += 1;
     }
 
+    /// The bytes a held region's block says its holder asked for (the whole block's data).
+    pub const fn held_request(len: u64) -> u64 {
+        len - HEADER - COOKIE_LEN
+    }
+
+    /// Adds the region `[addr, addr + len)` as one allocated block, held for a process that has
+    /// not mapped it yet (see [`HeapCore::release_held`]); returns the block's user pointer.
+    /// Nothing but this header is written, and nothing reads the block until it is released.
+    ///
+    /// # Safety
+    /// As [`HeapCore::add_region`]; the pages are zero-filled.
+    pub unsafe fn add_region_held(&mut self, addr: u64, len: u64) -> u64 {
+        debug_assert!(addr.is_multiple_of(GRAIN) && len.is_multiple_of(GRAIN) && len >= MIN_BLOCK);
+        let req = Self::held_request(len);
+        // SAFETY: the range is ours (caller's guarantee).
+        unsafe {
+            self.set_hdr(addr, 0, len, F_LAST);
+            wr(addr + 24, req);
+            #[cfg(feature = "debug-cookies")]
+            wr(round_up(addr + HEADER + req, 8), COOKIE);
+        }
+        self.counters.total += len;
+        self.counters.regions += 1;
+        self.counters.alloc_count += 1;
+        self.counters.requested += req;
+        addr + HEADER
+    }
+
+    /// Turns the held block at `ptr` (made by [`HeapCore::add_region_held`], still the whole
+    /// region) into free memory known to be zero, as a fresh region would be.
+    ///
+    /// # Safety
+    /// `ptr - HEADER` must be the start of a region of this heap, mapped here; the caller holds
+    /// the lock.
+    pub unsafe fn release_held(&mut self, ptr: u64) -> Result<(), HeapError> {
+        // SAFETY: caller's guarantee.
+        let h = unsafe { self.allocated(ptr)? };
+        // SAFETY: verified header.
+        let req = unsafe { rd(h.addr + 24) };
+        if h.prev != 0 || !h.last() || req != Self::held_request(h.size) {
+            return Err(HeapError::Corrupt { block: h.addr });
+        }
+        // SAFETY: the whole region is this block: its header, then data nobody wrote but the
+        // cookie (cleared again), so it is as zero as the kernel gave it.
+        unsafe {
+            #[cfg(feature = "debug-cookies")]
+            wr(round_up(ptr + req, 8), 0);
+            self.set_hdr(h.addr, 0, h.size, F_FREE | F_LAST | F_ZERO);
+            self.insert(h.addr, h.size);
+        }
+        self.counters.alloc_count -= 1;
+        self.counters.requested -= req;
+        Ok(())
+    }
+
+    /// Forgets the held block of the region `[addr, addr + len)` without reading it (its holder
+    /// could not map it): the counters drop the region; the caller drops it from its table and
+    /// gives the pages back.
+    pub fn forget_held(&mut self, len: u64) {
+        self.counters.total -= len;
+        self.counters.regions -= 1;
+        self.counters.alloc_count -= 1;
+        self.counters.requested -= Self::held_request(len);
+    }
+
     /// Allocates `size` bytes aligned to `align`; returns the user pointer.
     ///
     /// # Safety

@@ -235,6 +235,34 @@ fn growth_rolled_back_when_a_secondary_fails_its_sync() {
     assert_eq!(bad.cmd(&format!("read {x:x} 4")), "00000000");
 }
 
+/// A secondary that grows the heap maps the new pages itself, after the others synced and the
+/// pages joined the heap held for it. If it cannot, the held region leaves the heap unread and
+/// the pages go back: nothing is leaked or left half published, and the next growth works.
+#[test]
+fn a_requester_that_cannot_map_its_new_pages_gives_them_back() {
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let mut a = start(&dir);
+    let mut b = start(&dir);
+    // The primary does not ask `a` to sync its own growth: this failure hits `a`'s own mapping.
+    assert_eq!(a.cmd("failsync 1"), "ok");
+    let r = a.cmd("malloc 100000 40");
+    assert!(r.starts_with("error out of memory"), "{r}");
+    assert!(r.contains("could not map"), "{r}");
+    assert_eq!(p.heap.memory().total_used(), 0);
+    let s = p.heap.stats(0).unwrap();
+    assert_eq!((s.heap_size, s.alloc_count), (0, 0), "{s:?}");
+    assert_eq!(p.heap.validate(), Ok(()));
+    assert_eq!(a.cmd("validate"), "clean");
+    // The next growth works, and the other secondary sees it.
+    let x = hexnum(&a.cmd("malloc 100000 40"));
+    assert_eq!(a.cmd(&format!("write {x:x} {}", hex(b"mine"))), "ok");
+    assert_eq!(b.cmd(&format!("read {x:x} 4")), hex(b"mine"));
+    assert_eq!(a.cmd(&format!("free {x:x}")), "ok");
+    assert_eq!(p.heap.memory().total_used(), 0);
+    assert_eq!(b.cmd("validate"), "clean");
+}
+
 #[test]
 fn killed_holder_of_the_heap_lock_hangs_nobody() {
     let dir = TestDir::new("mph");

@@ -703,6 +703,7 @@ impl MpChannel {
     /// Handles one received datagram; `actions` is false on a request socket, where only
     /// answers belong (anything else is dropped and counted).
     fn handle(&self, r: crate::socket::Received, buf: &[u8], actions: bool) {
+        let pid = r.creds.map_or(0, |c| c.pid.as_raw_nonzero().get() as u32);
         let trusted = match r.creds {
             Some(c) => {
                 let uid = c.uid.as_raw();
@@ -730,7 +731,12 @@ impl MpChannel {
                 msg,
                 from,
             } => {
-                let inc = Incoming { kind, msg, from };
+                let inc = Incoming {
+                    kind,
+                    msg,
+                    from,
+                    pid,
+                };
                 if catch_unwind(AssertUnwindSafe(|| handler(self, inc))).is_err() {
                     self.panics.fetch_add(1, Ordering::Relaxed);
                 }

@@ -9,7 +9,7 @@
 
 use heapless::Deque;
 
-use super::payload::{AllocRequest, MemRange, MemRequest, TxnId, TxnStatus};
+use super::payload::{AllocFlags, AllocRequest, MemRange, MemRequest, TxnId, TxnStatus};
 use super::{SyncOutcome, Timeouts};
 use crate::time::Instant;
 
@@ -57,6 +57,11 @@ pub enum Action<P> {
         id: TxnId,
         /// What changed.
         range: MemRange,
+        /// A secondary not to ask: the requester of an allocation with
+        /// [`AllocFlags::REQUESTER_MAPS`], which maps the pages itself after the reply.
+        ///
+        /// [`AllocFlags::REQUESTER_MAPS`]: super::AllocFlags::REQUESTER_MAPS
+        skip: Option<P>,
     },
     /// Ask every secondary to sync after a rollback (`ACTION_ROLLBACK`, with the change counter
     /// as for [`Action::BroadcastSync`]). Report with [`Coordinator::rollback_done`].
@@ -66,8 +71,8 @@ pub enum Action<P> {
         /// What was undone.
         range: MemRange,
     },
-    /// Every process maps the new pages: add them to heap `heap`. Report with
-    /// [`Coordinator::published`].
+    /// Every process maps the new pages (but the requester, when `held`): add them to heap
+    /// `heap`. Report with [`Coordinator::published`].
     Publish {
         /// Transaction.
         id: TxnId,
@@ -75,6 +80,11 @@ pub enum Action<P> {
         heap: u32,
         /// The pages.
         range: MemRange,
+        /// The requester has not mapped them yet ([`AllocFlags::REQUESTER_MAPS`]): they join
+        /// the heap as one block held for it, not as free memory, until it hands them over.
+        ///
+        /// [`AllocFlags::REQUESTER_MAPS`]: super::AllocFlags::REQUESTER_MAPS
+        held: bool,
     },
     /// A free did not happen (refused, or the local free failed): put `range` back into heap
     /// `heap`, where the requester took it from. Nothing is reported back. Doing this here,
@@ -390,13 +400,30 @@ impl<P: Clone + PartialEq, const Q: usize> Coordinator<P, Q> {
         });
     }
 
+    /// The secondary that maps the pages of the active allocation itself, if any.
+    fn mapping_requester(a: &Active<P>) -> Option<P> {
+        match (&a.req, &a.origin) {
+            (MemRequest::Alloc(r), Origin::Peer(p))
+                if r.flags.contains(AllocFlags::REQUESTER_MAPS) =>
+            {
+                Some(p.clone())
+            }
+            _ => None,
+        }
+    }
+
     fn broadcast_sync(&mut self, now: Instant) {
         let step = self.timeouts.coordinator_step();
         if let Some(a) = self.active.as_mut() {
             a.phase = Phase::Syncing;
             a.deadline = now.saturating_add(step);
             let (id, range) = (a.id, a.range);
-            self.emit(Action::BroadcastSync { id, range });
+            let skip = if a.freed {
+                None
+            } else {
+                Self::mapping_requester(a)
+            };
+            self.emit(Action::BroadcastSync { id, range, skip });
         }
     }
 
@@ -467,7 +494,13 @@ impl<P: Clone + PartialEq, const Q: usize> Coordinator<P, Q> {
                 a.phase = Phase::Publishing;
                 a.deadline = Instant::NEVER;
                 let (id, heap, range) = (a.id, Self::heap(&a.req), a.range);
-                self.emit(Action::Publish { id, heap, range });
+                let held = Self::mapping_requester(a).is_some();
+                self.emit(Action::Publish {
+                    id,
+                    heap,
+                    range,
+                    held,
+                });
             }
             MemRequest::Alloc(_) => {
                 let failure = if outcome.failed == 0 {

@@ -17,6 +17,8 @@ pub enum Outcome {
         status: TxnStatus,
         /// Pages allocated or freed.
         range: MemRange,
+        /// The change counter after the change (see [`TxnMsg::Response`]).
+        seq: u64,
     },
     /// No answer before the deadline.
     TimedOut,
@@ -85,9 +87,12 @@ impl Requester {
     /// A message arrived; only the response to this transaction finishes it.
     pub fn on_message(&mut self, msg: &TxnMsg) -> Option<Outcome> {
         match *msg {
-            TxnMsg::Response { id, status, range } if id == self.id => {
-                self.finish(Outcome::Done { status, range })
-            }
+            TxnMsg::Response {
+                id,
+                status,
+                range,
+                seq,
+            } if id == self.id => self.finish(Outcome::Done { status, range, seq }),
             _ => None,
         }
     }
