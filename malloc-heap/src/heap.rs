@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     pub(crate) recoveries_seen: AtomicU64,
     /// The smallest page of any memory list: a free block below it holds no page to give back.
     pub(crate) min_page: u64,
+    /// Whether the region starting at an address may be walked here (see `Heap::mapped_here`).
+    pub(crate) walkable: Box<dyn Fn(u64) -> bool + Send + Sync>,
 }
 
 impl Shared {
@@ -134,8 +136,22 @@ impl Shared {
         // SAFETY: we hold heap i's lock.
         let hm = unsafe { self.map.heap_mut(i) };
         if g.recovered() {
-            let regions: Vec<(u64, u64)> = hm.regions().iter().map(|r| (r.start, r.end)).collect();
             let mut problems = Vec::new();
+            let regions: Vec<(u64, u64)> = hm
+                .regions()
+                .iter()
+                .filter(|r| {
+                    let ok = (self.walkable)(r.start);
+                    if !ok {
+                        problems.push(format!(
+                            "region [{:#x}, {:#x}) is not mapped here: left out of the repair",
+                            r.start, r.end
+                        ));
+                    }
+                    ok
+                })
+                .map(|r| (r.start, r.end))
+                .collect();
             // SAFETY: we hold the lock; the regions are the heap's, mapped in every process.
             unsafe { hm.core.rebuild(&regions, &mut problems) };
             hm.recoveries += 1;
@@ -302,6 +318,8 @@ where
             map,
             recoveries_seen: AtomicU64::new(0),
             min_page: min_page(&mem),
+            // The primary maps every page it publishes before it publishes it.
+            walkable: Box::new(|_| true),
         });
         mem.set_heap_hooks(Arc::new(Hooks {
             shared: shared.clone(),
@@ -317,12 +335,20 @@ where
     pub fn secondary(mem: Memory<C>) -> Result<Heap<C>, MemError> {
         let map = HeapMap::attach(mem.dir()).map_err(state_err)?;
         let min_page = min_page(&mem);
+        // A region joins a heap once every attached process maps it, but for the secondary
+        // whose growth made it: there it is one block held for that secondary until its growing
+        // thread has mapped it. Another thread of that process that walks the heap meanwhile
+        // (validate, dump, the repair after a holder died) maps it first: a sync is idempotent.
+        let m = mem.clone();
+        let walkable =
+            Box::new(move |va| m.is_mapped_here(va) || (m.sync().is_ok() && m.is_mapped_here(va)));
         Ok(Heap {
             mem,
             shared: Arc::new(Shared {
                 map,
                 recoveries_seen: AtomicU64::new(0),
                 min_page,
+                walkable,
             }),
             shrink: AtomicBool::new(true),
         })
@@ -895,13 +921,9 @@ where
             .collect()
     }
 
-    /// Whether region `r` may be walked here. A region joins a heap once every attached
-    /// process maps it, but for the secondary whose growth made it: there it is one block held
-    /// for that secondary until the growing thread has mapped it, and another thread of the
-    /// same process that walks the heap meanwhile maps it first (a sync is idempotent).
+    /// Whether region `r` may be walked here (see `Shared::walkable`).
     fn mapped_here(&self, r: &Region) -> bool {
-        self.mem.is_mapped_here(r.start)
-            || (self.mem.sync().is_ok() && self.mem.is_mapped_here(r.start))
+        (self.shared.walkable)(r.start)
     }
 
     /// Walks every heap and checks every block and list; returns what is wrong.
