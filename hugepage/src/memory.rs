@@ -970,6 +970,10 @@ where
     /// Allocates pages for at least `bytes` bytes (through the primary: it maps them, every
     /// attached secondary maps them, then they are returned). They are mapped here on return.
     ///
+    /// The pages are for heap `spec.heap`: where the primary runs the heap layer (it installed
+    /// [`HeapHooks`]), they join that heap before this returns, which is how the heap grows.
+    /// Pages for the caller's own use are then to be taken from the heap, not from here.
+    ///
     /// With [`AllocSpec::requester_maps`] (a secondary), this process maps them itself from
     /// the primary's answer instead of being asked to sync: if it cannot, the pages are still
     /// allocated, and [`MemError::MapFailed`] names them for the caller to give back.
