@@ -540,10 +540,11 @@ pub fn probe(to: &Path) -> Result<OwnedFd, Errno> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn dir(tag: &str) -> PathBuf {
+    /// A fresh directory for one test's sockets.
+    pub(crate) fn dir(tag: &str) -> PathBuf {
         let d = PathBuf::from(format!("/tmp/mps-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();

@@ -499,20 +499,14 @@ impl Transport for UnixTransport {
 mod tests {
     use super::*;
     use crate::socket::RecvBatch;
-
-    fn dir(tag: &str) -> PathBuf {
-        let d = PathBuf::from(format!("/tmp/mpt-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::socket::tests::dir;
 
     /// One `sendmmsg` for a broadcast; a gone peer and a full peer in the middle are each told
     /// apart (gone: an error, full: queued), and the peers after them still get the datagram,
     /// with its fd.
     #[test]
     fn a_broadcast_reaches_every_live_peer_past_a_gone_one_and_a_full_one() {
-        let d = dir("many");
+        let d = dir("broadcast-many");
         let t = UnixTransport::new(
             Socket::bind(&d.join("mp_socket")).unwrap(),
             Role::Primary,
