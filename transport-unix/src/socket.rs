@@ -219,7 +219,7 @@ impl Socket {
     /// sent ones on its own to learn why it failed.
     pub fn send_many(
         &self,
-        to: &[&Path],
+        to: &[PeerAddr],
         bytes: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<usize, Errno> {
@@ -228,7 +228,7 @@ impl Socket {
         }
         let addrs = to
             .iter()
-            .map(|p| SocketAddrUnix::new(*p).map(|a| net::addr::SocketAddrArg::as_any(&a)))
+            .map(|p| SocketAddrUnix::new(p.path()).map(|a| net::addr::SocketAddrArg::as_any(&a)))
             .collect::<Result<Vec<_>, _>>()?;
         let space_len = rustix::cmsg_space!(ScmRights(fds.len()));
         let mut spaces = vec![MaybeUninit::<u8>::uninit(); space_len * to.len()];

@@ -279,21 +279,13 @@ impl UnixTransport {
         // them to keep. This thread's own queued datagrams are counted, so they are not
         // overtaken.
         let tried = self.waiting.load(Ordering::Acquire) == 0;
-        if tried {
-            match sock.send_to(to.path(), datagram, &fds.borrowed()) {
-                Ok(()) => return Ok(()),
-                Err(Errno::AGAIN) => {}
-                Err(e) => return Err(self.classify(to, e)),
-            }
+        if tried && let Some(r) = self.send_now(sock, to, datagram, fds) {
+            return r;
         }
         let mut o = self.outbox.lock();
         if o.total == 0 || !o.peers.contains_key(to) {
-            if !tried {
-                match sock.send_to(to.path(), datagram, &fds.borrowed()) {
-                    Ok(()) => return Ok(()),
-                    Err(Errno::AGAIN) => {}
-                    Err(e) => return Err(self.classify(to, e)),
-                }
+            if !tried && let Some(r) = self.send_now(sock, to, datagram, fds) {
+                return r;
             }
             if wait {
                 let probe = match o.wait_probes.get(to) {
@@ -348,6 +340,21 @@ impl UnixTransport {
         Ok(())
     }
 
+    /// One send attempt from `sock`: its result, or `None` when `to`'s queue is full.
+    fn send_now(
+        &self,
+        sock: &Socket,
+        to: &PeerAddr,
+        datagram: &[u8],
+        fds: &Fds,
+    ) -> Option<Result<(), SendError>> {
+        match sock.send_to(to.path(), datagram, &fds.borrowed()) {
+            Ok(()) => Some(Ok(())),
+            Err(Errno::AGAIN) => None,
+            Err(e) => Some(Err(self.classify(to, e))),
+        }
+    }
+
     /// Sends `datagram` to each of `peers` from socket `from` (the channel's own when `None`),
     /// as [`UnixTransport::send_from`] without waiting does for each, and reports each result
     /// to `done`. While the outbox is empty, one `sendmmsg` takes up to [`SEND_BATCH`] peers;
@@ -366,9 +373,8 @@ impl UnixTransport {
         let mut rest = peers;
         while rest.len() > 1 && self.waiting.load(Ordering::Acquire) == 0 {
             let chunk = &rest[..rest.len().min(SEND_BATCH)];
-            let paths: Vec<&Path> = chunk.iter().map(|p| p.path()).collect();
             let n = sock
-                .send_many(&paths, datagram, &fds.borrowed())
+                .send_many(chunk, datagram, &fds.borrowed())
                 .unwrap_or(0);
             for p in &chunk[..n] {
                 done(p, Ok(()));
