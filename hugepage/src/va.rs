@@ -14,7 +14,7 @@
 use std::os::fd::BorrowedFd;
 
 use rustix::io::Errno;
-use rustix::mm::{MapFlags, ProtFlags};
+use rustix::mm::{MapFlags, MprotectFlags, ProtFlags};
 
 use crate::error::MemError;
 
@@ -26,6 +26,18 @@ pub const DEFAULT_BASE: u64 = 1 << 32;
 pub fn can_populate() -> bool {
     // SAFETY: a zero-length madvise touches no memory; the kernel only validates the advice.
     unsafe { libc::madvise(std::ptr::null_mut(), 0, libc::MADV_POPULATE_WRITE) == 0 }
+}
+
+/// `e` from mapping or populating `[va, va + len)` (`what`): out of memory when the kernel had
+/// no page to give (`ENOMEM`), an I/O error otherwise.
+fn no_page_or(e: std::io::Error, what: &str, va: u64, len: u64) -> MemError {
+    if e.raw_os_error() == Some(libc::ENOMEM) {
+        MemError::NoMemory {
+            what: format!("no page to map at {va:#x} ({len} bytes)"),
+        }
+    } else {
+        MemError::io(format!("{what} {len} bytes at {va:#x}"), e)
+    }
 }
 
 /// An address range reserved (`PROT_NONE`) in this process; unmapped when dropped.
@@ -187,16 +199,7 @@ impl Reservation {
                 offset,
             )
         }
-        .map_err(|e| {
-            let e: std::io::Error = e.into();
-            if e.raw_os_error() == Some(libc::ENOMEM) {
-                MemError::NoMemory {
-                    what: format!("no page to map at {va:#x} ({len} bytes)"),
-                }
-            } else {
-                MemError::io(format!("map {len} bytes at {va:#x}"), e)
-            }
-        })?;
+        .map_err(|e| no_page_or(e.into(), "map", va, len))?;
         debug_assert_eq!(p as u64, va);
         Ok(())
     }
@@ -230,29 +233,20 @@ impl Reservation {
     /// writing (allocated in the file where they are holes, so zero-filled): a page the kernel
     /// cannot supply is [`MemError::NoMemory`] here, not a `SIGBUS` later.
     pub fn open_window(&self, va: u64, len: u64) -> Result<(), MemError> {
-        self.check(va, len)?;
-        // SAFETY: the range is inside our reservation and covered by a window mapping of the
-        // memory layer's file; making it accessible changes no memory contents.
-        unsafe {
-            rustix::mm::mprotect(
-                va as *mut _,
-                len as usize,
-                rustix::mm::MprotectFlags::READ | rustix::mm::MprotectFlags::WRITE,
-            )
-        }
-        .map_err(|e| MemError::io(format!("open {len} bytes at {va:#x}"), e.into()))?;
-        // SAFETY: as above; populating only faults pages of the shared file in, the way a
-        // first write would.
+        self.protect(va, len, MprotectFlags::READ | MprotectFlags::WRITE, "open")?;
+        // SAFETY: the range is inside our reservation (checked by `protect`) and covered by a
+        // window mapping of the memory layer's file; populating only faults pages of the shared
+        // file in, the way a first write would.
         let r = unsafe { libc::madvise(va as *mut _, len as usize, libc::MADV_POPULATE_WRITE) };
         if r != 0 {
             let e = std::io::Error::last_os_error();
             let _ = self.close_window(va, len);
-            return Err(match e.raw_os_error() {
-                Some(libc::ENOMEM | libc::EFAULT) => MemError::NoMemory {
-                    what: format!("no page to map at {va:#x} ({len} bytes)"),
-                },
-                _ => MemError::io(format!("populate {len} bytes at {va:#x}"), e),
-            });
+            // A page the kernel cannot supply shows as EFAULT from populating.
+            let e = match e.raw_os_error() {
+                Some(libc::EFAULT) => std::io::Error::from_raw_os_error(libc::ENOMEM),
+                _ => e,
+            };
+            return Err(no_page_or(e, "populate", va, len));
         }
         Ok(())
     }
@@ -261,18 +255,18 @@ impl Reservation {
     /// page tables until the file lets them go (the primary punches them out, which unmaps them
     /// in every process).
     pub fn close_window(&self, va: u64, len: u64) -> Result<(), MemError> {
+        self.protect(va, len, MprotectFlags::empty(), "close")
+    }
+
+    /// Sets the access of `[va, va + len)` of a window (`what` names the step in errors).
+    fn protect(&self, va: u64, len: u64, prot: MprotectFlags, what: &str) -> Result<(), MemError> {
         self.check(va, len)?;
-        // SAFETY: the range is inside our reservation; the memory layer has retired the pages
-        // (no user object lives in them), so revoking access cannot break a live reference.
-        unsafe {
-            rustix::mm::mprotect(
-                va as *mut _,
-                len as usize,
-                rustix::mm::MprotectFlags::empty(),
-            )
-        }
-        .map_err(|e| MemError::io(format!("close {len} bytes at {va:#x}"), e.into()))?;
-        Ok(())
+        // SAFETY: the range is inside our reservation (checked above) and covered by a window
+        // of the memory layer's file. Opening changes no memory contents; closing happens only
+        // once the memory layer has retired the pages (no user object lives in them), so
+        // revoking access cannot break a live reference.
+        unsafe { rustix::mm::mprotect(va as *mut _, len as usize, prot) }
+            .map_err(|e| MemError::io(format!("{what} {len} bytes at {va:#x}"), e.into()))
     }
 
     /// Replaces `[va, va + len)` by a fresh `PROT_NONE` placeholder: the pages are no longer
