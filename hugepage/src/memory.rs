@@ -63,13 +63,14 @@ pub trait HeapHooks: Send + Sync {
     fn restore(&self, heap: u32, range: MemRange);
 }
 
-/// A requester as the coordinator knows it: where to answer, and its process id as the kernel
-/// reported it (0: unknown), which tells which participant it is.
+/// A peer and its process id as the kernel reported it (0: unknown): a requester as the
+/// coordinator knows it, and an attached secondary; the pid tells which participant a requester
+/// is.
 type Who<P> = (P, u32);
 
 struct Primary<P> {
     coord: Mutex<Coordinator<Who<P>>>,
-    participants: Mutex<Vec<(P, u32)>>,
+    participants: Mutex<Vec<Who<P>>>,
     results: Mutex<HashMap<u64, Result<MemRange, TxnStatus>>>,
     done: Condvar,
     timer: Arc<TimerShared>,
@@ -730,12 +731,12 @@ where
             Action::BroadcastSync { id, range, skip } => {
                 let seq = inner.map.change_seq(&range);
                 let m = TxnMsg::Sync { id, range, seq };
-                self.broadcast(c, id, m, ACTION_SYNC, false, skip)
+                self.broadcast(c, id, m, ACTION_SYNC, false, skip.map_or(0, |(_, pid)| pid))
             }
             Action::BroadcastRollback { id, range } => {
                 let seq = inner.map.change_seq(&range);
                 let m = TxnMsg::Rollback { id, range, seq };
-                self.broadcast(c, id, m, ACTION_ROLLBACK, true, None)
+                self.broadcast(c, id, m, ACTION_ROLLBACK, true, 0)
             }
             Action::Publish {
                 id,
@@ -828,6 +829,8 @@ where
         }
     }
 
+    /// Asks every participant but the one of pid `except` (0: none) to sync (`name`), and
+    /// reports the outcome to the coordinator.
     fn broadcast(
         &self,
         c: &mut Coordinator<Who<C::Peer>>,
@@ -835,9 +838,9 @@ where
         m: TxnMsg,
         name: &'static str,
         rollback: bool,
-        skip: Option<Who<C::Peer>>,
+        except: u32,
     ) {
-        let peers = self.participants(skip.map_or(0, |(_, pid)| pid));
+        let peers = self.participants(except);
         let report = |c: &mut Coordinator<Who<C::Peer>>, o: SyncOutcome| {
             let _ = if rollback {
                 c.rollback_done(id, o, now())
@@ -979,15 +982,9 @@ where
     /// allocated, and [`MemError::MapFailed`] names them for the caller to give back.
     pub fn alloc(&self, spec: &AllocSpec) -> Result<MemRange, MemError> {
         let maps_itself = spec.requester_maps && !self.is_primary();
-        let mut flags = AllocFlags::default();
-        if spec.iova_contig {
-            flags = AllocFlags::from_bits(flags.bits() | AllocFlags::IOVA_CONTIG.bits())
-                .unwrap_or(flags);
-        }
-        if maps_itself {
-            flags = AllocFlags::from_bits(flags.bits() | AllocFlags::REQUESTER_MAPS.bits())
-                .unwrap_or(flags);
-        }
+        let flags = AllocFlags::default()
+            .with(AllocFlags::IOVA_CONTIG, spec.iova_contig)
+            .with(AllocFlags::REQUESTER_MAPS, maps_itself);
         let req = AllocRequest {
             heap: spec.heap,
             node: spec.node,

@@ -97,6 +97,14 @@ impl AllocFlags {
     pub fn contains(self, other: AllocFlags) -> bool {
         self.0 & other.0 == other.0
     }
+    /// These flags and, when `on`, those of `other`.
+    pub const fn with(self, other: AllocFlags, on: bool) -> AllocFlags {
+        if on {
+            AllocFlags(self.0 | other.0)
+        } else {
+            self
+        }
+    }
 }
 
 /// Ask the primary for more memory: pages enough for `bytes` bytes aligned to `align`.
