@@ -9,9 +9,14 @@
 //!
 //! Dead peers: a socket file with nobody bound (`ECONNREFUSED`) or no file at all (`ENOENT`) is
 //! [`SendError::PeerGone`]; the primary removes such a secondary socket file, as DPDK does.
+//!
+//! The primary finds its secondaries in the runtime directory, as DPDK does, but does not read
+//! the directory for every broadcast: it keeps the list and reads the directory again only
+//! after inotify reports a secondary socket created, removed or renamed there (or lost events).
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -95,6 +100,106 @@ pub struct UnixTransport {
     waiting: AtomicUsize,
     /// Wakes the service thread (an eventfd).
     wake: OwnedFd,
+    /// The primary's list of secondary sockets.
+    peers: Mutex<PeerDir>,
+}
+
+/// The primary's list of secondary sockets, sorted, read from the runtime directory again only
+/// when inotify says it changed.
+struct PeerDir {
+    /// An inotify instance watching the directory (non-blocking); without one (inotify
+    /// unavailable, or its per-user limit reached) every look reads the directory.
+    watch: Option<OwnedFd>,
+    list: Arc<[PeerAddr]>,
+    /// The list must be read again before use.
+    stale: bool,
+}
+
+impl PeerDir {
+    fn new(role: Role, dir: &Path) -> PeerDir {
+        use rustix::fs::inotify::{CreateFlags, WatchFlags, add_watch, init};
+        let watch = (role == Role::Primary)
+            .then(|| {
+                let fd = init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok()?;
+                let what = WatchFlags::CREATE
+                    | WatchFlags::DELETE
+                    | WatchFlags::MOVED_FROM
+                    | WatchFlags::MOVED_TO
+                    | WatchFlags::DELETE_SELF
+                    | WatchFlags::MOVE_SELF
+                    | WatchFlags::ONLYDIR;
+                add_watch(&fd, dir, what).ok()?;
+                Some(fd)
+            })
+            .flatten();
+        PeerDir {
+            watch,
+            list: Arc::from([]),
+            stale: true,
+        }
+    }
+
+    /// Reads the pending inotify events; marks the list stale if one concerns a secondary
+    /// socket, events were lost, or the watch ended (then the watch is given up: from here on
+    /// the directory is read every time).
+    fn catch_up(&mut self) {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        let Some(w) = &self.watch else {
+            self.stale = true;
+            return;
+        };
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut r = Reader::new(w, &mut buf);
+        let mut give_up = false;
+        loop {
+            match r.next() {
+                Ok(ev) => {
+                    let f = ev.events();
+                    if f.intersects(
+                        ReadFlags::QUEUE_OVERFLOW
+                            | ReadFlags::IGNORED
+                            | ReadFlags::DELETE_SELF
+                            | ReadFlags::MOVE_SELF,
+                    ) {
+                        self.stale = true;
+                        give_up |= !f.contains(ReadFlags::QUEUE_OVERFLOW);
+                    } else if ev.file_name().is_none_or(|n| {
+                        rundir::is_secondary_socket(std::ffi::OsStr::from_bytes(n.to_bytes()))
+                    }) {
+                        self.stale = true;
+                    }
+                }
+                Err(Errno::AGAIN) => break,
+                Err(Errno::INTR) => continue,
+                Err(_) => {
+                    self.stale = true;
+                    give_up = true;
+                    break;
+                }
+            }
+        }
+        if give_up {
+            self.watch = None;
+        }
+    }
+
+    /// The secondary sockets in `dir` now, sorted.
+    fn current(&mut self, dir: &Path) -> Result<Arc<[PeerAddr]>, SendError> {
+        self.catch_up();
+        if self.stale {
+            let rd =
+                std::fs::read_dir(dir).map_err(|e| SendError::Os(e.raw_os_error().unwrap_or(0)))?;
+            let mut v: Vec<PeerAddr> = rd
+                .flatten()
+                .filter(|e| rundir::is_secondary_socket(&e.file_name()))
+                .map(|e| PeerAddr::new(e.path()))
+                .collect();
+            v.sort();
+            self.list = v.into();
+            self.stale = false;
+        }
+        Ok(self.list.clone())
+    }
 }
 
 /// What the service thread should poll for the outbox.
@@ -115,6 +220,7 @@ impl UnixTransport {
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )
         .map_err(|e| crate::Error::io("eventfd", e.into()))?;
+        let peers = Mutex::new(PeerDir::new(role, &dir));
         Ok(UnixTransport {
             sock,
             role,
@@ -123,6 +229,7 @@ impl UnixTransport {
             outbox: Mutex::new(Outbox::default()),
             waiting: AtomicUsize::new(0),
             wake,
+            peers,
         })
     }
 
@@ -488,13 +595,9 @@ impl Transport for UnixTransport {
                 Ok(())
             }
             Role::Primary => {
-                let dir = std::fs::read_dir(&self.dir)
-                    .map_err(|e| SendError::Os(e.raw_os_error().unwrap_or(0)))?;
-                for e in dir.flatten() {
-                    if rundir::is_secondary_socket(&e.file_name()) {
-                        f(&PeerAddr::new(e.path()));
-                    }
-                }
+                // Sorted by path; the lock is not held while `f` runs.
+                let list = self.peers.lock().current(&self.dir)?;
+                list.iter().for_each(f);
                 Ok(())
             }
         }
@@ -506,6 +609,54 @@ mod tests {
     use super::*;
     use crate::socket::RecvBatch;
     use crate::socket::tests::dir;
+
+    fn listed(t: &UnixTransport) -> Vec<String> {
+        let mut v = Vec::new();
+        t.for_each_peer(&mut |p| {
+            v.push(p.path().file_name().unwrap().to_string_lossy().into_owned())
+        })
+        .unwrap();
+        v
+    }
+
+    /// The primary's cached list follows the directory: a secondary socket created, removed
+    /// or renamed is seen by the next look; other files are not secondaries. Without inotify
+    /// (the fallback), every look reads the directory.
+    #[test]
+    fn the_primary_sees_secondaries_come_and_go_with_or_without_inotify() {
+        for watched in [true, false] {
+            let d = dir(&format!("peer-list-{watched}"));
+            let t = UnixTransport::new(
+                Socket::bind(&d.join("mp_socket")).unwrap(),
+                Role::Primary,
+                d.clone(),
+            )
+            .unwrap();
+            if !watched {
+                t.peers.lock().watch = None;
+            } else {
+                assert!(t.peers.lock().watch.is_some(), "inotify is available here");
+            }
+            assert!(listed(&t).is_empty());
+            let b = Socket::bind(&d.join("mp_socket_2_b")).unwrap();
+            let a = Socket::bind(&d.join("mp_socket_1_a")).unwrap();
+            std::fs::write(d.join("mp_req_7_0"), b"").unwrap();
+            assert_eq!(listed(&t), ["mp_socket_1_a", "mp_socket_2_b"]);
+            // Unchanged: the same list (and, watched, no directory read).
+            assert_eq!(listed(&t), ["mp_socket_1_a", "mp_socket_2_b"]);
+            if watched {
+                assert!(!t.peers.lock().stale);
+            }
+            a.unlink();
+            assert_eq!(listed(&t), ["mp_socket_2_b"]);
+            std::fs::rename(d.join("mp_socket_2_b"), d.join("mp_socket_3_c")).unwrap();
+            assert_eq!(listed(&t), ["mp_socket_3_c"]);
+            std::fs::rename(d.join("mp_socket_3_c"), d.join("elsewhere")).unwrap();
+            assert!(listed(&t).is_empty());
+            drop(b);
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
 
     /// One `sendmmsg` for a broadcast; a gone peer and a full peer in the middle are each told
     /// apart (gone: an error, full: queued), and the peers after them still get the datagram,
