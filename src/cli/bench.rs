@@ -4,7 +4,8 @@
 //!
 //! - `serve`: registers the benchmark actions (in a primary, or in a secondary for broadcasts);
 //! - `rtt`: sync round trips from a secondary to the primary;
-//! - `broadcast`: sync requests from the primary to every secondary;
+//! - `broadcast`: sync requests from the primary to every secondary (also prints the CPU time the
+//!   broadcasting thread spends per request, `cpu_us_per_op`);
 //! - `async`: async requests from a secondary, W in flight (one per name `bench_0..bench_{W-1}`,
 //!   since one name may have only one pending request per peer);
 //! - `oneway`: one-way messages from a secondary, counted and timed by the primary.
@@ -225,6 +226,12 @@ fn stats(ch: &MpChannel, mode: &str) {
 
 // ---- serve ----------------------------------------------------------------------------------
 
+/// CPU time of the calling thread, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 /// Nanoseconds on a process-wide monotonic clock.
 fn clock_ns() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -352,6 +359,7 @@ fn broadcast(a: BroadcastArgs) -> Result<()> {
     }
     let mut samples = Vec::with_capacity(a.count as usize);
     let mut incomplete = 0;
+    let cpu0 = thread_cpu_ns();
     for i in 0..a.warmup + a.count {
         let msg = message(BCAST, &i.to_le_bytes(), Fds::none())?;
         let t0 = Instant::now();
@@ -364,10 +372,12 @@ fn broadcast(a: BroadcastArgs) -> Result<()> {
             }
         }
     }
+    let cpu = thread_cpu_ns() - cpu0;
     out(format!(
-        "bench=broadcast impl=memplane placement={placement} secondaries={} {} incomplete={incomplete}",
+        "bench=broadcast impl=memplane placement={placement} secondaries={} {} incomplete={incomplete} cpu_us_per_op={:.1}",
         a.peers,
-        latency_fields(&mut samples)
+        latency_fields(&mut samples),
+        cpu as f64 / 1e3 / (a.warmup + a.count) as f64
     ));
     stats(&ch, "broadcast");
     if incomplete > 0 {

@@ -336,6 +336,11 @@ pub struct MpChannel {
 struct RequestSocket {
     sock: Arc<Socket>,
     buf: Vec<u8>,
+    /// Buffers for taking several answers with one `recvmmsg`, made on the socket's first
+    /// request to more than one peer (the answers of a broadcast mostly arrive together).
+    batch: Option<Box<crate::socket::RecvBatch>>,
+    /// The request in progress goes to more than one peer: wait with `batch`.
+    many: bool,
     /// The receive timeout set on the socket now.
     timeout: Duration,
     /// A request on it ended before every answer came: late ones may be queued.
@@ -376,9 +381,27 @@ impl Waiter for SocketWaiter<'_> {
             }
             rs.timeout = left;
         }
-        let RequestSocket { sock, buf, .. } = &mut **rs;
-        if let Ok(Some(r)) = sock.recv(buf, true) {
-            self.ch.handle(r, buf, false);
+        let RequestSocket {
+            sock,
+            buf,
+            batch,
+            many,
+            ..
+        } = &mut **rs;
+        match batch {
+            Some(b) if *many => {
+                if let Ok(n) = sock.recv_batch(b, true) {
+                    for i in 0..n {
+                        let (r, bytes) = b.take(i);
+                        self.ch.handle(r, bytes, false);
+                    }
+                }
+            }
+            _ => {
+                if let Ok(Some(r)) = sock.recv(buf, true) {
+                    self.ch.handle(r, buf, false);
+                }
+            }
         }
         now()
     }
@@ -448,9 +471,9 @@ impl MpChannel {
     /// The peers a send or request goes to: every secondary from the primary, the primary from
     /// a secondary.
     pub fn peers(&self) -> Result<Vec<PeerAddr>, Error> {
+        // The transport gives them sorted already.
         let mut v = Vec::new();
         memplane_core::Transport::for_each_peer(self.ep.transport(), &mut |p| v.push(p.clone()))?;
-        v.sort();
         Ok(v)
     }
 
@@ -533,6 +556,10 @@ impl MpChannel {
             while let Ok(Some(_)) = rs.sock.recv(&mut rs.buf, false) {}
             rs.dirty = false;
         }
+        rs.many = peers.len() > 1;
+        if rs.many && rs.batch.is_none() {
+            rs.batch = Some(Box::default());
+        }
         let t = now();
         let p = self.ep.prepare_request(
             peers,
@@ -588,6 +615,8 @@ impl MpChannel {
         Ok(RequestSocket {
             sock: Arc::new(Socket::bind(&path)?),
             buf: vec![0u8; RECV_BUF],
+            batch: None,
+            many: false,
             timeout: Duration::ZERO,
             dirty: false,
         })
