@@ -10,6 +10,7 @@ use std::fmt;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,46 +26,97 @@ use memplane_core::limits::MAX_FDS;
 use crate::error::Error;
 
 /// The address of a peer: its socket path. Cheap to clone. Equal when the paths are equal
-/// component by component.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PeerAddr(Arc<Path>);
+/// component by component (`/run//x/./s` is `/run/x/s`), ordered by those components' bytes.
+///
+/// Made once per peer (the primary's peer list, the receiving thread's cache of senders): it
+/// keeps the path in a canonical form and the socket address ready, so comparing, hashing and
+/// sending to it do not walk the path's components again (they are on the path of every request
+/// and answer).
+#[derive(Clone)]
+pub struct PeerAddr(Arc<PeerInner>);
 
-/// Hashes the socket's file name only: paths equal component by component have equal last
-/// components, and every socket of a runtime directory has its own name, so this spreads keys as
-/// well as the whole path would, at a fraction of the cost (`Path`'s own hash walks every
-/// component of the directory too, on every request and answer).
+struct PeerInner {
+    /// The path as given.
+    path: PathBuf,
+    /// The components, joined by single `/`: equal exactly when the components are.
+    key: Box<[u8]>,
+    /// Where the file name starts in `key`.
+    name_at: usize,
+    /// The socket address, or why the path cannot be one (too long, a NUL byte).
+    addr: Result<SocketAddrUnix, Errno>,
+}
+
+impl PartialEq for PeerAddr {
+    fn eq(&self, o: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &o.0) || self.0.key == o.0.key
+    }
+}
+
+impl Eq for PeerAddr {}
+
+impl PartialOrd for PeerAddr {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for PeerAddr {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.0.key.cmp(&o.0.key)
+    }
+}
+
+/// Hashes the socket's file name only: equal addresses have equal file names, and every socket
+/// of a runtime directory has its own name, so this spreads keys as well as the whole path
+/// would, for less.
 impl std::hash::Hash for PeerAddr {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.0.file_name().hash(h);
+        self.0.key[self.0.name_at..].hash(h);
     }
 }
 
 impl PeerAddr {
     /// The peer at `path`.
     pub fn new(path: impl AsRef<Path>) -> Self {
-        PeerAddr(Arc::from(path.as_ref()))
+        let path = path.as_ref();
+        let canon: PathBuf = path.components().collect();
+        let key: Box<[u8]> = canon.as_os_str().as_bytes().into();
+        let name_at = canon
+            .file_name()
+            .map_or(key.len(), |n| key.len() - n.as_bytes().len());
+        PeerAddr(Arc::new(PeerInner {
+            path: path.to_owned(),
+            key,
+            name_at,
+            addr: SocketAddrUnix::new(path),
+        }))
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
-        &self.0
+        &self.0.path
     }
 
     /// The socket's file name (`mp_socket`, `mp_socket_<pid>_<stamp>`).
     pub fn name(&self) -> &str {
-        self.0.file_name().and_then(|n| n.to_str()).unwrap_or("")
+        std::str::from_utf8(&self.0.key[self.0.name_at..]).unwrap_or("")
+    }
+
+    /// The socket address.
+    fn addr(&self) -> Result<&SocketAddrUnix, Errno> {
+        self.0.addr.as_ref().map_err(|e| *e)
     }
 }
 
 impl fmt::Debug for PeerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0.display())
+        write!(f, "{}", self.0.path.display())
     }
 }
 
 impl fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0.display())
+        write!(f, "{}", self.0.path.display())
     }
 }
 
@@ -190,7 +242,25 @@ impl Socket {
 
     /// Sends one datagram with `fds` to the socket at `to`, without blocking.
     pub fn send_to(&self, to: &Path, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Errno> {
-        let addr = SocketAddrUnix::new(to)?;
+        self.send_addr(&SocketAddrUnix::new(to)?, bytes, fds)
+    }
+
+    /// [`Socket::send_to`] the peer `to`, with its address made already.
+    pub fn send_to_peer(
+        &self,
+        to: &PeerAddr,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Errno> {
+        self.send_addr(to.addr()?, bytes, fds)
+    }
+
+    fn send_addr(
+        &self,
+        addr: &SocketAddrUnix,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Errno> {
         let mut space = [MaybeUninit::<u8>::uninit(); CMSG_BUF];
         let mut control = SendAncillaryBuffer::new(&mut space);
         // DPDK always attaches SCM_RIGHTS, even empty; an empty one is legal and costs nothing.
@@ -200,7 +270,7 @@ impl Socket {
         loop {
             match net::sendmsg_addr(
                 &self.fd,
-                &addr,
+                addr,
                 &[io::IoSlice::new(bytes)],
                 &mut control,
                 SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
@@ -228,7 +298,7 @@ impl Socket {
         }
         let addrs = to
             .iter()
-            .map(|p| SocketAddrUnix::new(p.path()).map(|a| net::addr::SocketAddrArg::as_any(&a)))
+            .map(|p| p.addr().map(net::addr::SocketAddrArg::as_any))
             .collect::<Result<Vec<_>, _>>()?;
         let space_len = rustix::cmsg_space!(ScmRights(fds.len()));
         let mut spaces = vec![MaybeUninit::<u8>::uninit(); space_len * to.len()];

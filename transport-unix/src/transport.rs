@@ -320,7 +320,7 @@ impl UnixTransport {
                     continue;
                 }
                 let from = item.from.as_deref().unwrap_or(&self.sock);
-                match from.send_to(peer.path(), &item.bytes[..item.len], &item.fds.borrowed()) {
+                match from.send_to_peer(peer, &item.bytes[..item.len], &item.fds.borrowed()) {
                     Ok(()) => {
                         q.items.pop_front();
                         *total -= 1;
@@ -455,7 +455,7 @@ impl UnixTransport {
         datagram: &[u8],
         fds: &Fds,
     ) -> Option<Result<(), SendError>> {
-        match sock.send_to(to.path(), datagram, &fds.borrowed()) {
+        match sock.send_to_peer(to, datagram, &fds.borrowed()) {
             Ok(()) => Some(Ok(())),
             Err(Errno::AGAIN) => None,
             Err(e) => Some(Err(self.classify(to, e))),
@@ -535,7 +535,7 @@ impl UnixTransport {
                 // A probe of a socket that is gone: the next send makes a fresh one.
                 self.outbox.lock().wait_probes.remove(to);
             }
-            match sock.send_to(to.path(), datagram, &fds.borrowed()) {
+            match sock.send_to_peer(to, datagram, &fds.borrowed()) {
                 Ok(()) => return Ok(()),
                 Err(Errno::AGAIN) => refused = ready,
                 Err(e) => {
