@@ -7,7 +7,9 @@
 //! socket files; a second primary refused and a secondary without primary failing at once;
 //! malformed datagrams (the primary survives, leaks no fd, counts each rejection); a sender with
 //! another uid rejected; 1,000 async requests in flight; many threads sharing one receiving
-//! thread; every ABI on the wire. Each test has its own runtime directory and reaps its children.
+//! thread; every ABI on the wire; answers to a peer that reads late waiting in order (or dropped
+//! at the send timeout) while others are served. Each test has its own runtime directory and
+//! reaps its children.
 
 mod common;
 
@@ -730,5 +732,105 @@ fn sync_request_from_a_handler_is_refused_not_a_hang() {
 mod hex {
     pub fn encode(b: impl AsRef<[u8]>) -> String {
         b.as_ref().iter().map(|x| format!("{x:02x}")).collect()
+    }
+}
+
+/// Sends `n` requests `echo` (param: their index) from raw socket `s` to the primary, retrying
+/// while the primary's queue is full.
+fn raw_requests(s: &Socket, dir: &TestDir, abi: Abi, range: std::ops::Range<u32>) {
+    for i in range {
+        let m = memplane::core::Message::new("echo", &i.to_le_bytes()).unwrap();
+        let d = memplane::core::wire::Datagram::encode(abi, memplane::core::MsgKind::Request, &m)
+            .unwrap();
+        let t0 = Instant::now();
+        while let Err(e) = s.send_to(&dir.path().join("mp_socket"), d.as_bytes(), &[]) {
+            assert_eq!(e, rustix::io::Errno::AGAIN, "request {i}");
+            assert!(t0.elapsed() < LONG, "the primary stopped reading");
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// The params (as u32) of the answers waiting on `s`, in arrival order, waiting up to `LONG`
+/// for `n` of them.
+fn raw_answers(s: &Socket, abi: Abi, n: usize) -> Vec<u32> {
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    s.set_recv_timeout(LONG).unwrap();
+    while got.len() < n {
+        let Ok(Some(r)) = s.recv(&mut buf, true) else {
+            break;
+        };
+        let h = memplane::core::wire::Header::parse(abi, &buf[..r.len]).unwrap();
+        got.push(u32::from_le_bytes(h.param.as_slice().try_into().unwrap()));
+    }
+    got
+}
+
+#[test]
+fn answers_to_a_peer_that_reads_late_wait_in_order_and_others_are_served_meanwhile() {
+    // A peer sends requests and reads nothing: its queue holds `net.unix.max_dgram_qlen` + 1
+    // answers, the primary's receiving thread queues the 29 others in the outbox and delivers
+    // them itself as the peer reads, in order. Meanwhile another peer gets its answers at once;
+    // answers that wait past the send timeout are dropped and counted, and the receiving
+    // thread goes on serving.
+    let qlen: u32 = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(10);
+    let n = qlen + 1 + 29;
+    for late in [false, true] {
+        let dir = test_dir();
+        let mut cfg = ChannelConfig::new()
+            .runtime_dir(dir.path())
+            .proc_type(ProcType::Primary);
+        cfg.send_timeout = if late {
+            Duration::from_millis(200)
+        } else {
+            LONG
+        };
+        let ch = Channel::open(cfg).unwrap();
+        ch.register("echo", |ch: &MpChannel, inc: Incoming| {
+            let m = message("echo", inc.msg.param(), Fds::none()).unwrap();
+            let _ = ch.reply(&inc.from, &m);
+        })
+        .unwrap();
+        let abi = ch.abi();
+        let slow = Socket::bind(&dir.path().join("slow_peer")).unwrap();
+        let quick = Socket::bind(&dir.path().join("quick_peer")).unwrap();
+        raw_requests(&slow, &dir, abi, 0..n);
+        // The primary read all n (the last send got through), so the answers past the slow
+        // peer's queue wait in the outbox by now or soon; the quick peer is answered meanwhile.
+        raw_requests(&quick, &dir, abi, 100..105);
+        assert_eq!(raw_answers(&quick, abi, 5), (100..105).collect::<Vec<_>>());
+        let t0 = Instant::now();
+        while ch.stats().outbox.queued < 29 {
+            assert!(t0.elapsed() < LONG, "{:?}", ch.stats().outbox);
+            std::thread::yield_now();
+        }
+        if late {
+            // Past the send timeout, the waiting answers are dropped by the receiving thread's
+            // own watch (nothing else arrives to wake it).
+            while ch.stats().outbox.dropped < 29 {
+                assert!(t0.elapsed() < LONG, "{:?}", ch.stats().outbox);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let got = raw_answers(&slow, abi, (qlen + 1) as usize);
+            assert_eq!(got, (0..got.len() as u32).collect::<Vec<_>>());
+            // And it still serves.
+            raw_requests(&quick, &dir, abi, 200..201);
+            assert_eq!(raw_answers(&quick, abi, 1), [200]);
+        } else {
+            assert_eq!(
+                raw_answers(&slow, abi, n as usize),
+                (0..n).collect::<Vec<_>>()
+            );
+            let s = ch.stats().outbox;
+            assert_eq!(
+                (s.delivered, s.dropped, s.waiting),
+                (s.queued, 0, 0),
+                "{s:?}"
+            );
+        }
     }
 }

@@ -2,10 +2,12 @@
 //!
 //! - The *receiving thread* reads datagrams, drops those from a sender with another uid, feeds
 //!   the rest to the core, and runs what the core dispatches: action handlers, and async
-//!   completions triggered by a reply.
+//!   completions triggered by a reply. What it had to queue for a busy peer it delivers itself,
+//!   watching that peer's room while it waits for datagrams.
 //! - The *service thread* keeps time: it expires requests at their deadlines (running async
 //!   completions that timed out), runs completions that finished during the call that started
-//!   them (DPDK's "dummy request"), and drains the outbox when busy peers have room again.
+//!   them (DPDK's "dummy request"), and drains the outbox when busy peers have room again (what
+//!   other threads queued).
 //!
 //! A synchronous requester parks its own thread until its replies are in or its deadline passes.
 //! Handlers and callbacks run on the channel's threads and may send, reply and start async
@@ -262,6 +264,8 @@ pub const ACTIONS: usize = 1024;
 
 thread_local! {
     static CHANNEL_THREAD: Cell<bool> = const { Cell::new(false) };
+    /// On a receiving thread: the address of the transport it receives for (0 elsewhere).
+    static RECEIVES_FOR: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Names thread `h` (at most 15 bytes, as the kernel keeps).
@@ -293,6 +297,12 @@ fn set_batch_policy<T>(h: &thread::JoinHandle<T>) -> std::io::Result<()> {
 /// Whether the calling thread is one of a channel's own threads (which must never block).
 pub(crate) fn on_channel_thread() -> bool {
     CHANNEL_THREAD.with(|c| c.get())
+}
+
+/// Whether the calling thread is the receiving thread of transport `t`, which delivers what it
+/// queues for busy peers itself (see `MpChannel::receive_loop`).
+pub(crate) fn receives_for(t: &UnixTransport) -> bool {
+    RECEIVES_FOR.with(|c| c.get()) == std::ptr::from_ref(t) as usize
 }
 
 /// Counters of a channel.
@@ -690,12 +700,32 @@ impl MpChannel {
 
     fn receive_loop(self: &Arc<Self>) {
         CHANNEL_THREAD.with(|c| c.set(true));
+        let tr = self.ep.transport();
+        RECEIVES_FOR.with(|c| c.set(std::ptr::from_ref(tr) as usize));
         let mut batch = crate::socket::RecvBatch::new();
-        let sock = self.ep.transport().socket();
-        // One blocking recvmmsg takes whatever is queued (up to BATCH datagrams); `shutdown`
-        // wakes us with a datagram to ourselves.
+        let sock = tr.socket();
+        // A busy peer's probe said "room" last time, yet the flush delivered nothing (our own
+        // send buffer is full): then wait for datagrams only, at most a millisecond, not to spin.
+        let mut woke_by_probe = false;
         'outer: while !self.stop.load(Ordering::Acquire) {
-            match sock.recv_batch(&mut batch, true) {
+            // While nothing waits in the outbox, one blocking recvmmsg takes whatever is queued
+            // (up to BATCH datagrams); `shutdown` wakes us with a datagram to ourselves.
+            // What this thread had to queue for a busy peer (its answers, or requests from
+            // callbacks), it delivers itself: it waits for that peer's room and for datagrams
+            // at once, instead of waking the service thread to do it (on a shared CPU, two more
+            // context switches for every burst past a peer's queue).
+            let mut wait = true;
+            if tr.outbox_waiting() {
+                let ob = tr.flush(now());
+                let stalled = woke_by_probe && ob.delivered == 0;
+                if tr.outbox_waiting() {
+                    wait = false;
+                    woke_by_probe = self.wait_readable_or_room(&ob, stalled);
+                } else {
+                    woke_by_probe = false;
+                }
+            }
+            match sock.recv_batch(&mut batch, wait) {
                 Ok(n) => {
                     for i in 0..n {
                         if self.stop.load(Ordering::Acquire) {
@@ -712,6 +742,33 @@ impl MpChannel {
                 }
             }
         }
+    }
+
+    /// The receiving thread's wait while the outbox holds datagrams: until a datagram arrives,
+    /// a busy peer has room (unless `stalled`), the outbox's first deadline passes (at most a
+    /// millisecond while peers are watched), or the channel stops. Returns whether a peer's
+    /// room woke it.
+    fn wait_readable_or_room(&self, ob: &crate::transport::OutboxPoll, stalled: bool) -> bool {
+        let tr = self.ep.transport();
+        let mut pfds = Vec::with_capacity(2 + ob.probes.len());
+        let fd = tr.socket().as_fd();
+        pfds.push(PollFd::new(&fd, PollFlags::IN));
+        pfds.push(PollFd::new(&self.stop_fd, PollFlags::IN));
+        if !stalled {
+            for (_, p) in &ob.probes {
+                pfds.push(PollFd::new(p, PollFlags::OUT));
+            }
+        }
+        let cap = Duration::from_millis(1);
+        let left = ob
+            .deadline
+            .map_or(cap, |d| d.saturating_duration_since(now()).min(cap));
+        let timeout = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: left.subsec_nanos() as i64,
+        };
+        let n = rustix::event::poll(&mut pfds, Some(&timeout)).unwrap_or(0);
+        n > 0 && pfds[2..].iter().any(|p| !p.revents().is_empty())
     }
 
     /// The peer address for a sender's path bytes, from a small cache so the hot path does not

@@ -441,7 +441,9 @@ impl UnixTransport {
         self.waiting.store(o.total, Ordering::Release);
         o.stats.queued += 1;
         drop(o);
-        if wake {
+        // The receiving thread delivers what it queues itself (it watches the outbox between
+        // its receives); anyone else hands the new busy peer to the service thread.
+        if wake && !crate::channel::receives_for(self) {
             self.wake();
         }
         Ok(())
