@@ -745,9 +745,9 @@ impl MpChannel {
     }
 
     /// The receiving thread's wait while the outbox holds datagrams: until a datagram arrives,
-    /// a busy peer has room (unless `stalled`), the outbox's first deadline passes (at most a
-    /// millisecond while peers are watched), or the channel stops. Returns whether a peer's
-    /// room woke it.
+    /// a busy peer has room (unless `stalled`: then at most a millisecond, not to spin), the
+    /// outbox's first deadline passes, or the channel stops; at most 50 ms in any case (a
+    /// safety net: a peer's room wakes the probe). Returns whether a peer's room woke it.
     fn wait_readable_or_room(&self, ob: &crate::transport::OutboxPoll, stalled: bool) -> bool {
         let tr = self.ep.transport();
         let mut pfds = Vec::with_capacity(2 + ob.probes.len());
@@ -759,7 +759,7 @@ impl MpChannel {
                 pfds.push(PollFd::new(p, PollFlags::OUT));
             }
         }
-        let cap = Duration::from_millis(1);
+        let cap = Duration::from_millis(if stalled { 1 } else { 50 });
         let left = ob
             .deadline
             .map_or(cap, |d| d.saturating_duration_since(now()).min(cap));
