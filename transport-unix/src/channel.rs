@@ -342,7 +342,9 @@ pub struct MpChannel {
 /// A socket a synchronous requester sends from and receives its replies on, directly: no
 /// hand-off through the receiving thread, so a round trip costs two wake-ups, as a bare
 /// ping-pong does. Named `mp_req_<pid>_<n>` (not `mp_socket_*`, so no broadcast takes it for a
-/// secondary); pooled by the channel; removed when the channel closes.
+/// secondary); pooled by the channel; removed when the channel closes. In a secondary, those for
+/// requests to the primary alone are connected to it: the kernel skips the path lookup of each
+/// send, and takes datagrams on them from the primary only.
 struct RequestSocket {
     sock: Arc<Socket>,
     buf: Vec<u8>,
@@ -548,7 +550,11 @@ impl MpChannel {
         if on_channel_thread() {
             return Err(Error::WouldDeadlock);
         }
-        let mut rs = self.take_request_socket()?;
+        // A secondary's request to the primary alone (nearly all of them) goes from a socket
+        // connected to the primary: its send skips the path lookup.
+        let tr = self.ep.transport();
+        let to_primary = tr.role() == Role::Secondary && matches!(peers, [p] if p == tr.primary());
+        let mut rs = self.take_request_socket(to_primary)?;
         let r = self.request_via(&mut rs, peers, msg, timeout);
         self.put_request_socket(rs);
         r
@@ -612,9 +618,17 @@ impl MpChannel {
         Ok(r?)
     }
 
-    fn take_request_socket(&self) -> Result<RequestSocket, Error> {
-        if let Some(s) = self.request_sockets.lock().pop() {
-            return Ok(s);
+    /// A request socket from the pool, or a new one; connected to the primary when
+    /// `to_primary` (best effort: without a primary to connect to, it goes by path).
+    fn take_request_socket(&self, to_primary: bool) -> Result<RequestSocket, Error> {
+        {
+            let mut pool = self.request_sockets.lock();
+            if let Some(i) = pool
+                .iter()
+                .rposition(|s| s.sock.connected_to().is_some() == to_primary)
+            {
+                return Ok(pool.swap_remove(i));
+            }
         }
         let n = self.request_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.dir().join(format!(
@@ -622,8 +636,12 @@ impl MpChannel {
             rundir::REQUEST_SOCKET_PREFIX,
             std::process::id()
         ));
+        let sock = Socket::bind(&path)?;
+        if to_primary {
+            let _ = sock.connect_to(self.ep.transport().primary());
+        }
         Ok(RequestSocket {
-            sock: Arc::new(Socket::bind(&path)?),
+            sock: Arc::new(sock),
             buf: vec![0u8; RECV_BUF],
             batch: None,
             many: false,

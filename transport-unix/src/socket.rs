@@ -199,6 +199,8 @@ pub struct Received {
 pub struct Socket {
     fd: OwnedFd,
     path: PathBuf,
+    /// The peer the socket is connected to, if it is (see [`Socket::connect_to`]).
+    peer: std::sync::OnceLock<PeerAddr>,
 }
 
 impl Socket {
@@ -227,6 +229,7 @@ impl Socket {
         Ok(Socket {
             fd,
             path: path.to_owned(),
+            peer: std::sync::OnceLock::new(),
         })
     }
 
@@ -245,19 +248,55 @@ impl Socket {
         self.send_addr(&SocketAddrUnix::new(to)?, bytes, fds)
     }
 
-    /// [`Socket::send_to`] the peer `to`, with its address made already.
+    /// [`Socket::send_to`] the peer `to`, with its address made already; to the peer the
+    /// socket is connected to, without an address (the kernel then skips the path lookup).
     pub fn send_to_peer(
         &self,
         to: &PeerAddr,
         bytes: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), Errno> {
+        if self.peer.get() == Some(to) {
+            match self.send_control(None, bytes, fds) {
+                // The peer closed its socket and the kernel dropped the connection (after
+                // reporting ECONNREFUSED once): by path, to whoever is bound there now.
+                Err(Errno::NOTCONN) => {}
+                r => return r,
+            }
+        }
         self.send_addr(to.addr()?, bytes, fds)
+    }
+
+    /// Connects the socket to `to`, once: sends to `to` then go without an address, and the
+    /// kernel takes datagrams from `to` alone (until `to`'s socket is closed; then from anyone
+    /// again, and sends go by path).
+    pub fn connect_to(&self, to: &PeerAddr) -> Result<(), Errno> {
+        if self.peer.get().is_some() {
+            return Err(Errno::ISCONN);
+        }
+        net::connect(&self.fd, to.addr()?)?;
+        let _ = self.peer.set(to.clone());
+        Ok(())
+    }
+
+    /// The peer the socket is connected to.
+    pub fn connected_to(&self) -> Option<&PeerAddr> {
+        self.peer.get()
     }
 
     fn send_addr(
         &self,
         addr: &SocketAddrUnix,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Errno> {
+        self.send_control(Some(addr), bytes, fds)
+    }
+
+    /// One `sendmsg` of `bytes` with `fds`, to `addr` or (`None`) to the connected peer.
+    fn send_control(
+        &self,
+        addr: Option<&SocketAddrUnix>,
         bytes: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), Errno> {
@@ -267,14 +306,14 @@ impl Socket {
         if !control.push(SendAncillaryMessage::ScmRights(fds)) {
             return Err(Errno::TOOMANYREFS);
         }
+        let iov = [io::IoSlice::new(bytes)];
+        let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
         loop {
-            match net::sendmsg_addr(
-                &self.fd,
-                addr,
-                &[io::IoSlice::new(bytes)],
-                &mut control,
-                SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
-            ) {
+            let r = match addr {
+                Some(a) => net::sendmsg_addr(&self.fd, a, &iov, &mut control, flags),
+                None => net::sendmsg(&self.fd, &iov, &mut control, flags),
+            };
+            match r {
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(e),
                 Ok(_) => return Ok(()),
@@ -629,6 +668,51 @@ pub(crate) mod tests {
         let set: std::collections::HashSet<PeerAddr> = [a].into_iter().collect();
         assert!(set.contains(&b));
         assert!(!set.contains(&PeerAddr::new("/tmp/mp-x/mp_socket_1_3")));
+    }
+
+    /// The sender of the datagram waiting on `s`, by file name (waits for it).
+    fn sender(s: &Socket) -> String {
+        let mut buf = [0u8; 64];
+        let r = s.recv(&mut buf, true).unwrap().unwrap();
+        String::from_utf8_lossy(&r.from[..r.from_len])
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// A connected socket sends to its peer without an address and takes datagrams from it
+    /// alone; when the peer's socket is closed it reports the peer gone once, then sends by
+    /// path to whoever binds there next and takes datagrams from anyone again.
+    #[test]
+    fn a_connected_socket_talks_to_its_peer_only_until_the_peer_goes() {
+        let d = dir("connected");
+        let me = Socket::bind(&d.join("me")).unwrap();
+        let primary = Socket::bind(&d.join("primary")).unwrap();
+        let other = Socket::bind(&d.join("other")).unwrap();
+        let to = PeerAddr::new(d.join("primary"));
+        me.connect_to(&to).unwrap();
+        assert_eq!(me.connected_to(), Some(&to));
+        assert_eq!(me.connect_to(&to), Err(Errno::ISCONN));
+        me.send_to_peer(&to, b"req", &[]).unwrap();
+        assert_eq!(sender(&primary), "me");
+        primary.send_to(me.path(), b"rep", &[]).unwrap();
+        assert_eq!(sender(&me), "primary");
+        // Anyone else is refused by the kernel.
+        assert_eq!(other.send_to(me.path(), b"x", &[]), Err(Errno::PERM));
+        // The peer goes: refused once, then by path (nobody there), then a new peer.
+        drop(primary);
+        assert_eq!(me.send_to_peer(&to, b"req", &[]), Err(Errno::CONNREFUSED));
+        assert!(matches!(
+            me.send_to_peer(&to, b"req", &[]),
+            Err(Errno::CONNREFUSED | Errno::NOENT)
+        ));
+        let again = Socket::bind(&d.join("primary")).unwrap();
+        me.send_to_peer(&to, b"req", &[]).unwrap();
+        assert_eq!(sender(&again), "me");
+        other.send_to(me.path(), b"x", &[]).unwrap();
+        assert_eq!(sender(&me), "other");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
