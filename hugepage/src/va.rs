@@ -261,10 +261,10 @@ impl Reservation {
     /// Sets the access of `[va, va + len)` of a window (`what` names the step in errors).
     fn protect(&self, va: u64, len: u64, prot: MprotectFlags, what: &str) -> Result<(), MemError> {
         self.check(va, len)?;
+        // Opening changes no memory contents; closing happens only once the memory layer has
+        // retired the pages (no user object lives in them).
         // SAFETY: the range is inside our reservation (checked above) and covered by a window
-        // of the memory layer's file. Opening changes no memory contents; closing happens only
-        // once the memory layer has retired the pages (no user object lives in them), so
-        // revoking access cannot break a live reference.
+        // of the memory layer's file; revoking access cannot break a live reference (above).
         unsafe { rustix::mm::mprotect(va as *mut _, len as usize, prot) }
             .map_err(|e| MemError::io(format!("{what} {len} bytes at {va:#x}"), e.into()))
     }

@@ -949,8 +949,8 @@ where
                     continue;
                 }
                 // SAFETY: lock held; the region is the heap's and mapped here (checked).
-                let (f, nf, na, rq) =
-                    unsafe { h.core.walk_region(r.start, r.end, &mut ps, |_, _, _| {}) };
+                let walked = unsafe { h.core.walk_region(r.start, r.end, &mut ps, |_, _, _| {}) };
+                let (f, nf, na, rq) = walked;
                 free += f;
                 nfree += nf;
                 nalloc += na;
