@@ -14,7 +14,7 @@
 //! requests; a synchronous request from there is refused with [`Error::WouldDeadlock`].
 
 use std::cell::Cell;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -294,6 +294,41 @@ fn set_batch_policy<T>(h: &thread::JoinHandle<T>) -> std::io::Result<()> {
     }
 }
 
+/// A channel thread's wait: until one of `own` (its wake-ups: its socket, the stop and wake
+/// fds) is readable, a busy peer of `ob` has room (its probe polled for `POLLOUT`), or
+/// `deadline` passes. While datagrams wait in the outbox it wakes at least every 50 ms (a
+/// safety net: room wakes the probe), and every millisecond when `stalled`: a probe said
+/// "room" last time yet nothing went out (our own send buffer is full), so the probes are left
+/// out, not to spin, and the send is retried soon. Returns whether a peer's room woke it.
+fn wait_for_room(
+    own: &[BorrowedFd<'_>],
+    ob: &crate::transport::OutboxPoll,
+    stalled: bool,
+    deadline: Option<Instant>,
+) -> bool {
+    let mut pfds: Vec<PollFd<'_>> = own.iter().map(|f| PollFd::new(f, PollFlags::IN)).collect();
+    // Only the busy peers' probes: our own unconnected socket is nearly always writable, and
+    // polling it would make the wait spin (and starve the peers it waits for).
+    if !stalled {
+        pfds.extend(
+            ob.probes
+                .iter()
+                .map(|(_, p)| PollFd::new(p, PollFlags::OUT)),
+        );
+    }
+    let mut left = deadline.map(|d| d.saturating_duration_since(now()));
+    if !ob.probes.is_empty() {
+        let cap = Duration::from_millis(if stalled { 1 } else { 50 });
+        left = Some(left.map_or(cap, |l| l.min(cap)));
+    }
+    let timeout = left.map(|l| rustix::time::Timespec {
+        tv_sec: l.as_secs() as i64,
+        tv_nsec: l.subsec_nanos() as i64,
+    });
+    let n = rustix::event::poll(&mut pfds, timeout.as_ref()).unwrap_or(0);
+    n > 0 && pfds[own.len()..].iter().any(|p| !p.revents().is_empty())
+}
+
 /// Whether the calling thread is one of a channel's own threads (which must never block).
 pub(crate) fn on_channel_thread() -> bool {
     CHANNEL_THREAD.with(|c| c.get())
@@ -351,8 +386,6 @@ struct RequestSocket {
     /// Buffers for taking several answers with one `recvmmsg`, made on the socket's first
     /// request to more than one peer (the answers of a broadcast mostly arrive together).
     batch: Option<Box<crate::socket::RecvBatch>>,
-    /// The request in progress goes to more than one peer: wait with `batch`.
-    many: bool,
     /// The receive timeout set on the socket now.
     timeout: Duration,
     /// A request on it ended before every answer came: late ones may be queued.
@@ -369,6 +402,8 @@ impl Drop for RequestSocket {
 struct SocketWaiter<'a> {
     ch: &'a MpChannel,
     rs: std::cell::RefCell<&'a mut RequestSocket>,
+    /// The request went to more than one peer: take its answers with the socket's batch.
+    many: bool,
 }
 
 impl Waiter for SocketWaiter<'_> {
@@ -394,14 +429,10 @@ impl Waiter for SocketWaiter<'_> {
             rs.timeout = left;
         }
         let RequestSocket {
-            sock,
-            buf,
-            batch,
-            many,
-            ..
+            sock, buf, batch, ..
         } = &mut **rs;
         match batch {
-            Some(b) if *many => {
+            Some(b) if self.many => {
                 if let Ok(n) = sock.recv_batch(b, true) {
                     for i in 0..n {
                         let (r, bytes) = b.take(i);
@@ -572,8 +603,8 @@ impl MpChannel {
             while let Ok(Some(_)) = rs.sock.recv(&mut rs.buf, false) {}
             rs.dirty = false;
         }
-        rs.many = peers.len() > 1;
-        if rs.many && rs.batch.is_none() {
+        let many = peers.len() > 1;
+        if many && rs.batch.is_none() {
             rs.batch = Some(Box::default());
         }
         let t = now();
@@ -611,6 +642,7 @@ impl MpChannel {
         let waiter = SocketWaiter {
             ch: self,
             rs: std::cell::RefCell::new(rs),
+            many,
         };
         let r = self.ep.wait(p.id, t, &waiter);
         let rs = waiter.rs.into_inner();
@@ -644,7 +676,6 @@ impl MpChannel {
             sock: Arc::new(sock),
             buf: vec![0u8; RECV_BUF],
             batch: None,
-            many: false,
             timeout: Duration::ZERO,
             dirty: false,
         })
@@ -722,8 +753,7 @@ impl MpChannel {
         RECEIVES_FOR.with(|c| c.set(std::ptr::from_ref(tr) as usize));
         let mut batch = crate::socket::RecvBatch::new();
         let sock = tr.socket();
-        // A busy peer's probe said "room" last time, yet the flush delivered nothing (our own
-        // send buffer is full): then wait for datagrams only, at most a millisecond, not to spin.
+        // See `wait_for_room` for what "stalled" means.
         let mut woke_by_probe = false;
         'outer: while !self.stop.load(Ordering::Acquire) {
             // While nothing waits in the outbox, one blocking recvmmsg takes whatever is queued
@@ -738,7 +768,8 @@ impl MpChannel {
                 let stalled = woke_by_probe && ob.delivered == 0;
                 if tr.outbox_waiting() {
                     wait = false;
-                    woke_by_probe = self.wait_readable_or_room(&ob, stalled);
+                    let own = [sock.as_fd(), self.stop_fd.as_fd()];
+                    woke_by_probe = wait_for_room(&own, &ob, stalled, ob.deadline);
                 } else {
                     woke_by_probe = false;
                 }
@@ -760,33 +791,6 @@ impl MpChannel {
                 }
             }
         }
-    }
-
-    /// The receiving thread's wait while the outbox holds datagrams: until a datagram arrives,
-    /// a busy peer has room (unless `stalled`: then at most a millisecond, not to spin), the
-    /// outbox's first deadline passes, or the channel stops; at most 50 ms in any case (a
-    /// safety net: a peer's room wakes the probe). Returns whether a peer's room woke it.
-    fn wait_readable_or_room(&self, ob: &crate::transport::OutboxPoll, stalled: bool) -> bool {
-        let tr = self.ep.transport();
-        let mut pfds = Vec::with_capacity(2 + ob.probes.len());
-        let fd = tr.socket().as_fd();
-        pfds.push(PollFd::new(&fd, PollFlags::IN));
-        pfds.push(PollFd::new(&self.stop_fd, PollFlags::IN));
-        if !stalled {
-            for (_, p) in &ob.probes {
-                pfds.push(PollFd::new(p, PollFlags::OUT));
-            }
-        }
-        let cap = Duration::from_millis(if stalled { 1 } else { 50 });
-        let left = ob
-            .deadline
-            .map_or(cap, |d| d.saturating_duration_since(now()).min(cap));
-        let timeout = rustix::time::Timespec {
-            tv_sec: 0,
-            tv_nsec: left.subsec_nanos() as i64,
-        };
-        let n = rustix::event::poll(&mut pfds, Some(&timeout)).unwrap_or(0);
-        n > 0 && pfds[2..].iter().any(|p| !p.revents().is_empty())
     }
 
     /// The peer address for a sender's path bytes, from a small cache so the hot path does not
@@ -853,8 +857,7 @@ impl MpChannel {
     fn service_loop(self: &Arc<Self>) {
         CHANNEL_THREAD.with(|c| c.set(true));
         let tr = self.ep.transport();
-        // A busy peer's probe said "room" last time, yet this flush delivered nothing (our own
-        // send buffer is full): then wait a millisecond instead of polling the probes, not to spin.
+        // See `wait_for_room` for what "stalled" means.
         let mut woke_by_probe = false;
         loop {
             if self.stop.load(Ordering::Acquire) {
@@ -878,43 +881,8 @@ impl MpChannel {
                 next.map_or(u64::MAX, |d| d.as_nanos().max(1)),
                 Ordering::SeqCst,
             );
-            let mut pfds = Vec::with_capacity(3 + ob.probes.len());
-            pfds.push(PollFd::new(&self.stop_fd, PollFlags::IN));
-            let wake = tr.wake_fd();
-            pfds.push(PollFd::new(&wake, PollFlags::IN));
-            // Only the busy peers' probes: our own unconnected socket is nearly always writable,
-            // and polling it would make this loop spin (and starve the peers it waits for).
-            if !stalled {
-                for (_, p) in &ob.probes {
-                    pfds.push(PollFd::new(p, PollFlags::OUT));
-                }
-            }
-            let timeout = next.map(|d| {
-                let left = d.saturating_duration_since(now());
-                rustix::time::Timespec {
-                    tv_sec: left.as_secs() as i64,
-                    tv_nsec: left.subsec_nanos() as i64,
-                }
-            });
-            // A datagram still refused with both sides writable must not spin: poll at most
-            // every millisecond while the outbox waits.
-            let timeout = if ob.probes.is_empty() {
-                timeout
-            } else {
-                let cap = rustix::time::Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 1_000_000,
-                };
-                Some(timeout.map_or(cap, |t| {
-                    if t.tv_sec > 0 || t.tv_nsec > cap.tv_nsec {
-                        cap
-                    } else {
-                        t
-                    }
-                }))
-            };
-            let n = rustix::event::poll(&mut pfds, timeout.as_ref()).unwrap_or(0);
-            woke_by_probe = n > 0 && pfds[2..].iter().any(|p| !p.revents().is_empty());
+            woke_by_probe =
+                wait_for_room(&[self.stop_fd.as_fd(), tr.wake_fd()], &ob, stalled, next);
         }
     }
 
