@@ -245,7 +245,7 @@ impl Socket {
 
     /// Sends one datagram with `fds` to the socket at `to`, without blocking.
     pub fn send_to(&self, to: &Path, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Errno> {
-        self.send_addr(&SocketAddrUnix::new(to)?, bytes, fds)
+        self.send_control(Some(&SocketAddrUnix::new(to)?), bytes, fds)
     }
 
     /// [`Socket::send_to`] the peer `to`, with its address made already; to the peer the
@@ -264,7 +264,7 @@ impl Socket {
                 r => return r,
             }
         }
-        self.send_addr(to.addr()?, bytes, fds)
+        self.send_control(Some(to.addr()?), bytes, fds)
     }
 
     /// Connects the socket to `to`, once: sends to `to` then go without an address, and the
@@ -282,15 +282,6 @@ impl Socket {
     /// The peer the socket is connected to.
     pub fn connected_to(&self) -> Option<&PeerAddr> {
         self.peer.get()
-    }
-
-    fn send_addr(
-        &self,
-        addr: &SocketAddrUnix,
-        bytes: &[u8],
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<(), Errno> {
-        self.send_control(Some(addr), bytes, fds)
     }
 
     /// One `sendmsg` of `bytes` with `fds`, to `addr` or (`None`) to the connected peer.
