@@ -91,6 +91,11 @@ enum Step {
     FailNextPublish,
 }
 
+/// [`Step::Alloc`] by secondary `who` (the primary when `who` is past the secondaries).
+fn alloc(who: usize, pages: u8, maps: bool) -> Step {
+    Step::Alloc { who, pages, maps }
+}
+
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         3 => (0..=MAX_SECONDARIES, 1u8..4, any::<bool>())
@@ -828,11 +833,7 @@ proptest! {
 fn regression_hung_secondary_rolls_back() {
     let mut c = Cluster::new(2, &[0, 0, 0, 0], 0, 7);
     c.run(Step::Hang { who: 1 });
-    c.run(Step::Alloc {
-        who: 0,
-        pages: 2,
-        maps: false,
-    });
+    c.run(alloc(0, 2, false));
     c.settle();
     c.check_end();
     assert!(c.used.is_empty());
@@ -844,11 +845,7 @@ fn regression_hung_secondary_rolls_back() {
 #[test]
 fn regression_late_acks_after_deadline() {
     let mut c = Cluster::new(3, &[0, 0, 0, 0], u64::MAX, 11);
-    c.run(Step::Alloc {
-        who: 0,
-        pages: 1,
-        maps: false,
-    });
+    c.run(alloc(0, 1, false));
     c.run(Step::Advance { ms: 1 });
     c.run(Step::Advance { ms: 250 });
     c.settle();
@@ -860,11 +857,7 @@ fn regression_late_acks_after_deadline() {
 #[test]
 fn regression_requester_dies() {
     let mut c = Cluster::new(2, &[0, 0, 0, 0], 0, 3);
-    c.run(Step::Alloc {
-        who: 0,
-        pages: 3,
-        maps: false,
-    });
+    c.run(alloc(0, 3, false));
     c.run(Step::Kill { who: 0 });
     c.settle();
     c.check_end();
@@ -876,11 +869,7 @@ fn regression_requester_dies() {
 #[test]
 fn regression_secondary_dies_after_sync_sent() {
     let mut c = Cluster::new(2, &[0, 0, 0, 0], 0, 3);
-    c.run(Step::Alloc {
-        who: 0,
-        pages: 3,
-        maps: false,
-    });
+    c.run(alloc(0, 3, false));
     c.run(Step::Deliver { pick: 0 });
     c.run(Step::Kill { who: 1 });
     c.settle();
@@ -895,18 +884,10 @@ fn regression_busy_queue() {
     let mut c = Cluster::new(4, &[0, 0, 0, 0], 0, 5);
     c.run(Step::Hang { who: 3 });
     for who in 0..3 {
-        c.run(Step::Alloc {
-            who,
-            pages: 1,
-            maps: false,
-        });
+        c.run(alloc(who, 1, false));
     }
     for _ in 0..6 {
-        c.run(Step::Alloc {
-            who: 4,
-            pages: 1,
-            maps: false,
-        });
+        c.run(alloc(4, 1, false));
     }
     c.settle();
     c.check_end();
@@ -918,11 +899,7 @@ fn regression_busy_queue() {
 #[test]
 fn requester_maps_its_own_pages() {
     let mut c = Cluster::new(2, &[0, 0, 0, 0], 0, 11);
-    c.run(Step::Alloc {
-        who: 0,
-        pages: 2,
-        maps: true,
-    });
+    c.run(alloc(0, 2, true));
     c.settle();
     c.check_end();
     assert_eq!(c.used.len(), 2);
@@ -936,11 +913,7 @@ fn requester_maps_its_own_pages() {
 #[test]
 fn a_dead_requester_leaves_its_held_pages_accounted() {
     let mut c = Cluster::new(2, &[0, 0, 0, 0], 0, 13);
-    c.run(Step::Alloc {
-        who: 1,
-        pages: 1,
-        maps: true,
-    });
+    c.run(alloc(1, 1, true));
     // Deliver the request, the sync to the other secondary and its ack; not the response.
     for _ in 0..3 {
         c.run(Step::Deliver { pick: 0 });

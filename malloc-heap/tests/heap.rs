@@ -21,7 +21,7 @@ use memplane_hugepage::{Backing, MemOptions, Memory};
 use memplane_testkit::{Child, TestDir, child_dir, hex, hexnum, serve, unhex};
 
 mod common;
-use common::{primary, timeouts};
+use common::{Primary, primary, timeouts};
 use memplane_unix::{Channel, ChannelConfig, MpChannel, ProcType};
 
 fn write(p: u64, b: &[u8]) {
@@ -214,6 +214,14 @@ fn hugepage_heap_between_processes() {
     assert_eq!(free_hugepages(size), before, "hugepages leaked");
 }
 
+/// A failed growth left nothing behind: no pages allocated, an empty heap, a clean walk.
+fn assert_nothing_grown(p: &Primary) {
+    assert_eq!(p.heap.memory().total_used(), 0);
+    let s = p.heap.stats(0).unwrap();
+    assert_eq!((s.heap_size, s.alloc_count), (0, 0), "{s:?}");
+    assert_eq!(p.heap.validate(), Ok(()));
+}
+
 #[test]
 fn growth_rolled_back_when_a_secondary_fails_its_sync() {
     let dir = TestDir::new("mph");
@@ -227,9 +235,7 @@ fn growth_rolled_back_when_a_secondary_fails_its_sync() {
         r.contains("secondary failed to sync") || r.contains("rolled back"),
         "{r}"
     );
-    assert_eq!(p.heap.memory().total_used(), 0);
-    assert_eq!(p.heap.stats(0).unwrap().heap_size, 0);
-    assert_eq!(p.heap.validate(), Ok(()));
+    assert_nothing_grown(&p);
     // The next growth works.
     let x = hexnum(&a.cmd("malloc 100000 40"));
     assert_eq!(bad.cmd(&format!("read {x:x} 4")), "00000000");
@@ -249,10 +255,7 @@ fn a_requester_that_cannot_map_its_new_pages_gives_them_back() {
     let r = a.cmd("malloc 100000 40");
     assert!(r.starts_with("error out of memory"), "{r}");
     assert!(r.contains("could not map"), "{r}");
-    assert_eq!(p.heap.memory().total_used(), 0);
-    let s = p.heap.stats(0).unwrap();
-    assert_eq!((s.heap_size, s.alloc_count), (0, 0), "{s:?}");
-    assert_eq!(p.heap.validate(), Ok(()));
+    assert_nothing_grown(&p);
     assert_eq!(a.cmd("validate"), "clean");
     // The next growth works, and the other secondary sees it.
     let x = hexnum(&a.cmd("malloc 100000 40"));
