@@ -76,6 +76,10 @@ pub struct ChannelOpts {
     /// CPU, slower wake-ups when the CPU is busy).
     #[arg(long = "batch-sched")]
     pub batch_sched: bool,
+    /// Longest time, in microseconds, a thread expecting a datagram polls its socket before it
+    /// blocks (adaptive; never on a thread bound to one CPU; 0: off).
+    #[arg(long = "busy-poll", value_name = "US", default_value_t = memplane_unix::channel::DEFAULT_BUSY_POLL.as_micros() as u64)]
+    pub busy_poll_us: u64,
 }
 
 fn parse_abi(s: &str) -> Result<Abi, String> {
@@ -159,7 +163,8 @@ impl ChannelOpts {
             .file_prefix(self.file_prefix.clone())
             .proc_type(self.proc_type)
             .abi(self.abi)
-            .batch_scheduling(self.batch_sched);
+            .batch_scheduling(self.batch_sched)
+            .busy_poll(std::time::Duration::from_micros(self.busy_poll_us));
         if let Some(d) = &self.runtime_dir {
             c = c.runtime_dir(d.clone());
         }

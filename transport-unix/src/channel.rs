@@ -40,6 +40,7 @@ use crate::clock::now;
 use crate::error::Error;
 use crate::rundir::{self, PrimaryLock};
 use crate::socket::{Fds, PeerAddr, RECV_BUF, Socket};
+use crate::spin::Spinner;
 use crate::transport::{OutboxStats, Role, UnixTransport};
 
 /// Which role to take, DPDK's `--proc-type`.
@@ -92,7 +93,16 @@ pub struct ChannelConfig {
     /// latency when the channel's CPU is busy (the thread waits for the running one to sleep or
     /// for the scheduler tick). Off by default, as DPDK's control thread.
     pub batch_scheduling: bool,
+    /// The longest a thread waiting for a datagram it expects soon polls its socket before it
+    /// blocks (the receiving thread, and a synchronous requester waiting for its answers). The
+    /// window adapts between zero and this (see `spin.rs`): it opens while datagrams keep
+    /// arriving within it and closes when they stop. Never used by a thread that may run on
+    /// one CPU only. Zero turns polling off.
+    pub busy_poll: Duration,
 }
+
+/// The default longest busy-polling window ([`ChannelConfig::busy_poll`]).
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 
 impl Default for ChannelConfig {
     fn default() -> Self {
@@ -105,6 +115,7 @@ impl Default for ChannelConfig {
             send_timeout: Duration::from_secs(1),
             ready: true,
             batch_scheduling: false,
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 }
@@ -147,6 +158,11 @@ impl ChannelConfig {
     /// Runs the channel's threads under `SCHED_BATCH`; see [`ChannelConfig::batch_scheduling`].
     pub fn batch_scheduling(mut self, yes: bool) -> Self {
         self.batch_scheduling = yes;
+        self
+    }
+    /// Sets the longest busy-polling window; see [`ChannelConfig::busy_poll`].
+    pub fn busy_poll(mut self, max: Duration) -> Self {
+        self.busy_poll = max;
         self
     }
     /// The runtime directory these options name.
@@ -390,6 +406,8 @@ struct RequestSocket {
     timeout: Duration,
     /// A request on it ended before every answer came: late ones may be queued.
     dirty: bool,
+    /// Its busy-polling window.
+    spin: Spinner,
 }
 
 impl Drop for RequestSocket {
@@ -429,11 +447,21 @@ impl Waiter for SocketWaiter<'_> {
             rs.timeout = left;
         }
         let RequestSocket {
-            sock, buf, batch, ..
+            sock,
+            buf,
+            batch,
+            spin,
+            ..
         } = &mut **rs;
+        let past = || now() >= deadline;
         match batch {
             Some(b) if self.many => {
-                if let Ok(n) = sock.recv_batch(b, true) {
+                let n = match spin.poll(|| sock.recv_batch(b, false).ok().filter(|&n| n > 0), past)
+                {
+                    Some(n) => Ok(n),
+                    None => sock.recv_batch(b, true),
+                };
+                if let Ok(n) = n {
                     for i in 0..n {
                         let (r, bytes) = b.take(i);
                         self.ch.handle(r, bytes, false);
@@ -441,7 +469,11 @@ impl Waiter for SocketWaiter<'_> {
                 }
             }
             _ => {
-                if let Ok(Some(r)) = sock.recv(buf, true) {
+                let r = match spin.poll(|| sock.recv(buf, false).ok().flatten(), past) {
+                    Some(r) => Some(r),
+                    None => sock.recv(buf, true).ok().flatten(),
+                };
+                if let Some(r) = r {
                     self.ch.handle(r, buf, false);
                 }
             }
@@ -678,6 +710,7 @@ impl MpChannel {
             batch: None,
             timeout: Duration::ZERO,
             dirty: false,
+            spin: Spinner::new(self.config().busy_poll),
         })
     }
 
@@ -755,6 +788,8 @@ impl MpChannel {
         let sock = tr.socket();
         // See `wait_for_room` for what "stalled" means.
         let mut woke_by_probe = false;
+        let mut spin = Spinner::new(self.config().busy_poll);
+        let stopping = || self.stop.load(Ordering::Acquire);
         'outer: while !self.stop.load(Ordering::Acquire) {
             // While nothing waits in the outbox, one blocking recvmmsg takes whatever is queued
             // (up to BATCH datagrams); `shutdown` wakes us with a datagram to ourselves.
@@ -774,7 +809,19 @@ impl MpChannel {
                     woke_by_probe = false;
                 }
             }
-            match sock.recv_batch(&mut batch, wait) {
+            let got = if wait {
+                let got = spin.poll(
+                    || match sock.recv_batch(&mut batch, false) {
+                        Ok(0) => None,
+                        r => Some(r),
+                    },
+                    stopping,
+                );
+                got.unwrap_or_else(|| sock.recv_batch(&mut batch, true))
+            } else {
+                sock.recv_batch(&mut batch, false)
+            };
+            match got {
                 Ok(n) => {
                     for i in 0..n {
                         if self.stop.load(Ordering::Acquire) {

@@ -18,6 +18,7 @@ pub mod clock;
 pub mod error;
 pub mod rundir;
 pub mod socket;
+mod spin;
 pub mod transport;
 
 pub use channel::{
