@@ -8,8 +8,9 @@
 //! malformed datagrams (the primary survives, leaks no fd, counts each rejection); a sender with
 //! another uid rejected; 1,000 async requests in flight; many threads sharing one receiving
 //! thread; every ABI on the wire; answers to a peer that reads late waiting in order (or dropped
-//! at the send timeout) while others are served. Each test has its own runtime directory and
-//! reaps its children.
+//! at the send timeout) while others are served; requests whose datagram waits in the outbox
+//! for a peer that dies end at once, not at their deadline. Each test has its own runtime
+//! directory and reaps its children.
 
 mod common;
 
@@ -611,6 +612,88 @@ fn stopped_peer_never_blocks_the_sender() {
     stopped.signal(libc::SIGCONT);
     // The queued messages are delivered once it reads again (message 49 is the last one sent).
     stopped.expect_line(&format!("param={}", hex::encode(49u32.to_le_bytes())), LONG);
+}
+
+/// Waits until every thread of process `pid` is stopped (state `T` in its
+/// `/proc/PID/task/TID/stat`): a signal takes effect some time after `kill` returns, on each
+/// thread as it next enters the kernel or is interrupted.
+fn wait_stopped(pid: u32) {
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .all(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+    };
+    let start = Instant::now();
+    while !stopped() {
+        assert!(start.elapsed() < LONG, "process {pid} never stopped");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_peer_that_dies_with_requests_in_the_outbox_is_not_waited_for() {
+    // A secondary stops reading (SIGSTOP) and its queue fills, so a broadcast's datagram to it
+    // waits in the outbox; then it dies. The outbox's next send is refused: the pending
+    // requests stop waiting for it at once, async and sync alike, instead of at their
+    // (minute-long) deadline, and report it as not sent rather than timed out.
+    let dir = test_dir();
+    let mut cfg = ChannelConfig::new()
+        .runtime_dir(dir.path())
+        .proc_type(ProcType::Primary);
+    cfg.send_timeout = Duration::from_secs(60);
+    let ch = Arc::new(Channel::open(cfg).unwrap());
+    let mut good = listener(&dir, &["--action", "q", "--action", "r"]);
+    let mut dying = listener(&dir, &["--action", "q", "--action", "r"]);
+    dying.signal(libc::SIGSTOP);
+    wait_stopped(dying.pid());
+    // More than its queue holds (10 here): the rest, and the requests below, wait in the outbox.
+    for i in 0..20u32 {
+        let r = ch
+            .send(&message("q", &i.to_le_bytes(), Fds::none()).unwrap())
+            .unwrap();
+        assert_eq!(r.sent, 2);
+    }
+    // Once the live secondary has them all, what waits in the outbox is the stopped one's.
+    good.expect_line(&format!("param={}", hex::encode(19u32.to_le_bytes())), LONG);
+    let queued = ch.stats().outbox.waiting;
+    assert!(queued > 0, "the stopped secondary's queue never filled");
+    let minute = Duration::from_secs(60);
+    let (atx, arx) = mpsc::channel();
+    ch.request_async(
+        &message("q", b"async", Fds::none()).unwrap(),
+        minute,
+        move |_, r: Replies| atx.send((r.nb_sent, r.nb_received, r.timed_out)).unwrap(),
+    )
+    .unwrap();
+    let (stx, srx) = mpsc::channel();
+    let sync_ch = ch.clone();
+    let waiter = std::thread::spawn(move || {
+        let r = sync_ch
+            .request(&message("r", b"sync", Fds::none()).unwrap(), minute)
+            .unwrap();
+        stx.send((r.nb_sent, r.nb_received, r.timed_out)).unwrap();
+    });
+    // Both requests' datagrams to the stopped secondary wait behind the messages.
+    let start = Instant::now();
+    while ch.stats().outbox.waiting != queued + 2 {
+        assert!(
+            start.elapsed() < LONG,
+            "the outbox never held both requests"
+        );
+        std::thread::yield_now();
+    }
+    dying.kill();
+    assert_eq!(arx.recv_timeout(LONG).unwrap(), (1, 1, false));
+    assert_eq!(srx.recv_timeout(LONG).unwrap(), (1, 1, false));
+    waiter.join().unwrap();
+    assert_eq!(ch.pending_requests(), 0);
 }
 
 #[test]

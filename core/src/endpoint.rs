@@ -484,6 +484,14 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
         }
     }
 
+    /// Tells the pending requests that `peer` is gone (a datagram to it was refused after
+    /// their sending phase): none of them waits for it any more; see [`Tracker::peer_gone`].
+    /// Async completions this causes are handed to `run`. Returns how many (request, peer)
+    /// slots were withdrawn.
+    pub fn peer_gone(&self, peer: &PeerOf<X>, run: impl FnMut(FinishedOf<X>)) -> usize {
+        self.tracker.peer_gone(peer, run)
+    }
+
     /// Ends the sending phase of request `id`; see [`Tracker::sending_done`].
     pub fn sending_done(
         &self,

@@ -665,7 +665,8 @@ where
     /// Withdraws the slot of `peer` in request `id` because sending to it failed: that peer is
     /// not counted in `nb_sent`. Returns false if the slot was already answered, `id` is stale,
     /// or its sending phase has ended ([`PendingTable::sending_done`]): a failure reported that
-    /// late is ignored, the peer stays owed until it answers or the deadline passes.
+    /// late is ignored here: the peer stays owed until it answers, the deadline passes, or the
+    /// transport reports it gone ([`PendingTable::peer_gone`]).
     pub fn send_failed(&mut self, id: RequestId, peer: &P) -> bool {
         // Only while sending: withdrawing the last owed slot later would leave the request open
         // with nothing owed, completing only at its deadline (never with `Instant::NEVER`).
@@ -682,6 +683,45 @@ where
             }
             _ => false,
         }
+    }
+
+    /// Withdraws every slot still owed by `peer`, which is gone: a datagram to it was refused
+    /// (its socket has no process), so it answers none of them. This is the late counterpart of
+    /// [`PendingTable::send_failed`], for failures found after the sending phase (a datagram
+    /// that waited for a busy peer which then died). Each request counts the peer as an
+    /// "ignore" would (it leaves `nb_sent`); one left owing nothing completes now, unless it is
+    /// still being sent ([`PendingTable::sending_done`] completes it then), its completion
+    /// handed to `out`. Stops after `limit` completions. Returns how many slots it withdrew and
+    /// whether it stopped at the limit (then call again: withdrawn slots are not seen twice).
+    pub fn peer_gone(
+        &mut self,
+        peer: &P,
+        limit: usize,
+        mut out: impl FnMut(Completion<N, C, K>),
+    ) -> (usize, bool) {
+        let mut withdrawn = 0;
+        let mut completed = 0;
+        for si in 0..self.slots.len() as u32 {
+            if self.slots[si as usize].peer.as_ref() != Some(peer) {
+                continue;
+            }
+            if completed == limit {
+                return (withdrawn, true);
+            }
+            let ri = self.slots[si as usize].record;
+            self.remove_slot(si);
+            withdrawn += 1;
+            let r = &mut self.records[ri as usize];
+            r.outstanding -= 1;
+            r.nb_sent -= 1;
+            if r.state == State::Open && !r.sending && r.outstanding == 0 {
+                completed += 1;
+                if let Some(c) = self.complete(ri) {
+                    out(c);
+                }
+            }
+        }
+        (withdrawn, false)
     }
 
     /// Ends the sending phase of `id`. If every peer has answered (or none was reached, DPDK's

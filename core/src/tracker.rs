@@ -111,6 +111,30 @@ where
         self.table.lock().send_failed(id, peer)
     }
 
+    /// Withdraws every slot owed by `peer`, which is gone; see [`PendingTable::peer_gone`].
+    /// Sync waiters of requests it completes are woken; async completions are handed to `run`
+    /// one by one, outside the lock. Returns how many slots were withdrawn.
+    pub fn peer_gone(&self, peer: &P, mut run: impl FnMut(Finished<C, K>)) -> usize {
+        const BATCH: usize = 16;
+        let mut total = 0;
+        loop {
+            let mut batch: heapless::Vec<Completion<N, C, K>, BATCH> = heapless::Vec::new();
+            let (n, more) = self.table.lock().peer_gone(peer, BATCH, |c| {
+                // Capacity is BATCH and peer_gone stops at BATCH: the push cannot fail.
+                let _ = batch.push(c);
+            });
+            total += n;
+            for c in batch {
+                if let Some(f) = deliver(c) {
+                    run(f);
+                }
+            }
+            if !more {
+                return total;
+            }
+        }
+    }
+
     /// Ends the sending phase; an async request that is complete already (all answered, or
     /// nothing sent: the "dummy request") comes back to be run.
     pub fn sending_done(

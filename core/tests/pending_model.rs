@@ -75,6 +75,11 @@ enum Op {
     SendingDone {
         req: Pick,
     },
+    /// The transport found `peer` gone after the sending phase.
+    PeerGone {
+        peer: u32,
+        limit: usize,
+    },
     Answer {
         peer: u32,
         name: usize,
@@ -128,6 +133,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(name, peers, ttl, sync)| Op::Begin { name, peers, ttl, sync }),
         1 => (pick(), 0..PEERS).prop_map(|(req, peer)| Op::SendFailed { req, peer }),
         3 => pick().prop_map(|req| Op::SendingDone { req }),
+        1 => (0..PEERS, prop_oneof![Just(usize::MAX), 1usize..3])
+            .prop_map(|(peer, limit)| Op::PeerGone { peer, limit }),
         2 => (0..PEERS, 0..NAMES.len(), prop::bool::weighted(0.8))
             .prop_map(|(peer, name, reply)| Op::Answer { peer, name, reply }),
         5 => (pick(), any::<usize>(), prop::bool::weighted(0.8))
@@ -311,6 +318,7 @@ impl Model {
                 let Some(t) = self.pick(req) else { return };
                 self.sending_done(t);
             }
+            Op::PeerGone { peer, limit } => self.peer_gone(peer, limit),
             Op::Answer {
                 peer,
                 name: n,
@@ -466,6 +474,49 @@ impl Model {
                     assert!(c.is_none(), "completed at sending_done while not due");
                 }
             }
+        }
+    }
+
+    /// Every open request owing `peer` stops owing it and leaves it out of `nb_sent`; those
+    /// left owing nothing complete, unless still being sent.
+    fn peer_gone(&mut self, peer: u32, limit: usize) {
+        let mut affected = 0;
+        let mut completes = Vec::new();
+        for t in 0..self.reqs.len() {
+            let r = &mut self.reqs[t];
+            if r.phase != Phase::Open || !r.owed.contains(&peer) {
+                continue;
+            }
+            affected += 1;
+            r.owed.retain(|&p| p != peer);
+            r.nb_sent -= 1;
+            assert_eq!(self.keys.remove(&(peer, r.name)), Some(t));
+            if !r.sending && r.owed.is_empty() {
+                completes.push(t);
+            }
+        }
+        let mut got = Vec::new();
+        let mut withdrawn = 0;
+        loop {
+            let before = got.len();
+            let (n, more) = self.table.peer_gone(&peer, limit, |c| got.push(c));
+            withdrawn += n;
+            assert!(
+                got.len() - before <= limit,
+                "more completions than the limit"
+            );
+            if !more {
+                break;
+            }
+            assert_eq!(got.len() - before, limit, "stopped before the limit");
+        }
+        assert_eq!(withdrawn, affected, "slots withdrawn for peer {peer}");
+        assert_eq!(got.len(), completes.len(), "completions for peer {peer}");
+        let mut seen = HashSet::new();
+        for c in got {
+            let t = self.on_completion(c, &completes);
+            assert!(seen.insert(t), "request {t} completed twice");
+            assert!(!self.reqs[t].timed_out);
         }
     }
 

@@ -233,11 +233,40 @@ pub type Handler = Arc<dyn Fn(&MpChannel, Incoming) + Send + Sync>;
 pub type Callback = Box<dyn FnOnce(&MpChannel, Replies) + Send>;
 
 /// Wakes a parked requester.
-pub struct Unpark(thread::Thread);
+pub struct Unpark {
+    thread: thread::Thread,
+    /// The request socket the waiter blocks on, if another thread's completion must wake it
+    /// there (a request to several peers, whose socket is not connected): a datagram of no
+    /// bytes sent from the socket to itself.
+    wake: Option<Arc<Socket>>,
+}
+
+impl Unpark {
+    /// Wakes the calling thread, blocked on `wake` if given.
+    fn current(wake: Option<Arc<Socket>>) -> Self {
+        Unpark {
+            thread: thread::current(),
+            wake,
+        }
+    }
+}
+
 impl Notify for Unpark {
     fn notify(&self) {
-        self.0.unpark();
+        self.thread.unpark();
+        // The waiter's own thread completes its request while it handles the last answer:
+        // nothing to wake then.
+        if let Some(s) = &self.wake
+            && thread::current().id() != self.thread.id()
+        {
+            let _ = s.send_to(s.path(), &[], &[]);
+        }
     }
+}
+
+/// Whether a datagram received on request socket `sock` is a wake-up from [`Unpark`].
+fn is_wake(sock: &Socket, r: &crate::socket::Received) -> bool {
+    r.len == 0 && &r.from[..r.from_len] == sock.path().as_os_str().as_bytes()
 }
 
 /// How many requests may wait for replies at once.
@@ -427,7 +456,7 @@ struct SocketWaiter<'a> {
 impl Waiter for SocketWaiter<'_> {
     type Notify = Unpark;
     fn notifier(&self) -> Unpark {
-        Unpark(thread::current())
+        Unpark::current(None)
     }
     /// One blocking receive, bounded by the deadline through `SO_RCVTIMEO`, which is changed
     /// only when it would overshoot the deadline by more than a little: a round trip costs one
@@ -464,7 +493,9 @@ impl Waiter for SocketWaiter<'_> {
                 if let Ok(n) = n {
                     for i in 0..n {
                         let (r, bytes) = b.take(i);
-                        self.ch.handle(r, bytes, false);
+                        if !is_wake(sock, &r) {
+                            self.ch.handle(r, bytes, false);
+                        }
                     }
                 }
             }
@@ -473,7 +504,9 @@ impl Waiter for SocketWaiter<'_> {
                     Some(r) => Some(r),
                     None => sock.recv(buf, true).ok().flatten(),
                 };
-                if let Some(r) = r {
+                if let Some(r) = r
+                    && !is_wake(sock, &r)
+                {
                     self.ch.handle(r, buf, false);
                 }
             }
@@ -645,7 +678,7 @@ impl MpChannel {
             msg,
             t,
             timeout,
-            Waiting::Sync(Unpark(thread::current())),
+            Waiting::Sync(Unpark::current(many.then(|| rs.sock.clone()))),
         )?;
         let tr = self.ep.transport();
         // This thread may block (it waits for the answers next): with one peer it waits for
@@ -800,6 +833,7 @@ impl MpChannel {
             let mut wait = true;
             if tr.outbox_waiting() {
                 let ob = tr.flush(now());
+                self.peers_gone(&ob);
                 let stalled = woke_by_probe && ob.delivered == 0;
                 if tr.outbox_waiting() {
                     wait = false;
@@ -901,6 +935,14 @@ impl MpChannel {
         }
     }
 
+    /// Tells the pending requests about the peers a flush found gone: none waits for them any
+    /// more, and requests left waiting for nobody complete now instead of at their deadline.
+    fn peers_gone(&self, ob: &crate::transport::OutboxPoll) {
+        for p in &ob.gone {
+            self.ep.peer_gone(p, |f| self.run_callback(f));
+        }
+    }
+
     fn service_loop(self: &Arc<Self>) {
         CHANNEL_THREAD.with(|c| c.set(true));
         let tr = self.ep.transport();
@@ -919,6 +961,7 @@ impl MpChannel {
             let t = now();
             self.ep.expire(t, |f| self.run_callback(f));
             let ob = tr.flush(t);
+            self.peers_gone(&ob);
             let stalled = woke_by_probe && ob.delivered == 0;
             let next = [self.ep.next_deadline(), ob.deadline]
                 .into_iter()

@@ -210,6 +210,9 @@ pub struct OutboxPoll {
     pub deadline: Option<Instant>,
     /// Datagrams delivered by this flush.
     pub delivered: usize,
+    /// Peers found gone by this flush (their socket has no process): the pending requests
+    /// must stop waiting for them ([`memplane_core::endpoint::Endpoint::peer_gone`]).
+    pub gone: Vec<PeerAddr>,
 }
 
 impl UnixTransport {
@@ -304,6 +307,7 @@ impl UnixTransport {
             probes: Vec::new(),
             deadline: None,
             delivered: 0,
+            gone: Vec::new(),
         };
         let Outbox {
             peers,
@@ -331,7 +335,11 @@ impl UnixTransport {
                     Err(e) => {
                         // Gone, or refuses this datagram: drop it (a gone peer drops the rest
                         // one by one on the next turns of this loop).
-                        let _ = self.classify(peer, e);
+                        if self.classify(peer, e) == SendError::PeerGone
+                            && poll.gone.last() != Some(peer)
+                        {
+                            poll.gone.push(peer.clone());
+                        }
                         q.items.pop_front();
                         *total -= 1;
                         stats.dropped += 1;
@@ -344,7 +352,12 @@ impl UnixTransport {
             if q.probe.is_none() {
                 match probe(peer.path()) {
                     Ok(p) => q.probe = Some(Arc::new(p)),
-                    Err(_) => {
+                    Err(e) => {
+                        if matches!(e, Errno::CONNREFUSED | Errno::NOENT)
+                            && poll.gone.last() != Some(peer)
+                        {
+                            poll.gone.push(peer.clone());
+                        }
                         *total -= q.items.len();
                         stats.dropped += q.items.len() as u64;
                         return false;
