@@ -200,29 +200,53 @@ fn primary_and_four_secondaries_both_directions() {
 
 #[test]
 fn secondary_killed_mid_request() {
+    // A secondary dies while it owes answers (SIGKILL: its socket file stays behind). The
+    // primary watches each secondary's process (a pidfd): the requests stop waiting for the
+    // dead one at once, async and sync alike, instead of at their (minute-long) deadline, and
+    // count it as not sent. DPDK waits out the timeout.
     let dir = test_dir();
-    let ch = lib(&dir, ProcType::Primary);
-    let _good = listener(&dir, &["--action", "slow"]);
-    let mut silent = listener(&dir, &["--action", "slow", "--no-reply"]);
+    let ch = Arc::new(lib(&dir, ProcType::Primary));
+    let _good = listener(&dir, &["--action", "slow", "--action", "slower"]);
+    let mut silent = listener(
+        &dir,
+        &["--action", "slow", "--action", "slower", "--no-reply"],
+    );
     let silent_socket = ch
         .peers()
         .unwrap()
         .into_iter()
         .find(|p| p.name().contains(&format!("_{}_", silent.pid())))
         .expect("silent secondary's socket");
-
+    let minute = Duration::from_secs(60);
     let (tx, rx) = mpsc::channel();
     ch.request_async(
         &message("slow", b"", Fds::none()).unwrap(),
-        // Long enough for the live secondary to answer on a loaded machine.
-        Duration::from_secs(3),
+        minute,
         move |_, r: Replies| tx.send((r.nb_sent, r.nb_received, r.timed_out)).unwrap(),
     )
     .unwrap();
-    silent.expect_line("request from=", LONG);
+    let (stx, srx) = mpsc::channel();
+    let sync_ch = ch.clone();
+    let waiter = std::thread::spawn(move || {
+        let r = sync_ch
+            .request(&message("slower", b"", Fds::none()).unwrap(), minute)
+            .unwrap();
+        stx.send((r.nb_sent, r.nb_received, r.timed_out)).unwrap();
+    });
+    // Both requests reached it (in either order) before it dies.
+    let first = silent.expect_line("request from=", LONG);
+    let other = if first.contains("name=slow ") {
+        "name=slower "
+    } else {
+        "name=slow "
+    };
+    silent.expect_line(other, LONG);
     silent.kill();
-    // The good secondary's answer is kept; the dead one costs only the timeout.
-    assert_eq!(rx.recv_timeout(LONG).unwrap(), (2, 1, true));
+    // The good secondary's answers are kept; the dead one is not waited for.
+    assert_eq!(rx.recv_timeout(LONG).unwrap(), (1, 1, false));
+    assert_eq!(srx.recv_timeout(LONG).unwrap(), (1, 1, false));
+    waiter.join().unwrap();
+    assert_eq!(ch.pending_requests(), 0);
     // Next request: the dead socket is found, removed and not counted.
     let r = ch
         .request(&message("slow", b"", Fds::none()).unwrap(), LONG)
@@ -640,9 +664,10 @@ fn wait_stopped(pid: u32) {
 #[test]
 fn a_peer_that_dies_with_requests_in_the_outbox_is_not_waited_for() {
     // A secondary stops reading (SIGSTOP) and its queue fills, so a broadcast's datagram to it
-    // waits in the outbox; then it dies. The outbox's next send is refused: the pending
-    // requests stop waiting for it at once, async and sync alike, instead of at their
-    // (minute-long) deadline, and report it as not sent rather than timed out.
+    // waits in the outbox; then it dies. The primary learns it from the secondary's pidfd or
+    // from the outbox's next send being refused, whichever comes first: the pending requests
+    // stop waiting for it at once, async and sync alike, instead of at their (minute-long)
+    // deadline, and report it as not sent rather than timed out.
     let dir = test_dir();
     let mut cfg = ChannelConfig::new()
         .runtime_dir(dir.path())

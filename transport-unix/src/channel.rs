@@ -948,12 +948,22 @@ impl MpChannel {
         let tr = self.ep.transport();
         // See `wait_for_room` for what "stalled" means.
         let mut woke_by_probe = false;
+        // pidfds of the secondaries (in a primary): an exit wakes this thread.
+        let mut exits: Vec<Arc<OwnedFd>> = Vec::new();
         loop {
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
             self.sleep_until.store(0, Ordering::SeqCst);
             tr.drain_wake();
+            if let Some(v) = tr.exit_watch_changes() {
+                exits = v;
+            }
+            // A secondary that died owes nothing any more: requests waiting for it end as soon
+            // as the live peers have answered.
+            for p in tr.take_exited() {
+                self.ep.peer_gone(&p, |f| self.run_callback(f));
+            }
             let deferred = std::mem::take(&mut *self.deferred.lock());
             for f in deferred {
                 self.run_callback(f);
@@ -971,8 +981,9 @@ impl MpChannel {
                 next.map_or(u64::MAX, |d| d.as_nanos().max(1)),
                 Ordering::SeqCst,
             );
-            woke_by_probe =
-                wait_for_room(&[self.stop_fd.as_fd(), tr.wake_fd()], &ob, stalled, next);
+            let mut own = vec![self.stop_fd.as_fd(), tr.wake_fd()];
+            own.extend(exits.iter().map(|f| f.as_fd()));
+            woke_by_probe = wait_for_room(&own, &ob, stalled, next);
         }
     }
 

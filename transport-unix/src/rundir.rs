@@ -89,6 +89,12 @@ pub fn is_secondary_socket(name: &OsStr) -> bool {
         .is_some_and(|s| s.starts_with(SECONDARY_SOCKET_PREFIX))
 }
 
+/// The pid in a secondary's socket file name (`mp_socket_<pid>_<stamp>`, as DPDK names it).
+pub fn secondary_pid(name: &OsStr) -> Option<i32> {
+    let rest = name.to_str()?.strip_prefix(SECONDARY_SOCKET_PREFIX)?;
+    rest.split('_').next()?.parse().ok().filter(|&p| p > 0)
+}
+
 /// Whether some process holds a lock on the file at `path` (the test DPDK's
 /// `rte_eal_primary_proc_alive` makes).
 pub fn locked_by_someone(path: &Path) -> bool {
@@ -280,4 +286,23 @@ pub fn clean_stale(dir: &Path) -> usize {
 /// Makes a path world-accessible (tests of foreign senders use it on purpose).
 pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pid_comes_from_a_secondary_socket_name() {
+        let pid = |s: &str| secondary_pid(OsStr::new(s));
+        assert_eq!(pid("mp_socket_1234_29329fef07f1"), Some(1234));
+        // DPDK's secondaries: pid, then a timestamp in hex, as ours.
+        assert_eq!(pid("mp_socket_77_5a3c"), Some(77));
+        assert_eq!(pid("mp_socket"), None, "the primary's socket");
+        assert_eq!(pid("mp_socket_"), None);
+        assert_eq!(pid("mp_socket_x_12"), None);
+        assert_eq!(pid("mp_socket_0_12"), None, "no process 0");
+        assert_eq!(pid("mp_socket_-5_12"), None);
+        assert_eq!(pid("mp_req_1234_0"), None, "a request socket");
+    }
 }

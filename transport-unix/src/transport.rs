@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
+use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 
 use memplane_core::time::Instant;
@@ -113,6 +114,13 @@ struct PeerDir {
     list: Arc<[PeerAddr]>,
     /// The list must be read again before use.
     stale: bool,
+    /// A pidfd of each listed secondary's process (its pid is in its socket's name), to learn
+    /// of its death while requests wait for it; taken out once its exit is reported.
+    exits: Vec<(PeerAddr, Arc<OwnedFd>)>,
+    /// Secondaries whose exit was reported (not watched again while their file stays).
+    exited: std::collections::HashSet<PeerAddr>,
+    /// The set of watched pidfds changed since [`PeerDir::watched`] last looked.
+    exits_changed: bool,
 }
 
 impl PeerDir {
@@ -136,6 +144,9 @@ impl PeerDir {
             watch,
             list: Arc::from([]),
             stale: true,
+            exits: Vec::new(),
+            exited: std::collections::HashSet::new(),
+            exits_changed: false,
         }
     }
 
@@ -197,8 +208,73 @@ impl PeerDir {
             v.sort();
             self.list = v.into();
             self.stale = false;
+            self.watch_exits();
         }
         Ok(self.list.clone())
+    }
+
+    /// Watches the process of every listed secondary not watched yet (a pidfd each), and stops
+    /// watching those no longer listed.
+    fn watch_exits(&mut self) {
+        let list = self.list.clone();
+        let before = self.exits.len();
+        self.exits.retain(|(p, _)| list.binary_search(p).is_ok());
+        self.exited.retain(|p| list.binary_search(p).is_ok());
+        let mut changed = self.exits.len() != before;
+        for p in list.iter() {
+            if self.exited.contains(p) || self.exits.iter().any(|(q, _)| q == p) {
+                continue;
+            }
+            let pid = p
+                .path()
+                .file_name()
+                .and_then(rundir::secondary_pid)
+                .and_then(rustix::process::Pid::from_raw);
+            // No pidfd (no such process: its socket is stale; or no pidfd support): it is found
+            // dead when a send is refused, as without this watch.
+            if let Some(fd) = pid.and_then(|pid| {
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+            }) {
+                self.exits.push((p.clone(), Arc::new(fd)));
+                changed = true;
+            }
+        }
+        self.exits_changed |= changed;
+    }
+
+    /// The secondaries whose process has exited since the last call (their pidfd is readable);
+    /// they are watched no more.
+    fn take_exited(&mut self) -> Vec<PeerAddr> {
+        if self.exits.is_empty() {
+            return Vec::new();
+        }
+        let mut pfds: Vec<PollFd<'_>> = self
+            .exits
+            .iter()
+            .map(|(_, fd)| PollFd::new(&**fd, PollFlags::IN))
+            .collect();
+        let zero = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        if rustix::event::poll(&mut pfds, Some(&zero)).unwrap_or(0) == 0 {
+            return Vec::new();
+        }
+        let ready: Vec<bool> = pfds.iter().map(|p| !p.revents().is_empty()).collect();
+        drop(pfds);
+        let mut gone = Vec::new();
+        let mut i = 0;
+        self.exits.retain(|(p, _)| {
+            let keep = !ready[i];
+            i += 1;
+            if !keep {
+                gone.push(p.clone());
+            }
+            keep
+        });
+        self.exited.extend(gone.iter().cloned());
+        self.exits_changed = true;
+        gone
     }
 }
 
@@ -239,6 +315,22 @@ impl UnixTransport {
     /// Wakes the service thread.
     pub fn wake(&self) {
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    /// The pidfds of the secondaries the primary watches (see [`UnixTransport::take_exited`]),
+    /// for the service thread to wait on; `None` when unchanged since the last call.
+    pub(crate) fn exit_watch_changes(&self) -> Option<Vec<Arc<OwnedFd>>> {
+        let mut d = self.peers.lock();
+        if !std::mem::take(&mut d.exits_changed) {
+            return None;
+        }
+        Some(d.exits.iter().map(|(_, fd)| fd.clone()).collect())
+    }
+
+    /// The secondaries whose process exited since the last call: requests still waiting for
+    /// them must stop ([`memplane_core::endpoint::Endpoint::peer_gone`]).
+    pub(crate) fn take_exited(&self) -> Vec<PeerAddr> {
+        self.peers.lock().take_exited()
     }
 
     /// The service thread's wake-up fd, and clears it.
@@ -611,7 +703,15 @@ impl Transport for UnixTransport {
             }
             Role::Primary => {
                 // Sorted by path; the lock is not held while `f` runs.
-                let list = self.peers.lock().current(&self.dir)?;
+                let (list, new_watch) = {
+                    let mut d = self.peers.lock();
+                    let list = d.current(&self.dir)?;
+                    (list, d.exits_changed)
+                };
+                // The service thread waits on the secondaries' pidfds: let it see the new set.
+                if new_watch {
+                    self.wake();
+                }
                 list.iter().for_each(f);
                 Ok(())
             }
