@@ -255,6 +255,57 @@ fn secondary_killed_mid_request() {
     assert!(!silent_socket.path().exists());
 }
 
+#[test]
+fn primary_killed_mid_request() {
+    // The primary dies while a secondary's requests wait for it. The secondary watches the
+    // primary's process (a pidfd; its pid from the lock it holds on the runtime directory): the
+    // requests end at once, not at their minute-long deadline, as if the primary had never
+    // been reached. The sync one waits on a socket
+    // connected to the primary, which nothing else may send to: it is woken by shutting its
+    // receiving side down, and given up.
+    let dir = test_dir();
+    let mut prim = listen(
+        &dir,
+        "primary",
+        "ready role=Primary",
+        &["--action", "slow", "--action", "slower", "--no-reply"],
+    );
+    let ch = Arc::new(lib(&dir, ProcType::Secondary));
+    let minute = Duration::from_secs(60);
+    let (tx, rx) = mpsc::channel();
+    ch.request_async(
+        &message("slow", b"", Fds::none()).unwrap(),
+        minute,
+        move |_, r: Replies| tx.send((r.nb_sent, r.nb_received, r.timed_out)).unwrap(),
+    )
+    .unwrap();
+    let (stx, srx) = mpsc::channel();
+    let sync_ch = ch.clone();
+    let waiter = std::thread::spawn(move || {
+        let r = sync_ch.request(&message("slower", b"", Fds::none()).unwrap(), minute);
+        stx.send(r.map(|r| (r.nb_sent, r.nb_received, r.timed_out)))
+            .unwrap();
+    });
+    let first = prim.expect_line("request from=", LONG);
+    let other = if first.contains("name=slow ") {
+        "name=slower "
+    } else {
+        "name=slow "
+    };
+    prim.expect_line(other, LONG);
+    prim.kill();
+    // Nobody was reached in the end: the async callback says so, the sync request says
+    // whom it missed.
+    assert_eq!(rx.recv_timeout(LONG).unwrap(), (0, 0, false));
+    let r = srx.recv_timeout(LONG).unwrap();
+    assert!(
+        matches!(r, Err(memplane::unix::Error::PrimaryGone)),
+        "{r:?}"
+    );
+    waiter.join().unwrap();
+    assert_eq!(ch.pending_requests(), 0);
+}
+
 fn stale_socket(path: &Path) {
     let s = Socket::bind(path).unwrap();
     drop(s); // the file stays, nobody is bound

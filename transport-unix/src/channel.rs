@@ -235,15 +235,43 @@ pub type Callback = Box<dyn FnOnce(&MpChannel, Replies) + Send>;
 /// Wakes a parked requester.
 pub struct Unpark {
     thread: thread::Thread,
-    /// The request socket the waiter blocks on, if another thread's completion must wake it
-    /// there (a request to several peers, whose socket is not connected): a datagram of no
-    /// bytes sent from the socket to itself.
-    wake: Option<Arc<Socket>>,
+    /// The request socket the waiter blocks on, woken there when another thread completes
+    /// the request (a peer found dead, the deadline): see [`Socket::wake_reader`].
+    wake: Option<SocketWake>,
+}
+
+/// What [`Unpark`] needs to wake a waiter blocked on its request socket, and only while that
+/// waiter still waits for this very request: the socket goes back to the pool afterwards, and
+/// a late wake-up must not hit the next request on it.
+struct SocketWake {
+    sock: Arc<Socket>,
+    /// The socket's request number and whether a waiter waits for it; see [`WakeGate`].
+    gate: Arc<WakeGate>,
+    /// The request this wake-up is for.
+    seq: u64,
+}
+
+/// A request socket's current request number, and whether its waiter is still waiting.
+#[derive(Default)]
+struct WakeGate(Mutex<(u64, bool)>);
+
+impl WakeGate {
+    /// A waiter starts waiting for a new request; returns its number.
+    fn open(&self) -> u64 {
+        let mut g = self.0.lock();
+        g.0 += 1;
+        g.1 = true;
+        g.0
+    }
+    /// The waiter is done: no wake-up reaches the socket from here on.
+    fn close(&self) {
+        self.0.lock().1 = false;
+    }
 }
 
 impl Unpark {
     /// Wakes the calling thread, blocked on `wake` if given.
-    fn current(wake: Option<Arc<Socket>>) -> Self {
+    fn current(wake: Option<SocketWake>) -> Self {
         Unpark {
             thread: thread::current(),
             wake,
@@ -256,17 +284,17 @@ impl Notify for Unpark {
         self.thread.unpark();
         // The waiter's own thread completes its request while it handles the last answer:
         // nothing to wake then.
-        if let Some(s) = &self.wake
+        if let Some(w) = &self.wake
             && thread::current().id() != self.thread.id()
         {
-            let _ = s.send_to(s.path(), &[], &[]);
+            // Under the gate's lock: the waiter cannot leave (and the socket be reused) while
+            // it is being woken.
+            let g = w.gate.0.lock();
+            if *g == (w.seq, true) {
+                w.sock.wake_reader();
+            }
         }
     }
-}
-
-/// Whether a datagram received on request socket `sock` is a wake-up from [`Unpark`].
-fn is_wake(sock: &Socket, r: &crate::socket::Received) -> bool {
-    r.len == 0 && &r.from[..r.from_len] == sock.path().as_os_str().as_bytes()
 }
 
 /// How many requests may wait for replies at once.
@@ -437,6 +465,8 @@ struct RequestSocket {
     dirty: bool,
     /// Its busy-polling window.
     spin: Spinner,
+    /// Lets other threads wake its waiter (see [`SocketWake`]).
+    gate: Arc<WakeGate>,
 }
 
 impl Drop for RequestSocket {
@@ -493,7 +523,7 @@ impl Waiter for SocketWaiter<'_> {
                 if let Ok(n) = n {
                     for i in 0..n {
                         let (r, bytes) = b.take(i);
-                        if !is_wake(sock, &r) {
+                        if !sock.is_wake(&r) {
                             self.ch.handle(r, bytes, false);
                         }
                     }
@@ -505,7 +535,7 @@ impl Waiter for SocketWaiter<'_> {
                     None => sock.recv(buf, true).ok().flatten(),
                 };
                 if let Some(r) = r
-                    && !is_wake(sock, &r)
+                    && !sock.is_wake(&r)
                 {
                     self.ch.handle(r, buf, false);
                 }
@@ -678,7 +708,11 @@ impl MpChannel {
             msg,
             t,
             timeout,
-            Waiting::Sync(Unpark::current(many.then(|| rs.sock.clone()))),
+            Waiting::Sync(Unpark::current(Some(SocketWake {
+                sock: rs.sock.clone(),
+                gate: rs.gate.clone(),
+                seq: rs.gate.open(),
+            }))),
         )?;
         let tr = self.ep.transport();
         // This thread may block (it waits for the answers next): with one peer it waits for
@@ -711,6 +745,7 @@ impl MpChannel {
         };
         let r = self.ep.wait(p.id, t, &waiter);
         let rs = waiter.rs.into_inner();
+        rs.gate.close();
         rs.dirty = r.as_ref().map_or(true, |r| r.timed_out);
         Ok(r?)
     }
@@ -744,11 +779,13 @@ impl MpChannel {
             timeout: Duration::ZERO,
             dirty: false,
             spin: Spinner::new(self.config().busy_poll),
+            gate: Arc::default(),
         })
     }
 
     fn put_request_socket(&self, s: RequestSocket) {
-        if !self.stop.load(Ordering::Acquire) {
+        // A socket whose receiving side a wake-up shut down is given up (dropped: unlinked).
+        if !self.stop.load(Ordering::Acquire) && !s.sock.is_read_shut() {
             self.request_sockets.lock().push(s);
         }
     }

@@ -98,14 +98,20 @@ pub fn secondary_pid(name: &OsStr) -> Option<i32> {
 /// Whether some process holds a lock on the file at `path` (the test DPDK's
 /// `rte_eal_primary_proc_alive` makes).
 pub fn locked_by_someone(path: &Path) -> bool {
-    let Ok(f) = File::open(path) else {
-        return false;
-    };
+    lock_holder(path).is_some()
+}
+
+/// Whether some process holds a lock on the file at `path`, and its pid when the kernel says
+/// (a traditional process-associated lock, as DPDK takes; an open-file-description lock, as
+/// memplane takes, has none: the kernel reports -1).
+fn lock_holder(path: &Path) -> Option<Option<u32>> {
+    let f = File::open(path).ok()?;
     let mut fl = flock_all(libc::F_WRLCK);
     // SAFETY: `f` is an open file for the duration of the call and `fl` is a valid, initialised
     // `struct flock` that fcntl may write into.
     let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    r == 0 && fl.l_type != libc::F_UNLCK as i16
+    (r == 0 && fl.l_type != libc::F_UNLCK as i16)
+        .then(|| u32::try_from(fl.l_pid).ok().filter(|&p| p > 0))
 }
 
 fn flock_all(kind: libc::c_int) -> libc::flock {
@@ -127,11 +133,8 @@ pub fn live_primary(dir: &Path) -> Option<PrimaryInfo> {
             dpdk: false,
         });
     }
-    if locked_by_someone(&dir.join(DPDK_CONFIG)) {
-        return Some(PrimaryInfo {
-            pid: None,
-            dpdk: true,
-        });
+    if let Some(pid) = lock_holder(&dir.join(DPDK_CONFIG)) {
+        return Some(PrimaryInfo { pid, dpdk: true });
     }
     None
 }

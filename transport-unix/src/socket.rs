@@ -201,6 +201,8 @@ pub struct Socket {
     path: PathBuf,
     /// The peer the socket is connected to, if it is (see [`Socket::connect_to`]).
     peer: std::sync::OnceLock<PeerAddr>,
+    /// Its receiving side was shut down by [`Socket::wake_reader`].
+    read_shut: std::sync::atomic::AtomicBool,
 }
 
 impl Socket {
@@ -230,6 +232,7 @@ impl Socket {
             fd,
             path: path.to_owned(),
             peer: std::sync::OnceLock::new(),
+            read_shut: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -282,6 +285,33 @@ impl Socket {
     /// The peer the socket is connected to.
     pub fn connected_to(&self) -> Option<&PeerAddr> {
         self.peer.get()
+    }
+
+    /// Wakes a thread blocked receiving on this socket, from another thread: a datagram of no
+    /// bytes from the socket to itself ([`Socket::is_wake`] tells it apart). A socket connected
+    /// to a peer takes datagrams from that peer alone, so its receiving side is shut down
+    /// instead: every receive then returns at once, and the socket must be given up
+    /// ([`Socket::is_read_shut`]).
+    pub fn wake_reader(&self) {
+        if self.peer.get().is_some() {
+            self.read_shut
+                .store(true, std::sync::atomic::Ordering::Release);
+            let _ = net::shutdown(&self.fd, net::Shutdown::Read);
+        } else {
+            let _ = self.send_to(&self.path, &[], &[]);
+        }
+    }
+
+    /// Whether [`Socket::wake_reader`] shut the receiving side down.
+    pub fn is_read_shut(&self) -> bool {
+        self.read_shut.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether `r`, received on this socket, is a wake-up from [`Socket::wake_reader`] rather
+    /// than a datagram: no bytes, from the socket itself, or anything after a shutdown.
+    pub fn is_wake(&self, r: &Received) -> bool {
+        r.len == 0
+            && (self.is_read_shut() || &r.from[..r.from_len] == self.path.as_os_str().as_bytes())
     }
 
     /// One `sendmsg` of `bytes` with `fds`, to `addr` or (`None`) to the connected peer.
@@ -703,6 +733,45 @@ pub(crate) mod tests {
         assert_eq!(sender(&again), "me");
         other.send_to(me.path(), b"x", &[]).unwrap();
         assert_eq!(sender(&me), "other");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// `wake_reader` from another thread ends a blocking receive: by a datagram of no bytes to
+    /// itself on an unconnected socket (which stays usable), by shutting the receiving side down
+    /// on a connected one (which nothing else may send to).
+    #[test]
+    fn a_blocked_reader_is_woken_on_either_kind_of_socket() {
+        let d = dir("wake");
+        let primary = Socket::bind(&d.join("primary")).unwrap();
+        let to = PeerAddr::new(d.join("primary"));
+        for connected in [false, true] {
+            let me = Arc::new(Socket::bind(&d.join(format!("me{connected}"))).unwrap());
+            if connected {
+                me.connect_to(&to).unwrap();
+            }
+            let waker = {
+                let me = me.clone();
+                std::thread::spawn(move || me.wake_reader())
+            };
+            let mut buf = [0u8; 64];
+            let r = me
+                .recv(&mut buf, true)
+                .unwrap()
+                .expect("a blocking receive returns");
+            waker.join().unwrap();
+            assert!(me.is_wake(&r));
+            assert_eq!(me.is_read_shut(), connected);
+            // A real datagram is not a wake-up; after a shutdown nothing more comes in.
+            if connected {
+                let again = me.recv(&mut buf, true).unwrap().expect("returns at once");
+                assert!(me.is_wake(&again));
+            } else {
+                primary.send_to(me.path(), b"rep", &[]).unwrap();
+                let r = me.recv(&mut buf, true).unwrap().unwrap();
+                assert!(!me.is_wake(&r));
+                assert_eq!(&buf[..r.len], b"rep");
+            }
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -213,6 +213,20 @@ impl PeerDir {
         Ok(self.list.clone())
     }
 
+    /// In a secondary: watches the primary's process (its pid from the lock it holds on the
+    /// runtime directory), so requests waiting for it end when it dies.
+    fn watch_primary(&mut self, primary: &PeerAddr, dir: &Path) {
+        let pid = rundir::live_primary(dir)
+            .and_then(|i| i.pid)
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32));
+        if let Some(fd) = pid.and_then(|pid| {
+            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+        }) {
+            self.exits.push((primary.clone(), Arc::new(fd)));
+            self.exits_changed = true;
+        }
+    }
+
     /// Watches the process of every listed secondary not watched yet (a pidfd each), and stops
     /// watching those no longer listed.
     fn watch_exits(&mut self) {
@@ -299,7 +313,11 @@ impl UnixTransport {
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )
         .map_err(|e| crate::Error::io("eventfd", e.into()))?;
-        let peers = Mutex::new(PeerDir::new(role, &dir));
+        let mut peers = PeerDir::new(role, &dir);
+        if role == Role::Secondary {
+            peers.watch_primary(&primary, &dir);
+        }
+        let peers = Mutex::new(peers);
         Ok(UnixTransport {
             sock,
             role,
