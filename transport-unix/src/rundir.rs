@@ -308,4 +308,28 @@ mod tests {
         assert_eq!(pid("mp_socket_-5_12"), None);
         assert_eq!(pid("mp_req_1234_0"), None, "a request socket");
     }
+
+    #[test]
+    fn a_posix_lock_holder_is_named_an_ofd_lock_holder_is_not() {
+        let d = std::env::temp_dir().join(format!("mp-lockholder-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let path = d.join("config");
+        assert_eq!(lock_holder(&path), None, "no file");
+        let f = File::create(&path).unwrap();
+        assert_eq!(lock_holder(&path), None, "not locked");
+        // DPDK's kind: a traditional record lock. An OFD query conflicts with it even from
+        // the same process, and the kernel names the holder.
+        let fl = flock_all(libc::F_WRLCK);
+        // SAFETY: `f` is open and `fl` is a valid `struct flock` for the whole file.
+        assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
+        assert_eq!(lock_holder(&path), Some(Some(std::process::id())));
+        drop(f);
+        assert_eq!(lock_holder(&path), None, "released with its file");
+        // memplane's kind: an open-file-description lock, whose holder has no pid.
+        let held = PrimaryLock::acquire(&d).unwrap();
+        assert_eq!(lock_holder(&d.join(MEMPLANE_CONFIG)), Some(None));
+        drop(held);
+        let _ = fs::remove_dir_all(&d);
+    }
 }
