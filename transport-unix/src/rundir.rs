@@ -95,6 +95,39 @@ pub fn secondary_pid(name: &OsStr) -> Option<i32> {
     rest.split('_').next()?.parse().ok().filter(|&p| p > 0)
 }
 
+/// Whether process `pid` (of this pid namespace) holds the Unix socket bound at `path`: the
+/// socket's inode, from `/proc/net/unix`, among the process's fds. A pid taken from a socket's
+/// name or from a lock file is the process's own view; in another pid namespace it names
+/// some other process here. False when it cannot tell (no such process, no right to read its
+/// fds).
+pub fn socket_owned_by(path: &Path, pid: i32) -> bool {
+    let (Some(name), Ok(want)) = (path.file_name(), fs::canonicalize(path)) else {
+        return false;
+    };
+    let Ok(table) = fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    // "Num RefCount Protocol Flags Type St Inode Path": the inode is the 7th field. The path
+    // is as the owner spelled it (it may reach the directory through a symbolic link).
+    let Some(inode) = table.lines().find_map(|l| {
+        let mut f = l.split_ascii_whitespace();
+        let inode = f.nth(6)?;
+        let bound = Path::new(f.next()?);
+        (f.next().is_none()
+            && bound.file_name() == Some(name)
+            && fs::canonicalize(bound).is_ok_and(|b| b == want))
+        .then(|| inode.to_owned())
+    }) else {
+        return false;
+    };
+    let link = format!("socket:[{inode}]");
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == link.as_str()))
+}
+
 /// Whether some process holds a lock on the file at `path` (the test DPDK's
 /// `rte_eal_primary_proc_alive` makes).
 pub fn locked_by_someone(path: &Path) -> bool {
@@ -307,6 +340,29 @@ mod tests {
         assert_eq!(pid("mp_socket_0_12"), None, "no process 0");
         assert_eq!(pid("mp_socket_-5_12"), None);
         assert_eq!(pid("mp_req_1234_0"), None, "a request socket");
+    }
+
+    #[test]
+    fn a_socket_is_owned_by_the_process_that_holds_it_only() {
+        let d = std::env::temp_dir().join(format!("mp-owned-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let path = d.join("mp_socket_1_2");
+        let me = std::process::id() as i32;
+        assert!(!socket_owned_by(&path, me), "nothing bound there");
+        let s = crate::socket::Socket::bind(&path).unwrap();
+        assert!(socket_owned_by(&path, me));
+        // Our parent (the test harness's) does not hold it.
+        assert!(!socket_owned_by(
+            &path,
+            rustix::process::getppid().map_or(1, |p| p.as_raw_nonzero().get())
+        ));
+        drop(s);
+        assert!(
+            !socket_owned_by(&path, me),
+            "closed: the file stays, the socket is gone"
+        );
+        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]

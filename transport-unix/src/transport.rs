@@ -117,8 +117,9 @@ struct PeerDir {
     /// A pidfd of each listed secondary's process (its pid is in its socket's name), to learn
     /// of its death while requests wait for it; taken out once its exit is reported.
     exits: Vec<(PeerAddr, Arc<OwnedFd>)>,
-    /// Secondaries whose exit was reported (not watched again while their file stays).
-    exited: std::collections::HashSet<PeerAddr>,
+    /// Secondaries not to watch (again) while their file stays: their exit was reported, or
+    /// their process could not be watched (see [`watch_owner`]).
+    unwatched: std::collections::HashSet<PeerAddr>,
     /// The set of watched pidfds changed since [`PeerDir::watched`] last looked.
     exits_changed: bool,
 }
@@ -145,7 +146,7 @@ impl PeerDir {
             list: Arc::from([]),
             stale: true,
             exits: Vec::new(),
-            exited: std::collections::HashSet::new(),
+            unwatched: std::collections::HashSet::new(),
             exits_changed: false,
         }
     }
@@ -216,12 +217,8 @@ impl PeerDir {
     /// In a secondary: watches the primary's process (its pid from the lock it holds on the
     /// runtime directory), so requests waiting for it end when it dies.
     fn watch_primary(&mut self, primary: &PeerAddr, dir: &Path) {
-        let pid = rundir::live_primary(dir)
-            .and_then(|i| i.pid)
-            .and_then(|p| rustix::process::Pid::from_raw(p as i32));
-        if let Some(fd) = pid.and_then(|pid| {
-            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-        }) {
+        let pid = rundir::live_primary(dir).and_then(|i| i.pid);
+        if let Some(fd) = pid.and_then(|p| watch_owner(primary, p as i32)) {
             self.exits.push((primary.clone(), Arc::new(fd)));
             self.exits_changed = true;
         }
@@ -233,24 +230,23 @@ impl PeerDir {
         let list = self.list.clone();
         let before = self.exits.len();
         self.exits.retain(|(p, _)| list.binary_search(p).is_ok());
-        self.exited.retain(|p| list.binary_search(p).is_ok());
+        self.unwatched.retain(|p| list.binary_search(p).is_ok());
         let mut changed = self.exits.len() != before;
         for p in list.iter() {
-            if self.exited.contains(p) || self.exits.iter().any(|(q, _)| q == p) {
+            if self.unwatched.contains(p) || self.exits.iter().any(|(q, _)| q == p) {
                 continue;
             }
-            let pid = p
-                .path()
-                .file_name()
-                .and_then(rundir::secondary_pid)
-                .and_then(rustix::process::Pid::from_raw);
-            // No pidfd (no such process: its socket is stale; or no pidfd support): it is found
-            // dead when a send is refused, as without this watch.
-            if let Some(fd) = pid.and_then(|pid| {
-                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-            }) {
-                self.exits.push((p.clone(), Arc::new(fd)));
-                changed = true;
+            let pid = p.path().file_name().and_then(rundir::secondary_pid);
+            // No pidfd (no such process: its socket is stale; another pid namespace; no pidfd
+            // support): it is found dead when a send is refused, as without this watch.
+            match pid.and_then(|pid| watch_owner(p, pid)) {
+                Some(fd) => {
+                    self.exits.push((p.clone(), Arc::new(fd)));
+                    changed = true;
+                }
+                None => {
+                    self.unwatched.insert(p.clone());
+                }
             }
         }
         self.exits_changed |= changed;
@@ -286,10 +282,22 @@ impl PeerDir {
             }
             keep
         });
-        self.exited.extend(gone.iter().cloned());
+        self.unwatched.extend(gone.iter().cloned());
         self.exits_changed = true;
         gone
     }
+}
+
+/// A pidfd of process `pid`, if it is the one that holds `peer`'s socket. Checked after the
+/// pidfd is open: the pidfd pins the process, so a pid reused in between fails the check
+/// rather than passing it.
+fn watch_owner(peer: &PeerAddr, pid: i32) -> Option<OwnedFd> {
+    let fd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid)?,
+        rustix::process::PidfdFlags::empty(),
+    )
+    .ok()?;
+    rundir::socket_owned_by(peer.path(), pid).then_some(fd)
 }
 
 /// What the service thread should poll for the outbox.
