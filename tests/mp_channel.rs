@@ -198,6 +198,55 @@ fn primary_and_four_secondaries_both_directions() {
     assert_eq!(ch.stats().endpoint.rx_rejected(), 0);
 }
 
+/// A request's counters: (nb_sent, nb_received, timed_out).
+type Counts = (u32, u32, bool);
+
+fn counts(r: &Replies) -> Counts {
+    (r.nb_sent, r.nb_received, r.timed_out)
+}
+
+/// Two requests with a minute's timeout, to whoever `ch` talks to: `async_name` through
+/// `request_async`, `sync_name` through `request` on a thread of its own. Returns where each
+/// one's outcome arrives, and the thread.
+#[allow(clippy::type_complexity)]
+fn request_both(
+    ch: &Arc<Channel>,
+    async_name: &str,
+    sync_name: &str,
+) -> (
+    mpsc::Receiver<Counts>,
+    mpsc::Receiver<Result<Counts, memplane::unix::Error>>,
+    std::thread::JoinHandle<()>,
+) {
+    let minute = Duration::from_secs(60);
+    let (atx, arx) = mpsc::channel();
+    ch.request_async(
+        &message(async_name, b"", Fds::none()).unwrap(),
+        minute,
+        move |_, r: Replies| atx.send(counts(&r)).unwrap(),
+    )
+    .unwrap();
+    let (stx, srx) = mpsc::channel();
+    let ch = ch.clone();
+    let m = message(sync_name, b"", Fds::none()).unwrap();
+    let waiter = std::thread::spawn(move || {
+        stx.send(ch.request(&m, minute).map(|r| counts(&r)))
+            .unwrap();
+    });
+    (arx, srx, waiter)
+}
+
+/// Waits until `p` printed requests named `a` and `b`, in either order.
+fn expect_requests(p: &mut Proc, a: &str, b: &str) {
+    let first = p.expect_line("request from=", LONG);
+    let other = if first.contains(&format!("name={a} ")) {
+        b
+    } else {
+        a
+    };
+    p.expect_line(&format!("name={other} "), LONG);
+}
+
 #[test]
 fn secondary_killed_mid_request() {
     // A secondary dies while it owes answers (SIGKILL: its socket file stays behind). The
@@ -217,34 +266,13 @@ fn secondary_killed_mid_request() {
         .into_iter()
         .find(|p| p.name().contains(&format!("_{}_", silent.pid())))
         .expect("silent secondary's socket");
-    let minute = Duration::from_secs(60);
-    let (tx, rx) = mpsc::channel();
-    ch.request_async(
-        &message("slow", b"", Fds::none()).unwrap(),
-        minute,
-        move |_, r: Replies| tx.send((r.nb_sent, r.nb_received, r.timed_out)).unwrap(),
-    )
-    .unwrap();
-    let (stx, srx) = mpsc::channel();
-    let sync_ch = ch.clone();
-    let waiter = std::thread::spawn(move || {
-        let r = sync_ch
-            .request(&message("slower", b"", Fds::none()).unwrap(), minute)
-            .unwrap();
-        stx.send((r.nb_sent, r.nb_received, r.timed_out)).unwrap();
-    });
-    // Both requests reached it (in either order) before it dies.
-    let first = silent.expect_line("request from=", LONG);
-    let other = if first.contains("name=slow ") {
-        "name=slower "
-    } else {
-        "name=slow "
-    };
-    silent.expect_line(other, LONG);
+    let (rx, srx, waiter) = request_both(&ch, "slow", "slower");
+    // Both requests reached it before it dies.
+    expect_requests(&mut silent, "slow", "slower");
     silent.kill();
     // The good secondary's answers are kept; the dead one is not waited for.
     assert_eq!(rx.recv_timeout(LONG).unwrap(), (1, 1, false));
-    assert_eq!(srx.recv_timeout(LONG).unwrap(), (1, 1, false));
+    assert_eq!(srx.recv_timeout(LONG).unwrap().unwrap(), (1, 1, false));
     waiter.join().unwrap();
     assert_eq!(ch.pending_requests(), 0);
     // Next request: the dead socket is found, removed and not counted.
@@ -260,9 +288,8 @@ fn primary_killed_mid_request() {
     // The primary dies while a secondary's requests wait for it. The secondary watches the
     // primary's process (a pidfd; its pid from the lock it holds on the runtime directory): the
     // requests end at once, not at their minute-long deadline, as if the primary had never
-    // been reached. The sync one waits on a socket
-    // connected to the primary, which nothing else may send to: it is woken by shutting its
-    // receiving side down, and given up.
+    // been reached. The sync one waits on a socket connected to the primary, which nothing
+    // else may send to: it is woken by shutting its receiving side down, and given up.
     let dir = test_dir();
     let mut prim = listen(
         &dir,
@@ -271,28 +298,8 @@ fn primary_killed_mid_request() {
         &["--action", "slow", "--action", "slower", "--no-reply"],
     );
     let ch = Arc::new(lib(&dir, ProcType::Secondary));
-    let minute = Duration::from_secs(60);
-    let (tx, rx) = mpsc::channel();
-    ch.request_async(
-        &message("slow", b"", Fds::none()).unwrap(),
-        minute,
-        move |_, r: Replies| tx.send((r.nb_sent, r.nb_received, r.timed_out)).unwrap(),
-    )
-    .unwrap();
-    let (stx, srx) = mpsc::channel();
-    let sync_ch = ch.clone();
-    let waiter = std::thread::spawn(move || {
-        let r = sync_ch.request(&message("slower", b"", Fds::none()).unwrap(), minute);
-        stx.send(r.map(|r| (r.nb_sent, r.nb_received, r.timed_out)))
-            .unwrap();
-    });
-    let first = prim.expect_line("request from=", LONG);
-    let other = if first.contains("name=slow ") {
-        "name=slower "
-    } else {
-        "name=slow "
-    };
-    prim.expect_line(other, LONG);
+    let (rx, srx, waiter) = request_both(&ch, "slow", "slower");
+    expect_requests(&mut prim, "slow", "slower");
     prim.kill();
     // Nobody was reached in the end: the async callback says so, the sync request says
     // whom it missed.
@@ -651,21 +658,27 @@ fn every_abi_on_the_wire_and_mismatch_rejected() {
     assert!(p.last_line().contains("rejected=1"), "{}", p.report());
 }
 
+/// A primary whose datagrams wait a minute for a busy peer in the outbox (then they are
+/// dropped): longer than any of these tests.
+fn patient_primary(dir: &TestDir) -> Channel {
+    let mut cfg = ChannelConfig::new()
+        .runtime_dir(dir.path())
+        .proc_type(ProcType::Primary);
+    cfg.send_timeout = Duration::from_secs(60);
+    Channel::open(cfg).unwrap()
+}
+
 #[test]
 fn stopped_peer_never_blocks_the_sender() {
     // A secondary that stops reading (SIGSTOP): its queue fills after 10 datagrams. The primary
     // keeps sending and requesting; nothing blocks, the stopped peer costs only its timeout, the
     // others answer, and when it resumes the queued datagrams reach it.
     let dir = test_dir();
-    let mut cfg = ChannelConfig::new()
-        .runtime_dir(dir.path())
-        .proc_type(ProcType::Primary);
-    // Queued datagrams wait this long for the stopped peer (they are dropped after it).
-    cfg.send_timeout = Duration::from_secs(60);
-    let ch = Channel::open(cfg).unwrap();
+    let ch = patient_primary(&dir);
     let _good = listener(&dir, &["--action", "q"]);
     let mut stopped = listener(&dir, &["--action", "q"]);
     stopped.signal(libc::SIGSTOP);
+    wait_stopped(stopped.pid());
     let t0 = Instant::now();
     for i in 0..50u32 {
         let r = ch
@@ -720,11 +733,7 @@ fn a_peer_that_dies_with_requests_in_the_outbox_is_not_waited_for() {
     // stop waiting for it at once, async and sync alike, instead of at their (minute-long)
     // deadline, and report it as not sent rather than timed out.
     let dir = test_dir();
-    let mut cfg = ChannelConfig::new()
-        .runtime_dir(dir.path())
-        .proc_type(ProcType::Primary);
-    cfg.send_timeout = Duration::from_secs(60);
-    let ch = Arc::new(Channel::open(cfg).unwrap());
+    let ch = Arc::new(patient_primary(&dir));
     let mut good = listener(&dir, &["--action", "q", "--action", "r"]);
     let mut dying = listener(&dir, &["--action", "q", "--action", "r"]);
     dying.signal(libc::SIGSTOP);
@@ -740,22 +749,7 @@ fn a_peer_that_dies_with_requests_in_the_outbox_is_not_waited_for() {
     good.expect_line(&format!("param={}", hex::encode(19u32.to_le_bytes())), LONG);
     let queued = ch.stats().outbox.waiting;
     assert!(queued > 0, "the stopped secondary's queue never filled");
-    let minute = Duration::from_secs(60);
-    let (atx, arx) = mpsc::channel();
-    ch.request_async(
-        &message("q", b"async", Fds::none()).unwrap(),
-        minute,
-        move |_, r: Replies| atx.send((r.nb_sent, r.nb_received, r.timed_out)).unwrap(),
-    )
-    .unwrap();
-    let (stx, srx) = mpsc::channel();
-    let sync_ch = ch.clone();
-    let waiter = std::thread::spawn(move || {
-        let r = sync_ch
-            .request(&message("r", b"sync", Fds::none()).unwrap(), minute)
-            .unwrap();
-        stx.send((r.nb_sent, r.nb_received, r.timed_out)).unwrap();
-    });
+    let (arx, srx, waiter) = request_both(&ch, "q", "r");
     // Both requests' datagrams to the stopped secondary wait behind the messages.
     let start = Instant::now();
     while ch.stats().outbox.waiting != queued + 2 {
@@ -767,7 +761,7 @@ fn a_peer_that_dies_with_requests_in_the_outbox_is_not_waited_for() {
     }
     dying.kill();
     assert_eq!(arx.recv_timeout(LONG).unwrap(), (1, 1, false));
-    assert_eq!(srx.recv_timeout(LONG).unwrap(), (1, 1, false));
+    assert_eq!(srx.recv_timeout(LONG).unwrap().unwrap(), (1, 1, false));
     waiter.join().unwrap();
     assert_eq!(ch.pending_requests(), 0);
 }

@@ -344,9 +344,7 @@ mod tests {
 
     #[test]
     fn a_socket_is_owned_by_the_process_that_holds_it_only() {
-        let d = std::env::temp_dir().join(format!("mp-owned-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
+        let d = crate::socket::tests::dir("owned");
         let path = d.join("mp_socket_1_2");
         let me = std::process::id() as i32;
         assert!(!socket_owned_by(&path, me), "nothing bound there");
@@ -367,9 +365,7 @@ mod tests {
 
     #[test]
     fn a_posix_lock_holder_is_named_an_ofd_lock_holder_is_not() {
-        let d = std::env::temp_dir().join(format!("mp-lockholder-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
+        let d = crate::socket::tests::dir("lockholder");
         let path = d.join("config");
         assert_eq!(lock_holder(&path), None, "no file");
         let f = File::create(&path).unwrap();

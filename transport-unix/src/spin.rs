@@ -150,21 +150,27 @@ impl Spinner {
 mod tests {
     use super::*;
 
+    /// Polls `s` where a datagram is always there; returns how many looks it took (0 when it
+    /// did not poll at all, and then it must have caught nothing).
+    fn looks(s: &mut Spinner) -> usize {
+        let mut calls = 0;
+        let got = s.poll(
+            || {
+                calls += 1;
+                Some(())
+            },
+            || false,
+        );
+        assert_eq!(got.is_some(), calls > 0);
+        calls
+    }
+
     #[test]
     fn a_zero_maximum_never_polls() {
         let mut s = Spinner::new(Duration::ZERO);
-        let mut calls = 0;
         for _ in 0..2 * PROBE_EVERY {
-            let got = s.poll(
-                || {
-                    calls += 1;
-                    None::<()>
-                },
-                || false,
-            );
-            assert!(got.is_none());
+            assert_eq!(looks(&mut s), 0);
         }
-        assert_eq!(calls, 0);
     }
 
     /// Runs `f` on a thread that may use every CPU of this machine, or returns false when this
@@ -217,20 +223,9 @@ mod tests {
             }
             // Closed: PROBE_EVERY - 1 waits do not look at all, the next polls (a probe), and
             // a catch on the probe opens the window again.
-            let mut calls = 0;
             for _ in 0..PROBE_EVERY - 1 {
-                assert!(
-                    s.poll(
-                        || {
-                            calls += 1;
-                            Some(())
-                        },
-                        || false
-                    )
-                    .is_none()
-                );
+                assert_eq!(looks(&mut s), 0, "a closed window does not poll");
             }
-            assert_eq!(calls, 0, "a closed window does not poll");
             assert_eq!(s.poll(|| Some(1), || false), Some(1), "the probe polls");
             assert_eq!(s.window(), max, "a caught probe reopens the window");
             // `stop` ends a poll at once and leaves the window as it was.
@@ -266,18 +261,7 @@ mod tests {
             one.set(cpu);
             rustix::thread::sched_setaffinity(None, &one).unwrap();
             let mut s = Spinner::new(Duration::from_millis(1));
-            let mut calls = 0;
-            assert!(
-                s.poll(
-                    || {
-                        calls += 1;
-                        Some(())
-                    },
-                    || false
-                )
-                .is_none()
-            );
-            assert_eq!(calls, 0);
+            assert_eq!(looks(&mut s), 0);
         })
         .join()
         .unwrap();
