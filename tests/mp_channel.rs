@@ -498,6 +498,14 @@ fn malformed_datagrams_rejected_without_leaks() {
     let (code, out, err) = ping();
     assert_eq!(code, 0, "{err} {out:?}");
     assert_eq!(p.fd_count(), fds_before, "the primary leaked fds");
+    // Its pidfds follow the secondaries: the `mp ping` ones are gone, so only the process
+    // holding the raw socket (this one) stays watched, once the primary has seen them go.
+    let start = Instant::now();
+    while p.pidfd_count() != 1 {
+        assert!(start.elapsed() < LONG, "pidfds: {}", p.pidfd_count());
+        std::thread::yield_now();
+    }
+    drop(sock);
     p.terminate_ok(LONG);
     let last = p.last_line();
     assert!(last.contains(&format!("rejected={rejected}")), "{last}");
@@ -677,8 +685,7 @@ fn stopped_peer_never_blocks_the_sender() {
     let ch = patient_primary(&dir);
     let _good = listener(&dir, &["--action", "q"]);
     let mut stopped = listener(&dir, &["--action", "q"]);
-    stopped.signal(libc::SIGSTOP);
-    wait_stopped(stopped.pid());
+    memplane_testkit::stop(stopped.pid());
     let t0 = Instant::now();
     for i in 0..50u32 {
         let r = ch
@@ -702,29 +709,6 @@ fn stopped_peer_never_blocks_the_sender() {
     stopped.expect_line(&format!("param={}", hex::encode(49u32.to_le_bytes())), LONG);
 }
 
-/// Waits until every thread of process `pid` is stopped (state `T` in its
-/// `/proc/PID/task/TID/stat`): a signal takes effect some time after `kill` returns, on each
-/// thread as it next enters the kernel or is interrupted.
-fn wait_stopped(pid: u32) {
-    let stopped = || {
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .all(|t| {
-                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-                // The state follows the parenthesised command name.
-                stat.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| rest.starts_with('T'))
-            })
-    };
-    let start = Instant::now();
-    while !stopped() {
-        assert!(start.elapsed() < LONG, "process {pid} never stopped");
-        std::thread::yield_now();
-    }
-}
-
 #[test]
 fn a_peer_that_dies_with_requests_in_the_outbox_is_not_waited_for() {
     // A secondary stops reading (SIGSTOP) and its queue fills, so a broadcast's datagram to it
@@ -736,8 +720,7 @@ fn a_peer_that_dies_with_requests_in_the_outbox_is_not_waited_for() {
     let ch = Arc::new(patient_primary(&dir));
     let mut good = listener(&dir, &["--action", "q", "--action", "r"]);
     let mut dying = listener(&dir, &["--action", "q", "--action", "r"]);
-    dying.signal(libc::SIGSTOP);
-    wait_stopped(dying.pid());
+    memplane_testkit::stop(dying.pid());
     // More than its queue holds (10 here): the rest, and the requests below, wait in the outbox.
     for i in 0..20u32 {
         let r = ch

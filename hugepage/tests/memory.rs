@@ -680,6 +680,56 @@ fn secondary_that_missed_a_change_catches_up() {
     assert!(p.mem.is_mapped_here(d));
 }
 
+/// A secondary that dies in the middle of a transaction (the sync reached its queue; stopped,
+/// it never answered) is not waited for either: the primary watches each secondary's process
+/// (a pidfd), and its death ends the sync's wait for it at once, long before the step timeout.
+#[test]
+fn secondary_dying_mid_sync_costs_no_timeout() {
+    let dir = new_dir();
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let mut live = secondary(&dir, &[]);
+    let mut dying = secondary(&dir, &[]);
+    live.line();
+    dying.line();
+    assert_eq!(p.mem.participants_count(), 2);
+    // The primary's service thread has seen both sockets appear and watches both processes.
+    let start = std::time::Instant::now();
+    while p._ch.stats().watched_processes < 2 {
+        assert!(
+            start.elapsed() < memplane_testkit::ANSWER,
+            "the secondaries are not watched"
+        );
+        std::thread::yield_now();
+    }
+    memplane_testkit::stop(dying.pid());
+    let sent = p._ch.stats().endpoint.tx_ok;
+    let t = std::time::Instant::now();
+    let a = std::thread::scope(|s| {
+        let grow = s.spawn(|| alloc(&p.mem, 2 << 20));
+        // The sync sits in both secondaries' queues (two more datagrams sent; nothing else
+        // sends meanwhile), and the stopped one will never answer it.
+        while p._ch.stats().endpoint.tx_ok < sent + 2 {
+            assert!(
+                !grow.is_finished(),
+                "the allocation did not wait for the stopped secondary"
+            );
+            std::thread::yield_now();
+        }
+        dying.kill();
+        grow.join().unwrap().unwrap()
+    });
+    assert!(
+        t.elapsed() < timeouts().step / 2,
+        "the allocation waited {:?} for a dead secondary",
+        t.elapsed()
+    );
+    assert_eq!(live.cmd(&format!("mapped {:x}", a.addr)), "true");
+    assert!(p.mem.is_mapped_here(a.addr));
+    assert_eq!(p.mem.participants_count(), 1);
+    let st = p._ch.stats();
+    assert_eq!((st.watched_processes, st.peers_exited), (1, 1));
+}
+
 /// A secondary that died is not waited for (its socket is closed: the sync cannot be sent to
 /// it), and is dropped from the participants after the transaction that found it gone.
 #[test]

@@ -3,7 +3,8 @@
 //! - [`TestDir`]: a fresh, short runtime directory per test, removed on drop;
 //! - [`Child`]: this test binary re-executed in "child" mode (as DPDK's `test_mp_secondary`
 //!   does), driven by line commands on stdin and answering on stdout; always killed and reaped;
-//! - [`child_main`]: the child side: runs a command loop when the process was started as a child.
+//! - [`child_main`]: the child side: runs a command loop when the process was started as a child;
+//! - [`stop`]: stops a process (SIGSTOP) and waits until every one of its threads is stopped.
 //!
 //! Tests wait for what a child says, never for a fixed time.
 
@@ -202,4 +203,32 @@ pub fn skip(reason: &str) {
         panic!("would skip, but MEMPLANE_NO_SKIP=1: {reason}");
     }
     let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
+}
+
+/// Stops process `pid` with SIGSTOP and returns once every one of its threads is stopped
+/// (state `T` in `/proc/PID/task/TID/stat`): a signal takes effect some time after `kill`
+/// returns, on each thread as it next enters the kernel or is interrupted. Panics after
+/// [`ANSWER`].
+pub fn stop(pid: u32) {
+    // SAFETY: kill(2) with a pid the caller spawned and has not reaped, and a valid signal.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGSTOP);
+    }
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .all(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+    };
+    let start = std::time::Instant::now();
+    while !stopped() {
+        assert!(start.elapsed() < ANSWER, "process {pid} never stopped");
+        std::thread::yield_now();
+    }
 }

@@ -274,12 +274,30 @@ impl Proc {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// Number of open fds of the process.
-    pub fn fd_count(&self) -> usize {
+    /// Number of pidfds the process holds (see [`Proc::fd_count`]).
+    pub fn pidfd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.count())
+            .map(|d| d.flatten().filter(|e| is_pidfd(&e.path())).count())
             .unwrap_or(0)
     }
+
+    /// Number of open fds of the process, not counting pidfds: a primary holds one for each
+    /// live secondary it knows (their number follows the secondaries that come and go, as
+    /// `mp ping` ones do, not what the primary received).
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.flatten().filter(|e| !is_pidfd(&e.path())).count())
+            .unwrap_or(0)
+    }
+}
+
+/// Whether the fd link at `p` (`/proc/PID/fd/N`) is a pidfd: "anon_inode:[pidfd]", or
+/// "pidfd:[N]" where pidfs backs them.
+fn is_pidfd(p: &std::path::Path) -> bool {
+    std::fs::read_link(p).is_ok_and(|t| {
+        let t = t.to_string_lossy();
+        t == "anon_inode:[pidfd]" || t.starts_with("pidfd:")
+    })
 }
 
 impl Drop for Proc {

@@ -424,6 +424,11 @@ pub struct ChannelStats {
     pub panics: u64,
     /// Failed receives (the receiving thread goes on).
     pub receive_errors: u64,
+    /// Peer processes watched for their exit now (a pidfd each): in a primary its verified
+    /// secondaries, in a secondary the primary.
+    pub watched_processes: usize,
+    /// Peers whose exit ended the wait of pending requests, since the channel opened.
+    pub peers_exited: u64,
 }
 
 /// The channel's working part; [`Channel`] owns it. Handlers and callbacks get a reference.
@@ -440,6 +445,8 @@ pub struct MpChannel {
     threads: Mutex<Vec<JoinHandle<()>>>,
     panics: AtomicU64,
     receive_errors: AtomicU64,
+    /// Peers whose process exit the service thread reported to the pending requests.
+    peers_exited: AtomicU64,
     /// Request sockets not in use (see [`RequestSocket`]).
     request_sockets: Mutex<Vec<RequestSocket>>,
     /// Sender paths seen lately, and their addresses.
@@ -578,6 +585,8 @@ impl MpChannel {
             outbox: self.ep.transport().outbox_stats(),
             panics: self.panics.load(Ordering::Relaxed),
             receive_errors: self.receive_errors.load(Ordering::Relaxed),
+            watched_processes: self.ep.transport().watched_processes(),
+            peers_exited: self.peers_exited.load(Ordering::Relaxed),
         }
     }
 
@@ -993,12 +1002,14 @@ impl MpChannel {
             }
             self.sleep_until.store(0, Ordering::SeqCst);
             tr.drain_wake();
+            let dir_watch = tr.refresh_peer_watch();
             if let Some(v) = tr.exit_watch_changes() {
                 exits = v;
             }
             // A secondary that died owes nothing any more: requests waiting for it end as soon
             // as the live peers have answered.
             for p in tr.take_exited() {
+                self.peers_exited.fetch_add(1, Ordering::Relaxed);
                 self.ep.peer_gone(&p, |f| self.run_callback(f));
             }
             let deferred = std::mem::take(&mut *self.deferred.lock());
@@ -1019,6 +1030,7 @@ impl MpChannel {
                 Ordering::SeqCst,
             );
             let mut own = vec![self.stop_fd.as_fd(), tr.wake_fd()];
+            own.extend(dir_watch.as_deref().map(|f| f.as_fd()));
             own.extend(exits.iter().map(|f| f.as_fd()));
             woke_by_probe = wait_for_room(&own, &ob, stalled, next);
         }
@@ -1136,6 +1148,7 @@ impl Channel {
             threads: Mutex::new(Vec::new()),
             panics: AtomicU64::new(0),
             receive_errors: AtomicU64::new(0),
+            peers_exited: AtomicU64::new(0),
             request_sockets: Mutex::new(Vec::new()),
             peers_seen: Mutex::new(std::collections::HashMap::new()),
             request_seq: AtomicU64::new(0),

@@ -110,7 +110,7 @@ pub struct UnixTransport {
 struct PeerDir {
     /// An inotify instance watching the directory (non-blocking); without one (inotify
     /// unavailable, or its per-user limit reached) every look reads the directory.
-    watch: Option<OwnedFd>,
+    watch: Option<Arc<OwnedFd>>,
     list: Arc<[PeerAddr]>,
     /// The list must be read again before use.
     stale: bool,
@@ -138,7 +138,7 @@ impl PeerDir {
                     | WatchFlags::MOVE_SELF
                     | WatchFlags::ONLYDIR;
                 add_watch(&fd, dir, what).ok()?;
-                Some(fd)
+                Some(Arc::new(fd))
             })
             .flatten();
         PeerDir {
@@ -341,6 +341,24 @@ impl UnixTransport {
     /// Wakes the service thread.
     pub fn wake(&self) {
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    /// In a primary: reads the runtime directory's changes (inotify) and watches the process
+    /// of every secondary that appeared, so that a request to it can stop waiting when it dies
+    /// even if nothing listed the peers since it came (requests to peers named by the caller).
+    /// Returns the inotify fd to wait on for the next change, if there is one.
+    pub(crate) fn refresh_peer_watch(&self) -> Option<Arc<OwnedFd>> {
+        if self.role != Role::Primary {
+            return None;
+        }
+        let mut d = self.peers.lock();
+        let _ = d.current(&self.dir);
+        d.watch.clone()
+    }
+
+    /// How many peer processes are watched for their exit now.
+    pub fn watched_processes(&self) -> usize {
+        self.peers.lock().exits.len()
     }
 
     /// The pidfds of the secondaries the primary watches (see [`UnixTransport::take_exited`]),
