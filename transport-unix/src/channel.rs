@@ -379,6 +379,17 @@ fn wait_for_room(
     stalled: bool,
     deadline: Option<Instant>,
 ) -> bool {
+    wait_for_room_or(own, ob, stalled, deadline, &mut Vec::new())
+}
+
+/// [`wait_for_room`], also telling which of `own` woke it (`ready[i]` for `own[i]`).
+fn wait_for_room_or(
+    own: &[BorrowedFd<'_>],
+    ob: &crate::transport::OutboxPoll,
+    stalled: bool,
+    deadline: Option<Instant>,
+    ready: &mut Vec<bool>,
+) -> bool {
     let mut pfds: Vec<PollFd<'_>> = own.iter().map(|f| PollFd::new(f, PollFlags::IN)).collect();
     // Only the busy peers' probes: our own unconnected socket is nearly always writable, and
     // polling it would make the wait spin (and starve the peers it waits for).
@@ -399,6 +410,12 @@ fn wait_for_room(
         tv_nsec: l.subsec_nanos() as i64,
     });
     let n = rustix::event::poll(&mut pfds, timeout.as_ref()).unwrap_or(0);
+    ready.clear();
+    ready.extend(
+        pfds[..own.len()]
+            .iter()
+            .map(|p| n > 0 && !p.revents().is_empty()),
+    );
     n > 0 && pfds[own.len()..].iter().any(|p| !p.revents().is_empty())
 }
 
@@ -994,23 +1011,32 @@ impl MpChannel {
         let tr = self.ep.transport();
         // See `wait_for_room` for what "stalled" means.
         let mut woke_by_probe = false;
-        // pidfds of the secondaries (in a primary): an exit wakes this thread.
+        // The runtime directory's inotify fd (in a primary) and the watched peers' pidfds: a
+        // secondary that appears, or a peer that exits, wakes this thread.
+        let mut dir_watch = None;
         let mut exits: Vec<Arc<OwnedFd>> = Vec::new();
+        // Which of them woke the last wait (all, the first time round).
+        let (mut dir_changed, mut exited) = (true, true);
+        let mut ready = Vec::new();
         loop {
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
             self.sleep_until.store(0, Ordering::SeqCst);
             tr.drain_wake();
-            let dir_watch = tr.refresh_peer_watch();
+            if dir_changed {
+                dir_watch = tr.refresh_peer_watch();
+            }
             if let Some(v) = tr.exit_watch_changes() {
                 exits = v;
             }
-            // A secondary that died owes nothing any more: requests waiting for it end as soon
-            // as the live peers have answered.
-            for p in tr.take_exited() {
-                self.peers_exited.fetch_add(1, Ordering::Relaxed);
-                self.ep.peer_gone(&p, |f| self.run_callback(f));
+            // A peer that died owes nothing any more: requests waiting for it end as soon as
+            // the live peers have answered.
+            if exited {
+                for p in tr.take_exited() {
+                    self.peers_exited.fetch_add(1, Ordering::Relaxed);
+                    self.ep.peer_gone(&p, |f| self.run_callback(f));
+                }
             }
             let deferred = std::mem::take(&mut *self.deferred.lock());
             for f in deferred {
@@ -1031,8 +1057,11 @@ impl MpChannel {
             );
             let mut own = vec![self.stop_fd.as_fd(), tr.wake_fd()];
             own.extend(dir_watch.as_deref().map(|f| f.as_fd()));
+            let first_exit = own.len();
             own.extend(exits.iter().map(|f| f.as_fd()));
-            woke_by_probe = wait_for_room(&own, &ob, stalled, next);
+            woke_by_probe = wait_for_room_or(&own, &ob, stalled, next, &mut ready);
+            dir_changed = dir_watch.is_some() && ready[2];
+            exited = ready[first_exit..].iter().any(|&r| r);
         }
     }
 
