@@ -680,18 +680,39 @@ fn secondary_that_missed_a_change_catches_up() {
     assert!(p.mem.is_mapped_here(d));
 }
 
+/// A no-huge primary and two secondaries that both take part in its transactions.
+fn primary_and_two_secondaries(dir: &Dir) -> (Primary, Secondary, Secondary) {
+    let p = primary(dir, MemOptions::new().no_huge());
+    let mut a = secondary(dir, &[]);
+    let mut b = secondary(dir, &[]);
+    a.line();
+    b.line();
+    assert_eq!(p.mem.participants_count(), 2);
+    (p, a, b)
+}
+
+/// Runs a 2 MiB allocation `f` that a dead secondary must not hold up: it succeeds within half
+/// a transaction step (the time a secondary is waited for).
+fn within_half_a_step(
+    f: impl FnOnce() -> Result<memplane_core::txn::MemRange, MemError>,
+) -> memplane_core::txn::MemRange {
+    let t = std::time::Instant::now();
+    let a = f().unwrap();
+    assert!(
+        t.elapsed() < timeouts().step / 2,
+        "the allocation waited {:?} for a dead secondary",
+        t.elapsed()
+    );
+    a
+}
+
 /// A secondary that dies in the middle of a transaction (the sync reached its queue; stopped,
 /// it never answered) is not waited for either: the primary watches each secondary's process
 /// (a pidfd), and its death ends the sync's wait for it at once, long before the step timeout.
 #[test]
 fn secondary_dying_mid_sync_costs_no_timeout() {
     let dir = new_dir();
-    let p = primary(&dir, MemOptions::new().no_huge());
-    let mut live = secondary(&dir, &[]);
-    let mut dying = secondary(&dir, &[]);
-    live.line();
-    dying.line();
-    assert_eq!(p.mem.participants_count(), 2);
+    let (p, mut live, mut dying) = primary_and_two_secondaries(&dir);
     // The primary's service thread has seen both sockets appear and watches both processes.
     let start = std::time::Instant::now();
     while p._ch.stats().watched_processes < 2 {
@@ -703,26 +724,22 @@ fn secondary_dying_mid_sync_costs_no_timeout() {
     }
     memplane_testkit::stop(dying.pid());
     let sent = p._ch.stats().endpoint.tx_ok;
-    let t = std::time::Instant::now();
-    let a = std::thread::scope(|s| {
-        let grow = s.spawn(|| alloc(&p.mem, 2 << 20));
-        // The sync sits in both secondaries' queues (two more datagrams sent; nothing else
-        // sends meanwhile), and the stopped one will never answer it.
-        while p._ch.stats().endpoint.tx_ok < sent + 2 {
-            assert!(
-                !grow.is_finished(),
-                "the allocation did not wait for the stopped secondary"
-            );
-            std::thread::yield_now();
-        }
-        dying.kill();
-        grow.join().unwrap().unwrap()
+    let a = within_half_a_step(|| {
+        std::thread::scope(|s| {
+            let grow = s.spawn(|| alloc(&p.mem, 2 << 20));
+            // The sync sits in both secondaries' queues (two more datagrams sent; nothing else
+            // sends meanwhile), and the stopped one will never answer it.
+            while p._ch.stats().endpoint.tx_ok < sent + 2 {
+                assert!(
+                    !grow.is_finished(),
+                    "the allocation did not wait for the stopped secondary"
+                );
+                std::thread::yield_now();
+            }
+            dying.kill();
+            grow.join().unwrap()
+        })
     });
-    assert!(
-        t.elapsed() < timeouts().step / 2,
-        "the allocation waited {:?} for a dead secondary",
-        t.elapsed()
-    );
     assert_eq!(live.cmd(&format!("mapped {:x}", a.addr)), "true");
     assert!(p.mem.is_mapped_here(a.addr));
     assert_eq!(p.mem.participants_count(), 1);
@@ -735,20 +752,9 @@ fn secondary_dying_mid_sync_costs_no_timeout() {
 #[test]
 fn dead_secondary_costs_no_timeout() {
     let dir = new_dir();
-    let p = primary(&dir, MemOptions::new().no_huge());
-    let mut live = secondary(&dir, &[]);
-    let mut dead = secondary(&dir, &[]);
-    live.line();
-    dead.line();
-    assert_eq!(p.mem.participants_count(), 2);
+    let (p, mut live, mut dead) = primary_and_two_secondaries(&dir);
     dead.kill();
-    let t = std::time::Instant::now();
-    let a = alloc(&p.mem, 2 << 20).unwrap();
-    assert!(
-        t.elapsed() < timeouts().step / 2,
-        "the allocation waited {:?} for a dead secondary",
-        t.elapsed()
-    );
+    let a = within_half_a_step(|| alloc(&p.mem, 2 << 20));
     assert_eq!(live.cmd(&format!("mapped {:x}", a.addr)), "true");
     assert_eq!(p.mem.participants_count(), 1);
     let (b, bl) = parse_range(&live.cmd("alloc 1000"));
