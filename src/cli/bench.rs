@@ -212,7 +212,7 @@ fn latency_fields(samples: &mut [Duration]) -> String {
 fn stats(ch: &MpChannel, mode: &str) {
     let s = ch.stats();
     out(format!(
-        "stats mode={mode} role={:?} rx_ok={} tx_ok={} tx_failed={} outbox_queued={} outbox_delivered={} outbox_dropped={} timed_out={}",
+        "stats mode={mode} role={:?} rx_ok={} tx_ok={} tx_failed={} outbox_queued={} outbox_delivered={} outbox_dropped={} timed_out={} busy_polls={} busy_caught={} busy_polled_us={}",
         ch.role(),
         s.endpoint.rx_ok,
         s.endpoint.tx_ok,
@@ -220,7 +220,10 @@ fn stats(ch: &MpChannel, mode: &str) {
         s.outbox.queued,
         s.outbox.delivered,
         s.outbox.dropped,
-        s.endpoint.requests_timed_out
+        s.endpoint.requests_timed_out,
+        s.busy_poll.polls,
+        s.busy_poll.caught,
+        s.busy_poll.polled_us
     ));
 }
 

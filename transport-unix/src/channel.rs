@@ -40,7 +40,7 @@ use crate::clock::now;
 use crate::error::Error;
 use crate::rundir::{self, PrimaryLock};
 use crate::socket::{Fds, PeerAddr, RECV_BUF, Socket};
-use crate::spin::Spinner;
+use crate::spin::{SpinStats, Spinner};
 use crate::transport::{OutboxStats, Role, UnixTransport};
 
 /// Which role to take, DPDK's `--proc-type`.
@@ -446,6 +446,19 @@ pub struct ChannelStats {
     pub watched_processes: usize,
     /// Peers whose exit ended the wait of pending requests, since the channel opened.
     pub peers_exited: u64,
+    /// What busy polling did ([`ChannelConfig::busy_poll`]).
+    pub busy_poll: BusyPollStats,
+}
+
+/// What the channel's busy polling did since it opened, summed over its waiting threads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BusyPollStats {
+    /// Polls before a blocking receive (a closed window that did not probe is none).
+    pub polls: u64,
+    /// Polls that caught a datagram: waits that ended without sleeping.
+    pub caught: u64,
+    /// Microseconds spent polling: the CPU time busy polling cost.
+    pub polled_us: u64,
 }
 
 /// The channel's working part; [`Channel`] owns it. Handlers and callbacks get a reference.
@@ -464,6 +477,8 @@ pub struct MpChannel {
     receive_errors: AtomicU64,
     /// Peers whose process exit the service thread reported to the pending requests.
     peers_exited: AtomicU64,
+    /// The busy polls of the receiving thread and the request sockets.
+    spin_stats: Arc<SpinStats>,
     /// Request sockets not in use (see [`RequestSocket`]).
     request_sockets: Mutex<Vec<RequestSocket>>,
     /// Sender paths seen lately, and their addresses.
@@ -604,6 +619,11 @@ impl MpChannel {
             receive_errors: self.receive_errors.load(Ordering::Relaxed),
             watched_processes: self.ep.transport().watched_processes(),
             peers_exited: self.peers_exited.load(Ordering::Relaxed),
+            busy_poll: BusyPollStats {
+                polls: self.spin_stats.polls.load(Ordering::Relaxed),
+                caught: self.spin_stats.caught.load(Ordering::Relaxed),
+                polled_us: self.spin_stats.nanos.load(Ordering::Relaxed) / 1000,
+            },
         }
     }
 
@@ -804,7 +824,7 @@ impl MpChannel {
             batch: None,
             timeout: Duration::ZERO,
             dirty: false,
-            spin: Spinner::new(self.config().busy_poll),
+            spin: Spinner::new(self.config().busy_poll, self.spin_stats.clone()),
             gate: Arc::default(),
         })
     }
@@ -884,7 +904,7 @@ impl MpChannel {
         let sock = tr.socket();
         // See `wait_for_room` for what "stalled" means.
         let mut woke_by_probe = false;
-        let mut spin = Spinner::new(self.config().busy_poll);
+        let mut spin = Spinner::new(self.config().busy_poll, self.spin_stats.clone());
         let stopping = || self.stop.load(Ordering::Acquire);
         'outer: while !self.stop.load(Ordering::Acquire) {
             // While nothing waits in the outbox, one blocking recvmmsg takes whatever is queued
@@ -1178,6 +1198,7 @@ impl Channel {
             panics: AtomicU64::new(0),
             receive_errors: AtomicU64::new(0),
             peers_exited: AtomicU64::new(0),
+            spin_stats: Arc::default(),
             request_sockets: Mutex::new(Vec::new()),
             peers_seen: Mutex::new(std::collections::HashMap::new()),
             request_seq: AtomicU64::new(0),

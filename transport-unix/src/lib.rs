@@ -22,8 +22,8 @@ mod spin;
 pub mod transport;
 
 pub use channel::{
-    Callback, Channel, ChannelConfig, ChannelStats, Handler, Incoming, MpChannel, ProcType,
-    Replies, ReplyMsg,
+    BusyPollStats, Callback, Channel, ChannelConfig, ChannelStats, Handler, Incoming, MpChannel,
+    ProcType, Replies, ReplyMsg,
 };
 pub use error::Error;
 pub use socket::{Fds, PeerAddr};

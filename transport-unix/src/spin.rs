@@ -20,6 +20,8 @@
 //! it waits for off the CPU.
 
 use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use memplane_core::time::Instant;
@@ -53,6 +55,17 @@ const PROBE_EVERY: u32 = 8;
 /// A gap this long between two looks at the socket means the polling thread was preempted.
 const PREEMPTED: Duration = Duration::from_micros(10);
 
+/// What the polls of a channel's waiting sites did, summed over all of them.
+#[derive(Debug, Default)]
+pub(crate) struct SpinStats {
+    /// Polls started (a closed window that did not probe is none).
+    pub(crate) polls: AtomicU64,
+    /// Polls that caught a datagram (the wait ended without sleeping).
+    pub(crate) caught: AtomicU64,
+    /// Time spent polling, in nanoseconds: CPU time the waits would otherwise have slept.
+    pub(crate) nanos: AtomicU64,
+}
+
 /// One waiting site's polling window (the receiving thread's, or a request socket's).
 #[derive(Debug, Clone)]
 pub(crate) struct Spinner {
@@ -64,12 +77,16 @@ pub(crate) struct Spinner {
     closed_waits: u32,
     /// A gap between two looks this long means the thread was preempted ([`PREEMPTED`]).
     preempted: Duration,
+    /// Where its polls are counted.
+    stats: Arc<SpinStats>,
 }
 
 impl Spinner {
-    /// A spinner whose window never exceeds `max` (zero: never poll); it starts open.
-    pub(crate) fn new(max: Duration) -> Self {
+    /// A spinner whose window never exceeds `max` (zero: never poll); it starts open. Its polls
+    /// are counted in `stats`.
+    pub(crate) fn new(max: Duration, stats: Arc<SpinStats>) -> Self {
         Spinner {
+            stats,
             max,
             window: max,
             closed_waits: 0,
@@ -82,34 +99,53 @@ impl Spinner {
     /// the caller blocks.
     pub(crate) fn poll<T>(
         &mut self,
-        mut try_once: impl FnMut() -> Option<T>,
+        try_once: impl FnMut() -> Option<T>,
         stop: impl Fn() -> bool,
     ) -> Option<T> {
+        let (got, started) = self.poll_counted(try_once, stop);
+        if let Some(start) = started {
+            let st = &self.stats;
+            st.polls.fetch_add(1, Ordering::Relaxed);
+            if got.is_some() {
+                st.caught.fetch_add(1, Ordering::Relaxed);
+            }
+            let spent = now().saturating_duration_since(start).as_nanos() as u64;
+            st.nanos.fetch_add(spent, Ordering::Relaxed);
+        }
+        got
+    }
+
+    /// [`Spinner::poll`], also saying when the polling began (`None`: it did not poll).
+    fn poll_counted<T>(
+        &mut self,
+        mut try_once: impl FnMut() -> Option<T>,
+        stop: impl Fn() -> bool,
+    ) -> (Option<T>, Option<Instant>) {
         if self.max.is_zero() {
-            return None;
+            return (None, None);
         }
         let mut window = self.window;
         if window.is_zero() {
             self.closed_waits += 1;
             if self.closed_waits < PROBE_EVERY {
-                return None;
+                return (None, None);
             }
             self.closed_waits = 0;
             window = self.max;
         }
         let start = now();
         if !may_use_two_cpus(start) {
-            return None;
+            return (None, None);
         }
         let end = start.saturating_add(window);
         let mut last = start;
         loop {
             if let Some(v) = try_once() {
                 self.window = self.max;
-                return Some(v);
+                return (Some(v), Some(start));
             }
             if stop() {
-                return None;
+                return (None, Some(start));
             }
             let t = now();
             if t.saturating_duration_since(last) >= self.preempted {
@@ -117,7 +153,7 @@ impl Spinner {
                 // very peer it polls for. Polling keeps others off the CPUs here: stop.
                 self.window = Duration::ZERO;
                 self.closed_waits = 0;
-                return None;
+                return (None, Some(start));
             }
             last = t;
             if t >= end {
@@ -126,7 +162,7 @@ impl Spinner {
                 } else {
                     self.window / 2
                 };
-                return None;
+                return (None, Some(start));
             }
             std::hint::spin_loop();
         }
@@ -167,7 +203,7 @@ mod tests {
 
     #[test]
     fn a_zero_maximum_never_polls() {
-        let mut s = Spinner::new(Duration::ZERO);
+        let mut s = Spinner::new(Duration::ZERO, Arc::default());
         for _ in 0..2 * PROBE_EVERY {
             assert_eq!(looks(&mut s), 0);
         }
@@ -196,7 +232,14 @@ mod tests {
     fn a_catch_opens_the_window_and_empty_polls_close_it_until_a_probe() {
         let ran = on_two_cpus(|| {
             let max = Duration::from_millis(2);
-            let mut s = Spinner::new(max).preempted_after(Duration::from_secs(3600));
+            let stats = Arc::new(SpinStats::default());
+            let mut s = Spinner::new(max, stats.clone()).preempted_after(Duration::from_secs(3600));
+            let counted = || {
+                (
+                    stats.polls.load(Ordering::Relaxed),
+                    stats.caught.load(Ordering::Relaxed),
+                )
+            };
             assert_eq!(s.window(), max, "starts open");
             // Something there on the third look is caught.
             let mut calls = 0;
@@ -209,6 +252,7 @@ mod tests {
             );
             assert_eq!((got, calls), (Some(7), 3));
             assert_eq!(s.window(), max);
+            assert_eq!(counted(), (1, 1));
             // Empty polls halve the window, down to closed.
             let mut rounds = 0;
             while !s.window().is_zero() {
@@ -221,12 +265,19 @@ mod tests {
                 rounds += 1;
                 assert!(rounds < 40, "the window never closed");
             }
+            assert_eq!(counted(), (1 + rounds, 1), "every empty poll is counted");
+            assert!(stats.nanos.load(Ordering::Relaxed) >= max.as_nanos() as u64);
             // Closed: PROBE_EVERY - 1 waits do not look at all, the next polls (a probe), and
             // a catch on the probe opens the window again.
             for _ in 0..PROBE_EVERY - 1 {
                 assert_eq!(looks(&mut s), 0, "a closed window does not poll");
             }
             assert_eq!(s.poll(|| Some(1), || false), Some(1), "the probe polls");
+            assert_eq!(
+                counted(),
+                (2 + rounds, 2),
+                "closed waits are not polls, the probe is"
+            );
             assert_eq!(s.window(), max, "a caught probe reopens the window");
             // `stop` ends a poll at once and leaves the window as it was.
             assert!(s.poll(|| None::<()>, || true).is_none());
@@ -241,7 +292,8 @@ mod tests {
     fn a_poll_that_loses_its_cpu_closes_the_window() {
         let ran = on_two_cpus(|| {
             // Every gap counts as preemption here: the first empty look closes the window.
-            let mut s = Spinner::new(Duration::from_millis(5)).preempted_after(Duration::ZERO);
+            let mut s = Spinner::new(Duration::from_millis(5), Arc::default())
+                .preempted_after(Duration::ZERO);
             assert!(s.poll(|| None::<()>, || false).is_none());
             assert_eq!(s.window(), Duration::ZERO);
         });
@@ -260,7 +312,7 @@ mod tests {
                 .unwrap_or(0);
             one.set(cpu);
             rustix::thread::sched_setaffinity(None, &one).unwrap();
-            let mut s = Spinner::new(Duration::from_millis(1));
+            let mut s = Spinner::new(Duration::from_millis(1), Arc::default());
             assert_eq!(looks(&mut s), 0);
         })
         .join()
