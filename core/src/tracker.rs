@@ -68,6 +68,9 @@ where
     }
 }
 
+/// Completions leave the table in batches of at most this many, delivered outside its lock.
+const BATCH: usize = 16;
+
 /// Runs a completion that left the table: wake a sync waiter here, return an async one.
 fn deliver<N: Notify, C, K>(c: Completion<N, C, K>) -> Option<Finished<C, K>> {
     match c {
@@ -114,25 +117,8 @@ where
     /// Withdraws every slot owed by `peer`, which is gone; see [`PendingTable::peer_gone`].
     /// Sync waiters of requests it completes are woken; async completions are handed to `run`
     /// one by one, outside the lock. Returns how many slots were withdrawn.
-    pub fn peer_gone(&self, peer: &P, mut run: impl FnMut(Finished<C, K>)) -> usize {
-        const BATCH: usize = 16;
-        let mut total = 0;
-        loop {
-            let mut batch: heapless::Vec<Completion<N, C, K>, BATCH> = heapless::Vec::new();
-            let (n, more) = self.table.lock().peer_gone(peer, BATCH, |c| {
-                // Capacity is BATCH and peer_gone stops at BATCH: the push cannot fail.
-                let _ = batch.push(c);
-            });
-            total += n;
-            for c in batch {
-                if let Some(f) = deliver(c) {
-                    run(f);
-                }
-            }
-            if !more {
-                return total;
-            }
-        }
+    pub fn peer_gone(&self, peer: &P, run: impl FnMut(Finished<C, K>)) -> usize {
+        self.in_batches(|t, sink| t.peer_gone(peer, BATCH, sink), run)
     }
 
     /// Ends the sending phase; an async request that is complete already (all answered, or
@@ -163,13 +149,32 @@ where
 
     /// Completes every request due at `now`: sync waiters are woken, async completions are handed
     /// to `run` one by one, outside the lock. Returns how many requests completed.
-    pub fn expire(&self, now: Instant, mut run: impl FnMut(Finished<C, K>)) -> usize {
-        const BATCH: usize = 16;
+    pub fn expire(&self, now: Instant, run: impl FnMut(Finished<C, K>)) -> usize {
+        self.in_batches(
+            |t, sink| {
+                let n = t.expire(now, BATCH, sink);
+                (n, n == BATCH)
+            },
+            run,
+        )
+    }
+
+    /// Calls `step` with the locked table and a sink for at most [`BATCH`] completions, until it
+    /// says it is done; delivers each batch outside the lock (sync waiters woken, async
+    /// completions handed to `run`). Returns the sum of `step`'s counts.
+    fn in_batches(
+        &self,
+        mut step: impl FnMut(
+            &mut PendingTable<P, F, N, C, K, St>,
+            &mut dyn FnMut(Completion<N, C, K>),
+        ) -> (usize, bool),
+        mut run: impl FnMut(Finished<C, K>),
+    ) -> usize {
         let mut total = 0;
         loop {
             let mut batch: heapless::Vec<Completion<N, C, K>, BATCH> = heapless::Vec::new();
-            let n = self.table.lock().expire(now, BATCH, |c| {
-                // Capacity is BATCH and expire stops at BATCH: the push cannot fail.
+            let (n, more) = step(&mut self.table.lock(), &mut |c| {
+                // Capacity is BATCH and every step stops at BATCH: the push cannot fail.
                 let _ = batch.push(c);
             });
             total += n;
@@ -178,7 +183,7 @@ where
                     run(f);
                 }
             }
-            if n < BATCH {
+            if !more {
                 return total;
             }
         }
