@@ -67,7 +67,7 @@ pub(crate) struct SpinStats {
 }
 
 /// One waiting site's polling window (the receiving thread's, or a request socket's).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Spinner {
     /// The longest window; zero turns polling off.
     max: Duration,
@@ -102,25 +102,26 @@ impl Spinner {
         try_once: impl FnMut() -> Option<T>,
         stop: impl Fn() -> bool,
     ) -> Option<T> {
-        let (got, started) = self.poll_counted(try_once, stop);
-        if let Some(start) = started {
+        let (got, spent) = self.poll_counted(try_once, stop);
+        if let Some(spent) = spent {
             let st = &self.stats;
             st.polls.fetch_add(1, Ordering::Relaxed);
             if got.is_some() {
                 st.caught.fetch_add(1, Ordering::Relaxed);
             }
-            let spent = now().saturating_duration_since(start).as_nanos() as u64;
-            st.nanos.fetch_add(spent, Ordering::Relaxed);
+            st.nanos
+                .fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
         }
         got
     }
 
-    /// [`Spinner::poll`], also saying when the polling began (`None`: it did not poll).
+    /// [`Spinner::poll`], also saying how long it polled (`None`: it did not poll), from the
+    /// clock readings the loop takes anyway (a catch counts up to the look before it).
     fn poll_counted<T>(
         &mut self,
         mut try_once: impl FnMut() -> Option<T>,
         stop: impl Fn() -> bool,
-    ) -> (Option<T>, Option<Instant>) {
+    ) -> (Option<T>, Option<Duration>) {
         if self.max.is_zero() {
             return (None, None);
         }
@@ -142,10 +143,10 @@ impl Spinner {
         loop {
             if let Some(v) = try_once() {
                 self.window = self.max;
-                return (Some(v), Some(start));
+                return (Some(v), Some(last.saturating_duration_since(start)));
             }
             if stop() {
-                return (None, Some(start));
+                return (None, Some(last.saturating_duration_since(start)));
             }
             let t = now();
             if t.saturating_duration_since(last) >= self.preempted {
@@ -153,7 +154,7 @@ impl Spinner {
                 // very peer it polls for. Polling keeps others off the CPUs here: stop.
                 self.window = Duration::ZERO;
                 self.closed_waits = 0;
-                return (None, Some(start));
+                return (None, Some(t.saturating_duration_since(start)));
             }
             last = t;
             if t >= end {
@@ -162,7 +163,7 @@ impl Spinner {
                 } else {
                     self.window / 2
                 };
-                return (None, Some(start));
+                return (None, Some(t.saturating_duration_since(start)));
             }
             std::hint::spin_loop();
         }
