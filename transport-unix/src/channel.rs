@@ -232,9 +232,11 @@ pub type Handler = Arc<dyn Fn(&MpChannel, Incoming) + Send + Sync>;
 /// An async completion: runs once, on a channel thread.
 pub type Callback = Box<dyn FnOnce(&MpChannel, Replies) + Send>;
 
-/// Wakes a parked requester.
+/// Wakes a synchronous requester: it blocks receiving on its request socket (it never parks),
+/// so a completion from another thread reaches it through that socket.
 pub struct Unpark {
-    thread: thread::Thread,
+    /// The waiting thread.
+    thread: thread::ThreadId,
     /// The request socket the waiter blocks on, woken there when another thread completes
     /// the request (a peer found dead, the deadline): see [`Socket::wake_reader`].
     wake: Option<SocketWake>,
@@ -273,7 +275,7 @@ impl Unpark {
     /// Wakes the calling thread, blocked on `wake` if given.
     fn current(wake: Option<SocketWake>) -> Self {
         Unpark {
-            thread: thread::current(),
+            thread: thread::current().id(),
             wake,
         }
     }
@@ -281,11 +283,10 @@ impl Unpark {
 
 impl Notify for Unpark {
     fn notify(&self) {
-        self.thread.unpark();
         // The waiter's own thread completes its request while it handles the last answer:
         // nothing to wake then.
         if let Some(w) = &self.wake
-            && thread::current().id() != self.thread.id()
+            && thread::current().id() != self.thread
         {
             // Under the gate's lock: the waiter cannot leave (and the socket be reused) while
             // it is being woken.
@@ -372,18 +373,9 @@ fn set_batch_policy<T>(h: &thread::JoinHandle<T>) -> std::io::Result<()> {
 /// `deadline` passes. While datagrams wait in the outbox it wakes at least every 50 ms (a
 /// safety net: room wakes the probe), and every millisecond when `stalled`: a probe said
 /// "room" last time yet nothing went out (our own send buffer is full), so the probes are left
-/// out, not to spin, and the send is retried soon. Returns whether a peer's room woke it.
+/// out, not to spin, and the send is retried soon. Returns whether a peer's room woke it, and
+/// sets `ready[i]` to whether `own[i]` did.
 fn wait_for_room(
-    own: &[BorrowedFd<'_>],
-    ob: &crate::transport::OutboxPoll,
-    stalled: bool,
-    deadline: Option<Instant>,
-) -> bool {
-    wait_for_room_or(own, ob, stalled, deadline, &mut Vec::new())
-}
-
-/// [`wait_for_room`], also telling which of `own` woke it (`ready[i]` for `own[i]`).
-fn wait_for_room_or(
     own: &[BorrowedFd<'_>],
     ob: &crate::transport::OutboxPoll,
     stalled: bool,
@@ -906,6 +898,8 @@ impl MpChannel {
         let mut woke_by_probe = false;
         let mut spin = Spinner::new(self.config().busy_poll, self.spin_stats.clone());
         let stopping = || self.stop.load(Ordering::Acquire);
+        // Which of its own fds woke a wait for room (not needed here: it receives next anyway).
+        let mut ready = Vec::new();
         'outer: while !self.stop.load(Ordering::Acquire) {
             // While nothing waits in the outbox, one blocking recvmmsg takes whatever is queued
             // (up to BATCH datagrams); `shutdown` wakes us with a datagram to ourselves.
@@ -921,7 +915,7 @@ impl MpChannel {
                 if tr.outbox_waiting() {
                     wait = false;
                     let own = [sock.as_fd(), self.stop_fd.as_fd()];
-                    woke_by_probe = wait_for_room(&own, &ob, stalled, ob.deadline);
+                    woke_by_probe = wait_for_room(&own, &ob, stalled, ob.deadline, &mut ready);
                 } else {
                     woke_by_probe = false;
                 }
@@ -1035,8 +1029,9 @@ impl MpChannel {
         // secondary that appears, or a peer that exits, wakes this thread.
         let mut dir_watch = None;
         let mut exits: Vec<Arc<OwnedFd>> = Vec::new();
-        // Which of them woke the last wait (all, the first time round).
-        let (mut dir_changed, mut exited) = (true, true);
+        // Which of them woke the last wait (the directory is read the first time round).
+        let mut dir_changed = true;
+        let mut fired: Vec<Arc<OwnedFd>> = Vec::new();
         let mut ready = Vec::new();
         loop {
             if self.stop.load(Ordering::Acquire) {
@@ -1052,11 +1047,9 @@ impl MpChannel {
             }
             // A peer that died owes nothing any more: requests waiting for it end as soon as
             // the live peers have answered.
-            if exited {
-                for p in tr.take_exited() {
-                    self.peers_exited.fetch_add(1, Ordering::Relaxed);
-                    self.ep.peer_gone(&p, |f| self.run_callback(f));
-                }
+            for p in tr.take_exited(&std::mem::take(&mut fired)) {
+                self.peers_exited.fetch_add(1, Ordering::Relaxed);
+                self.ep.peer_gone(&p, |f| self.run_callback(f));
             }
             let deferred = std::mem::take(&mut *self.deferred.lock());
             for f in deferred {
@@ -1079,9 +1072,15 @@ impl MpChannel {
             own.extend(dir_watch.as_deref().map(|f| f.as_fd()));
             let first_exit = own.len();
             own.extend(exits.iter().map(|f| f.as_fd()));
-            woke_by_probe = wait_for_room_or(&own, &ob, stalled, next, &mut ready);
+            woke_by_probe = wait_for_room(&own, &ob, stalled, next, &mut ready);
             dir_changed = dir_watch.is_some() && ready[2];
-            exited = ready[first_exit..].iter().any(|&r| r);
+            fired.extend(
+                exits
+                    .iter()
+                    .zip(&ready[first_exit..])
+                    .filter(|&(_, &r)| r)
+                    .map(|(f, _)| f.clone()),
+            );
         }
     }
 

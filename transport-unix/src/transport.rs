@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
-use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 
 use memplane_core::time::Instant;
@@ -120,7 +119,8 @@ struct PeerDir {
     /// Secondaries not to watch (again) while their file stays: their exit was reported, or
     /// their process could not be watched (see [`watch_owner`]).
     unwatched: std::collections::HashSet<PeerAddr>,
-    /// The set of watched pidfds changed since [`PeerDir::watched`] last looked.
+    /// The set of watched pidfds changed since [`UnixTransport::exit_watch_changes`] last
+    /// looked.
     exits_changed: bool,
 }
 
@@ -252,38 +252,19 @@ impl PeerDir {
         self.exits_changed |= changed;
     }
 
-    /// The secondaries whose process has exited since the last call (their pidfd is readable);
-    /// they are watched no more.
-    fn take_exited(&mut self) -> Vec<PeerAddr> {
-        if self.exits.is_empty() {
-            return Vec::new();
-        }
-        let mut pfds: Vec<PollFd<'_>> = self
-            .exits
-            .iter()
-            .map(|(_, fd)| PollFd::new(&**fd, PollFlags::IN))
-            .collect();
-        let zero = rustix::time::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        if rustix::event::poll(&mut pfds, Some(&zero)).unwrap_or(0) == 0 {
-            return Vec::new();
-        }
-        let ready: Vec<bool> = pfds.iter().map(|p| !p.revents().is_empty()).collect();
-        drop(pfds);
+    /// Stops watching the peers whose pidfd is among `fired` (their process exited) and
+    /// returns them.
+    fn take_exited(&mut self, fired: &[Arc<OwnedFd>]) -> Vec<PeerAddr> {
         let mut gone = Vec::new();
-        let mut i = 0;
-        self.exits.retain(|(p, _)| {
-            let keep = !ready[i];
-            i += 1;
-            if !keep {
+        self.exits.retain(|(p, fd)| {
+            let exited = fired.iter().any(|f| Arc::ptr_eq(f, fd));
+            if exited {
                 gone.push(p.clone());
             }
-            keep
+            !exited
         });
         self.unwatched.extend(gone.iter().cloned());
-        self.exits_changed = true;
+        self.exits_changed |= !gone.is_empty();
         gone
     }
 }
@@ -361,8 +342,8 @@ impl UnixTransport {
         self.peers.lock().exits.len()
     }
 
-    /// The pidfds of the secondaries the primary watches (see [`UnixTransport::take_exited`]),
-    /// for the service thread to wait on; `None` when unchanged since the last call.
+    /// The pidfds of the peers watched for their exit (see [`UnixTransport::take_exited`]), for
+    /// the service thread to wait on; `None` when unchanged since the last call.
     pub(crate) fn exit_watch_changes(&self) -> Option<Vec<Arc<OwnedFd>>> {
         let mut d = self.peers.lock();
         if !std::mem::take(&mut d.exits_changed) {
@@ -371,10 +352,12 @@ impl UnixTransport {
         Some(d.exits.iter().map(|(_, fd)| fd.clone()).collect())
     }
 
-    /// The secondaries whose process exited since the last call: requests still waiting for
-    /// them must stop ([`memplane_core::endpoint::Endpoint::peer_gone`]).
-    pub(crate) fn take_exited(&self) -> Vec<PeerAddr> {
-        self.peers.lock().take_exited()
+    /// The peers whose pidfd (from [`UnixTransport::exit_watch_changes`]) is among `fired`, a
+    /// wait having found it readable: their process exited, and requests still waiting for
+    /// them must stop ([`memplane_core::endpoint::Endpoint::peer_gone`]). They are watched no
+    /// more.
+    pub(crate) fn take_exited(&self, fired: &[Arc<OwnedFd>]) -> Vec<PeerAddr> {
+        self.peers.lock().take_exited(fired)
     }
 
     /// The service thread's wake-up fd, and clears it.
@@ -489,7 +472,8 @@ impl UnixTransport {
                 match probe(peer.path()) {
                     Ok(p) => q.probe = Some(Arc::new(p)),
                     Err(e) => {
-                        if matches!(e, Errno::CONNREFUSED | Errno::NOENT)
+                        // The same verdict, and the same stale-file clean-up, as a send's.
+                        if self.classify(peer, e) == SendError::PeerGone
                             && poll.gone.last() != Some(peer)
                         {
                             poll.gone.push(peer.clone());
