@@ -22,7 +22,9 @@
 //! `DPDK_START_HELD`); `--empty-start` runs memplane from an empty heap instead.
 //!
 //! `cargo bench -p memplane --bench malloc_perf -- [--reps R] [--modes huge,nohuge]
-//! [--dpdk-test PATH | --no-dpdk] [--empty-start]`
+//! [--dpdk-test PATH | --no-dpdk] [--empty-start] [--max-size BYTES]`; `--max-size` stops
+//! memplane's tables after that size (DPDK's test always runs every size), for quick looks at
+//! the small rows.
 
 #[path = "../malloc-heap/benches/common/mod.rs"]
 mod common;
@@ -146,12 +148,12 @@ fn print_row(size: usize, r: &Row) {
     );
 }
 
-fn malloc_table(h: &Heap, zero: bool, out: &mut Tables) {
+fn malloc_table(h: &Heap, zero: bool, max: usize, out: &mut Tables) {
     let name = if zero { "zmalloc" } else { "malloc" };
     header(name, "memset (us)");
     let mut ptrs: Vec<NonNull<u8>> = Vec::with_capacity(MAX_RUNS);
     let mut last_err = String::new();
-    for size in SIZES {
+    for size in SIZES.into_iter().filter(|&s| s <= max) {
         ptrs.clear();
         let t = Instant::now();
         for _ in 0..MAX_RUNS {
@@ -197,14 +199,14 @@ fn malloc_table(h: &Heap, zero: bool, out: &mut Tables) {
     }
 }
 
-fn memzone_table(h: &Heap, us_per_gib: f64, out: &mut Tables) {
+fn memzone_table(h: &Heap, us_per_gib: f64, max: usize, out: &mut Tables) {
     header("memzone", "est.memset (us)");
     let mut names: Vec<String> = (0..MZ_MAX_RUNS)
         .map(|_| String::with_capacity(32))
         .collect();
     let mut serial = 0u64;
     let mut last_err = String::new();
-    for size in SIZES {
+    for size in SIZES.into_iter().filter(|&s| s <= max) {
         let t = Instant::now();
         let mut runs = 0;
         for n in names.iter_mut() {
@@ -252,7 +254,7 @@ fn memzone_table(h: &Heap, us_per_gib: f64, out: &mut Tables) {
 /// does not).
 const DPDK_START_HELD: usize = 155_904;
 
-fn memplane_run(no_huge: bool, held: usize) -> (String, Tables) {
+fn memplane_run(no_huge: bool, held: usize, max: usize) -> (String, Tables) {
     let dir = RunDir::new(if no_huge { "mpb-perf-nh" } else { "mpb-perf" });
     let mut cfg = memplane::Config::new()
         .runtime_dir(&dir.0)
@@ -276,9 +278,9 @@ fn memplane_run(no_huge: bool, held: usize) -> (String, Tables) {
         );
     }
     let mut t = Tables::new();
-    malloc_table(h, false, &mut t);
-    malloc_table(h, true, &mut t);
-    memzone_table(h, per_gib, &mut t);
+    malloc_table(h, false, max, &mut t);
+    malloc_table(h, true, max, &mut t);
+    memzone_table(h, per_gib, max, &mut t);
     if let Some(b) = start {
         h.free(b).expect("free the start block");
     }
@@ -479,6 +481,7 @@ fn main() {
     } else {
         DPDK_START_HELD
     };
+    let max = args.num("--max-size", u64::MAX) as usize;
     let mut huge = Vec::new();
     let mut nohuge = Vec::new();
     let mut huge_label = String::new();
@@ -486,12 +489,12 @@ fn main() {
     for rep in 0..reps {
         eprintln!("malloc_perf: rep {}/{reps}", rep + 1);
         if modes.split(',').any(|m| m == "huge") {
-            let (b, t) = memplane_run(false, held);
+            let (b, t) = memplane_run(false, held, max);
             huge_label = b;
             huge.push(t);
         }
         if modes.split(',').any(|m| m == "nohuge") {
-            nohuge.push(memplane_run(true, held).1);
+            nohuge.push(memplane_run(true, held, max).1);
         }
         if let Some(d) = &dpdk_test
             && let Some(t) = dpdk_run(d)

@@ -130,38 +130,48 @@ impl Shared {
     /// Locks heap `i`, repairing it first if its last holder died. The data reference is tied to
     /// the guard's lifetime: it is exclusive while the lock is held.
     #[allow(clippy::mut_from_ref)]
+    #[inline]
     pub(crate) fn lock(&self, i: usize) -> Result<(Guard<'_>, &mut HeapData), AllocError> {
         let h = &self.map.file().heaps[i];
         let mut g = h.lock.lock()?;
         // SAFETY: we hold heap i's lock.
         let hm = unsafe { self.map.heap_mut(i) };
         if g.recovered() {
-            let mut problems = Vec::new();
-            let regions: Vec<(u64, u64)> = hm
-                .regions()
-                .iter()
-                .filter(|r| {
-                    let ok = (self.walkable)(r.start);
-                    if !ok {
-                        problems.push(format!(
-                            "region [{:#x}, {:#x}) is not mapped here: left out of the repair",
-                            r.start, r.end
-                        ));
-                    }
-                    ok
-                })
-                .map(|r| (r.start, r.end))
-                .collect();
-            // SAFETY: we hold the lock; the regions are the heap's, mapped in every process.
-            unsafe { hm.core.rebuild(&regions, &mut problems) };
-            hm.recoveries += 1;
-            self.recoveries_seen.fetch_add(1, Ordering::Relaxed);
-            for p in problems {
-                eprintln!("memplane heap {i}: after a holder died: {p}");
-            }
+            self.repair(i, hm);
             g.mark_consistent();
         }
         Ok((g, hm))
+    }
+
+    /// Rebuilds heap `i` (`hm`, whose lock the caller took over from a holder that died) from
+    /// its regions, and reports what it found.
+    #[cold]
+    #[inline(never)]
+    fn repair(&self, i: usize, hm: &mut HeapData) {
+        let mut problems = Vec::new();
+        let regions: Vec<(u64, u64)> = hm
+            .regions()
+            .iter()
+            .filter(|r| {
+                let ok = (self.walkable)(r.start);
+                if !ok {
+                    problems.push(format!(
+                        "region [{:#x}, {:#x}) is not mapped here: left out of the repair",
+                        r.start, r.end
+                    ));
+                }
+                ok
+            })
+            .map(|r| (r.start, r.end))
+            .collect();
+        // SAFETY: the caller holds the lock; the regions are the heap's, mapped in every
+        // process.
+        unsafe { hm.core.rebuild(&regions, &mut problems) };
+        hm.recoveries += 1;
+        self.recoveries_seen.fetch_add(1, Ordering::Relaxed);
+        for p in problems {
+            eprintln!("memplane heap {i}: after a holder died: {p}");
+        }
     }
 }
 

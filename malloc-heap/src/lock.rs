@@ -103,6 +103,7 @@ impl RobustMutex {
         self.lock_slow(me)
     }
 
+    #[inline]
     fn taken(&self, recovered: bool) -> Result<Guard<'_>, LockError> {
         if !recovered && self.state.load(Ordering::Relaxed) == NOT_RECOVERABLE {
             self.unlock();

@@ -305,6 +305,7 @@ impl HeapData {
     }
 
     /// The region holding `addr`.
+    #[inline]
     pub fn region_of(&self, addr: u64) -> Option<Region> {
         let r = self.regions();
         let i = r.partition_point(|x| x.end <= addr);
@@ -312,6 +313,7 @@ impl HeapData {
     }
 
     /// Whether `ptr` is a user pointer inside one of the regions (its header is).
+    #[inline]
     pub fn check_ptr(&self, ptr: u64) -> Result<(), HeapError> {
         match self.region_of(ptr.saturating_sub(HEADER)) {
             Some(_) => Ok(()),
