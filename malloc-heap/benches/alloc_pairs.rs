@@ -13,7 +13,10 @@
 //! - `glibc`: the system allocator; `jemalloc` (`tikv_jemallocator::Jemalloc`) and `mimalloc`
 //!   (`mimalloc::MiMalloc`), each called through its `GlobalAlloc` impl, not installed;
 //! - `dpdk`: DPDK 22.11's `rte_malloc` / `rte_free` in a DPDK primary with hugepages
-//!   (`interop/dpdk_malloc_bench.c`, `--dpdk-bin`).
+//!   (`interop/dpdk_malloc_bench.c`, `--dpdk-bin`);
+//! - `control`: no allocator at all, a per-thread stack of blocks (a free pops, an allocation
+//!   pushes): the same loop with the least work a thread cache could do. Its two-thread
+//!   speedup is what this machine gives the loop, the ceiling for every allocator's.
 //!
 //! Every implementation runs `--reps` times (interleaved); the table shows medians of the
 //! nanoseconds per pair (the slowest thread's time / pairs per thread) and of the two-thread
@@ -76,6 +79,29 @@ impl Alloc for Direct<'_> {
         if let Some(p) = NonNull::new(p) {
             self.0.free(p).expect("heap free");
         }
+    }
+}
+
+/// The control: each thread keeps its freed blocks on a stack of its own and takes them back
+/// from it; the blocks themselves come from the system allocator once, at the start of the
+/// loop, and stay on the stack at the end (a few KiB per thread, for the whole run).
+struct Control;
+
+thread_local! {
+    static STACK: std::cell::RefCell<Vec<*mut u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Alloc for Control {
+    #[inline]
+    fn alloc(&self, size: usize) -> *mut u8 {
+        STACK.with_borrow_mut(|s| s.pop()).unwrap_or_else(|| {
+            // SAFETY: a non-zero size with alignment 8 is a valid layout.
+            unsafe { System.alloc(Layout::from_size_align_unchecked(size.max(256), 8)) }
+        })
+    }
+    #[inline]
+    unsafe fn free(&self, p: *mut u8, _size: usize) {
+        STACK.with_borrow_mut(|s| s.push(p));
     }
 }
 
@@ -202,6 +228,7 @@ fn main() {
                     "mimalloc",
                     "memplane-global-direct",
                     "memplane-heap",
+                    "control",
                 ];
                 if rep % 2 == 1 {
                     order.reverse();
@@ -219,6 +246,7 @@ fn main() {
                         "memplane-global-direct" => {
                             (fast_n, run(&Via(MemplaneAlloc), size, threads, fast_n))
                         }
+                        "control" => (fast_n, run(&Control, size, threads, fast_n)),
                         _ => (slow_n, run(&Direct(p.heap()), size, threads, slow_n)),
                     };
                     record(&mut s, name, size, threads, n, r);
@@ -292,6 +320,7 @@ fn table(s: &Samples) {
         "jemalloc",
         "mimalloc",
         "dpdk",
+        "control",
     ];
     for imp in imps {
         for size in SIZES {
