@@ -325,8 +325,14 @@ fn stale_sockets_are_cleaned() {
     std::fs::create_dir_all(dir.path()).unwrap();
     let old = dir.path().join("mp_socket_4242_dead");
     stale_socket(&old);
+    let old_one_way = dir.path().join("mp_tx_4242_dead");
+    stale_socket(&old_one_way);
     let ch = lib(&dir, ProcType::Primary);
     assert!(!old.exists(), "stale socket removed at primary start");
+    assert!(
+        !old_one_way.exists(),
+        "stale one-way socket removed at primary start"
+    );
     let later = dir.path().join("mp_socket_4243_dead");
     stale_socket(&later);
     let r = ch
@@ -334,6 +340,70 @@ fn stale_sockets_are_cleaned() {
         .unwrap();
     assert_eq!((r.nb_sent, r.nb_received), (0, 0));
     assert!(!later.exists(), "stale socket removed when found dead");
+}
+
+/// A secondary's one-way messages leave from its `mp_tx_<pid>_<stamp>` socket, connected to
+/// the primary (the kernel skips the path lookup), yet the primary's handler sees the
+/// secondary's own socket as the sender, and what it sends there arrives. The one-way socket
+/// comes and goes with the channel; its receiving side is shut, so a peer that sends to it
+/// anyway (a DPDK handler answering a one-way message) is refused at once, never left blocked
+/// on a queue nobody reads.
+#[test]
+fn one_way_messages_come_from_the_secondarys_own_socket() {
+    let dir = test_dir();
+    let p = lib(&dir, ProcType::Primary);
+    let (tx, rx) = mpsc::channel::<std::path::PathBuf>();
+    let tx = Mutex::new(tx);
+    p.register("note", move |ch: &MpChannel, m: Incoming| {
+        let back = message("back", m.msg.param(), Fds::none()).unwrap();
+        ch.send_to(&m.from, &back).unwrap();
+        let _ = tx.lock().unwrap().send(m.from.path().to_owned());
+    })
+    .unwrap();
+    let s = lib(&dir, ProcType::Secondary);
+    let (btx, brx) = mpsc::channel::<Vec<u8>>();
+    let btx = Mutex::new(btx);
+    s.register("back", move |_: &MpChannel, m: Incoming| {
+        let _ = btx.lock().unwrap().send(m.msg.param().to_vec());
+    })
+    .unwrap();
+    let main = s.socket_path().to_owned();
+    let name = main.file_name().unwrap().to_str().unwrap();
+    let one_way = main.with_file_name(name.replace("mp_socket_", "mp_tx_"));
+    assert!(
+        one_way.exists(),
+        "{} made with the channel",
+        one_way.display()
+    );
+
+    for i in 0..3u8 {
+        let r = s
+            .send(&message("note", &[i], Fds::none()).unwrap())
+            .unwrap();
+        assert_eq!(r.sent, 1);
+        assert_eq!(
+            rx.recv_timeout(LONG).unwrap(),
+            main,
+            "the sender is the secondary"
+        );
+        assert_eq!(
+            brx.recv_timeout(LONG).unwrap(),
+            vec![i],
+            "the answer reached it"
+        );
+    }
+    // Anyone else sending to the one-way socket itself is refused at once (the primary, its
+    // peer, with EPIPE: the socket unit tests check that).
+    let stranger = Socket::bind(&dir.path().join("stranger")).unwrap();
+    assert_eq!(
+        stranger.send_to(&one_way, b"x", &[]),
+        Err(rustix::io::Errno::PERM)
+    );
+    drop(stranger);
+    let _ = std::fs::remove_file(dir.path().join("stranger"));
+    s.close();
+    assert!(!one_way.exists(), "removed with the channel");
+    assert_eq!(p.stats().endpoint.rx_rejected(), 0);
 }
 
 #[test]

@@ -342,9 +342,13 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
         deadline: Instant,
     ) -> Result<(), EndpointError> {
         let d = Datagram::encode(self.abi, kind, msg)?;
-        let r = self
-            .transport
-            .send_one(to, d.as_bytes(), msg.fds(), deadline);
+        let r = if kind == MsgKind::Msg {
+            self.transport
+                .send_one_way(to, d.as_bytes(), msg.fds(), deadline)
+        } else {
+            self.transport
+                .send_one(to, d.as_bytes(), msg.fds(), deadline)
+        };
         self.count_send(&r);
         r.map_err(EndpointError::Transport)
     }
@@ -414,7 +418,7 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
     ) -> Result<SendReport, EndpointError> {
         let d = Datagram::encode(self.abi, MsgKind::Msg, msg)?;
         let mut rep = SendReport::default();
-        self.send_each(peers, d.as_bytes(), msg.fds(), deadline, |_, r| {
+        let mut done = |_: &PeerOf<X>, r: Result<(), SendError>| {
             self.count_send(&r);
             match r {
                 Ok(()) => rep.sent += 1,
@@ -424,7 +428,17 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
                     rep.first_error.get_or_insert(e);
                 }
             }
-        });
+        };
+        match peers {
+            [only] => done(
+                only,
+                self.transport
+                    .send_one_way(only, d.as_bytes(), msg.fds(), deadline),
+            ),
+            _ => self
+                .transport
+                .send_each(peers, d.as_bytes(), msg.fds(), deadline, &mut done),
+        }
         Ok(rep)
     }
 

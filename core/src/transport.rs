@@ -74,6 +74,23 @@ pub trait Transport {
         self.send(to, datagram, fds, deadline)
     }
 
+    /// Sends a one-way message to its only peer, as [`Transport::send_one`]. Nothing answers a
+    /// one-way message, so the transport may send it from another of this process's sockets
+    /// than the one answers come to, provided the receiver still learns who sent it (the Unix
+    /// transport sends a secondary's from a socket connected to the primary, which skips the
+    /// kernel's path lookup; the primary maps that socket to the secondary's own). Datagrams
+    /// to one peer must stay in the order they were sent, whichever socket each leaves from.
+    /// By default [`Transport::send_one`].
+    fn send_one_way(
+        &self,
+        to: &Self::Peer,
+        datagram: &[u8],
+        fds: &Self::Fds,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        self.send_one(to, datagram, fds, deadline)
+    }
+
     /// Sends one datagram to each of several peers (a broadcast) and reports each result to
     /// `done`, in any order, exactly once per peer. A busy peer must not hold up the others (as
     /// with [`Transport::send`]). By default [`Transport::send`] to each in turn; a transport

@@ -951,9 +951,10 @@ impl MpChannel {
         }
     }
 
-    /// The peer address for a sender's path bytes, from a small cache so the hot path does not
-    /// allocate.
-    fn peer_of(&self, b: &[u8]) -> PeerAddr {
+    /// The peer address for a sender's path bytes (of process `pid`), from a small cache so
+    /// the hot path does not allocate. A secondary's one-way socket stands for the secondary:
+    /// its messages come from the secondary's own socket, where answers and later messages go.
+    fn peer_of(&self, b: &[u8], pid: u32) -> PeerAddr {
         let mut c = self.peers_seen.lock();
         if let Some(p) = c.get(b) {
             return p.clone();
@@ -961,7 +962,11 @@ impl MpChannel {
         if c.len() >= 1024 {
             c.clear();
         }
-        let p = PeerAddr::new(std::ffi::OsStr::from_bytes(b));
+        let path = Path::new(std::ffi::OsStr::from_bytes(b));
+        let p = match rundir::owner_of_one_way(path, pid) {
+            Some(owner) => PeerAddr::new(owner),
+            None => PeerAddr::new(path),
+        };
         c.insert(b.into(), p.clone());
         p
     }
@@ -981,7 +986,7 @@ impl MpChannel {
             self.ep.stats().count_rejected_sender();
             return; // the fds close here
         }
-        let from = self.peer_of(&r.from[..r.from_len]);
+        let from = self.peer_of(&r.from[..r.from_len], pid);
         let flags = RecvFlags {
             truncated: r.truncated,
             control_truncated: r.control_truncated,
@@ -1099,7 +1104,7 @@ impl MpChannel {
                 let _ = t.join();
             }
         }
-        self.ep.transport().socket().unlink();
+        self.ep.transport().unlink();
         self.request_sockets.lock().clear();
         if let Some(l) = &self.lock {
             l.remove();

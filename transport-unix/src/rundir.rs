@@ -2,7 +2,9 @@
 //!
 //! `base/dpdk/<prefix>` with `base` = `$RUNTIME_DIRECTORY`, else `/var/run` for root, else
 //! `$XDG_RUNTIME_DIR`, else `/tmp`; created mode 0700. In it: the primary's socket `mp_socket`,
-//! each secondary's `mp_socket_<pid>_<stamp>`, and memplane's primary lock `memplane_config`,
+//! each secondary's `mp_socket_<pid>_<stamp>` (and memplane's `mp_tx_<pid>_<stamp>`, which it
+//! sends one-way messages from, and `mp_req_<pid>_<n>`, which its requesters use), and
+//! memplane's primary lock `memplane_config`,
 //! held with an open-file-description write lock for the primary's whole life. A DPDK primary in
 //! the same directory is recognised by the lock it holds on `config`.
 
@@ -22,6 +24,11 @@ pub const SECONDARY_SOCKET_PREFIX: &str = "mp_socket_";
 /// Prefix of the sockets synchronous requesters send from (`mp_req_<pid>_<n>`); deliberately
 /// not `mp_socket_*`, which names secondaries.
 pub const REQUEST_SOCKET_PREFIX: &str = "mp_req_";
+/// Prefix of the socket a memplane secondary sends its one-way messages to the primary from
+/// (`mp_tx_<pid>_<stamp>`, the stamp of its `mp_socket_<pid>_<stamp>`): connected to the
+/// primary, so its sends skip the kernel's path lookup. Not `mp_socket_*`: no broadcast takes it
+/// for a secondary.
+pub const ONE_WAY_SOCKET_PREFIX: &str = "mp_tx_";
 /// memplane's primary lock (and, with the memory layer, its shared configuration).
 pub const MEMPLANE_CONFIG: &str = "memplane_config";
 /// DPDK's shared configuration, locked by a live DPDK primary.
@@ -81,6 +88,28 @@ pub fn secondary_socket(dir: &Path) -> PathBuf {
         .wrapping_mul(1_000_000_000)
         .wrapping_add(ts.tv_nsec as u64);
     dir.join(format!("{SECONDARY_SOCKET_PREFIX}{pid}_{stamp:x}"))
+}
+
+/// The one-way socket path of the secondary whose socket is `main` (`mp_socket_<pid>_<stamp>`
+/// becomes `mp_tx_<pid>_<stamp>`, in the same directory); `None` for any other name.
+pub fn one_way_socket(main: &Path) -> Option<PathBuf> {
+    let name = main.file_name()?.to_str()?;
+    let rest = name.strip_prefix(SECONDARY_SOCKET_PREFIX)?;
+    Some(main.with_file_name(format!("{ONE_WAY_SOCKET_PREFIX}{rest}")))
+}
+
+/// For a sender at `path` named as a one-way socket (`mp_tx_<pid>_<stamp>`) by process `pid`:
+/// the socket of the secondary that owns it (`mp_socket_<pid>_<stamp>`), which is the peer its
+/// messages come from. `None` for any other name, or when the pid in the name is not the
+/// sender's (then the sender is taken at its word, as any other).
+pub fn owner_of_one_way(path: &Path, pid: u32) -> Option<PathBuf> {
+    let rest = path
+        .file_name()?
+        .to_str()?
+        .strip_prefix(ONE_WAY_SOCKET_PREFIX)?;
+    let named: u32 = rest.split('_').next()?.parse().ok()?;
+    (named == pid && pid != 0)
+        .then(|| path.with_file_name(format!("{SECONDARY_SOCKET_PREFIX}{rest}")))
 }
 
 /// True for a secondary's socket file name.
@@ -289,8 +318,8 @@ pub fn socket_alive(path: &Path) -> bool {
     rustix::net::connect(&s, &addr).is_ok()
 }
 
-/// Removes secondary sockets nobody is bound to any more, and a stale primary socket; returns
-/// how many were removed. Only a process holding the primary lock may call this.
+/// Removes secondary sockets nobody is bound to any more (with the request and one-way sockets
+/// of dead processes), and a stale primary socket; returns how many were removed. Only a process holding the primary lock may call this.
 pub fn clean_stale(dir: &Path) -> usize {
     let mut n = 0;
     let primary = dir.join(PRIMARY_SOCKET);
@@ -307,9 +336,9 @@ pub fn clean_stale(dir: &Path) -> usize {
         .flatten()
         .flatten()
         .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|s| s.starts_with(REQUEST_SOCKET_PREFIX))
+            e.file_name().to_str().is_some_and(|s| {
+                s.starts_with(REQUEST_SOCKET_PREFIX) || s.starts_with(ONE_WAY_SOCKET_PREFIX)
+            })
         });
     for e in requesters {
         if !socket_alive(&e.path()) && fs::remove_file(e.path()).is_ok() {
@@ -340,6 +369,25 @@ mod tests {
         assert_eq!(pid("mp_socket_0_12"), None, "no process 0");
         assert_eq!(pid("mp_socket_-5_12"), None);
         assert_eq!(pid("mp_req_1234_0"), None, "a request socket");
+        assert_eq!(pid("mp_tx_1234_29329fef07f1"), None, "a one-way socket");
+    }
+
+    #[test]
+    fn a_one_way_socket_stands_for_its_secondary_only_for_the_pid_in_its_name() {
+        let main = Path::new("/run/x/mp_socket_1234_29329fef07f1");
+        let tx = one_way_socket(main).unwrap();
+        assert_eq!(tx, Path::new("/run/x/mp_tx_1234_29329fef07f1"));
+        assert_eq!(owner_of_one_way(&tx, 1234).as_deref(), Some(main));
+        assert_eq!(owner_of_one_way(&tx, 1235), None, "sent by another process");
+        assert_eq!(owner_of_one_way(&tx, 0), None, "no credentials");
+        assert_eq!(owner_of_one_way(main, 1234), None, "not a one-way socket");
+        assert_eq!(owner_of_one_way(Path::new("/run/x/mp_tx_a_1"), 1234), None);
+        assert_eq!(
+            one_way_socket(Path::new("/run/x/mp_socket")),
+            None,
+            "the primary"
+        );
+        assert_eq!(one_way_socket(Path::new("/run/x/mp_req_1_2")), None);
     }
 
     #[test]

@@ -511,6 +511,13 @@ impl Socket {
         net::sockopt::set_socket_timeout(&self.fd, net::sockopt::Timeout::Recv, Some(d))
     }
 
+    /// Shuts the receiving side down for good, on a socket only sent from: a send to it then
+    /// fails at once (`EPIPE`) instead of filling a queue nobody reads, in which a peer with a
+    /// blocking socket (DPDK's) would stall.
+    pub fn shut_read(&self) -> Result<(), Errno> {
+        net::shutdown(&self.fd, net::Shutdown::Read)
+    }
+
     /// Removes the socket file.
     pub fn unlink(&self) {
         let _ = std::fs::remove_file(&self.path);
@@ -733,6 +740,25 @@ pub(crate) mod tests {
         assert_eq!(sender(&again), "me");
         other.send_to(me.path(), b"x", &[]).unwrap();
         assert_eq!(sender(&me), "other");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A send-only socket (connected, receiving side shut) refuses its own peer at once with
+    /// `EPIPE` (and anyone else with `EPERM`), never queueing what nobody would read, and
+    /// still sends.
+    #[test]
+    fn a_socket_with_its_receiving_side_shut_refuses_datagrams_at_once() {
+        let d = dir("shut");
+        let primary = Socket::bind(&d.join("primary")).unwrap();
+        let to = PeerAddr::new(d.join("primary"));
+        let me = Socket::bind(&d.join("me")).unwrap();
+        me.connect_to(&to).unwrap();
+        me.shut_read().unwrap();
+        for _ in 0..20 {
+            assert_eq!(primary.send_to(me.path(), b"rep", &[]), Err(Errno::PIPE));
+        }
+        me.send_to_peer(&to, b"msg", &[]).unwrap();
+        assert_eq!(sender(&primary), "me");
         let _ = std::fs::remove_dir_all(&d);
     }
 

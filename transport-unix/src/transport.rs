@@ -89,6 +89,11 @@ const WAIT_PROBES: usize = 64;
 /// The Unix datagram transport of one process.
 pub struct UnixTransport {
     sock: Socket,
+    /// In a secondary: the socket its one-way messages to the primary leave from
+    /// (`mp_tx_<pid>_<stamp>`, see [`rundir::ONE_WAY_SOCKET_PREFIX`]), connected to the primary
+    /// so the kernel skips the path lookup each send to a path costs (a third of the sender's
+    /// time); `None` when it could not be made (they then leave from `sock`).
+    one_way: Option<Arc<Socket>>,
     role: Role,
     dir: PathBuf,
     primary: PeerAddr,
@@ -272,6 +277,18 @@ impl PeerDir {
 /// A pidfd of process `pid`, if it is the one that holds `peer`'s socket. Checked after the
 /// pidfd is open: the pidfd pins the process, so a pid reused in between fails the check
 /// rather than passing it.
+/// A secondary's one-way socket (see [`UnixTransport::one_way_socket`]): bound beside `main`,
+/// connected to the primary, its receiving side shut (the primary never sends to it: it takes
+/// the messages as coming from `main`). `None`, and nothing left behind, when any step fails.
+fn one_way_socket(main: &Socket, primary: &PeerAddr) -> Option<Arc<Socket>> {
+    let s = Socket::bind(&rundir::one_way_socket(main.path())?).ok()?;
+    if s.connect_to(primary).is_err() || s.shut_read().is_err() {
+        s.unlink();
+        return None;
+    }
+    Some(Arc::new(s))
+}
+
 fn watch_owner(peer: &PeerAddr, pid: i32) -> Option<OwnedFd> {
     let fd = rustix::process::pidfd_open(
         rustix::process::Pid::from_raw(pid)?,
@@ -307,8 +324,13 @@ impl UnixTransport {
             peers.watch_primary(&primary, &dir);
         }
         let peers = Mutex::new(peers);
+        let one_way = match role {
+            Role::Secondary => one_way_socket(&sock, &primary),
+            Role::Primary => None,
+        };
         Ok(UnixTransport {
             sock,
+            one_way,
             role,
             dir,
             primary,
@@ -317,6 +339,19 @@ impl UnixTransport {
             wake,
             peers,
         })
+    }
+
+    /// Removes this process's socket files (at close).
+    pub fn unlink(&self) {
+        self.sock.unlink();
+        if let Some(s) = &self.one_way {
+            s.unlink();
+        }
+    }
+
+    /// The socket a secondary's one-way messages to the primary leave from, if it has one.
+    pub fn one_way_socket(&self) -> Option<&Socket> {
+        self.one_way.as_deref()
     }
 
     /// Wakes the service thread.
@@ -721,6 +756,24 @@ impl Transport for UnixTransport {
     ) -> Result<(), SendError> {
         let wait = !crate::channel::on_channel_thread();
         self.send_from(None, to, datagram, fds, deadline, wait)
+    }
+
+    /// From a secondary to the primary, from the one-way socket: connected, so the kernel
+    /// skips the path lookup. Its datagrams and the main socket's share the outbox queue of
+    /// their peer, so they stay in order.
+    fn send_one_way(
+        &self,
+        to: &PeerAddr,
+        datagram: &[u8],
+        fds: &Fds,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        let wait = !crate::channel::on_channel_thread();
+        let from = self
+            .one_way
+            .as_ref()
+            .filter(|s| s.connected_to() == Some(to));
+        self.send_from(from, to, datagram, fds, deadline, wait)
     }
 
     fn for_each_peer(&self, f: &mut dyn FnMut(&PeerAddr)) -> Result<(), SendError> {
