@@ -342,9 +342,10 @@ fn stale_sockets_are_cleaned() {
     assert!(!later.exists(), "stale socket removed when found dead");
 }
 
-/// A secondary's one-way messages leave from its `mp_tx_<pid>_<stamp>` socket, connected to
-/// the primary (the kernel skips the path lookup), yet the primary's handler sees the
-/// secondary's own socket as the sender, and what it sends there arrives. The one-way socket
+/// A secondary's one-way messages (and its requests to a memplane primary) leave from its
+/// `mp_tx_<pid>_<stamp>` socket, connected to the primary (the kernel skips the path lookup),
+/// yet the primary's handler sees the secondary's own socket as the sender, and what it sends
+/// or answers there arrives. The one-way socket
 /// comes and goes with the channel; its receiving side is shut, so a peer that sends to it
 /// anyway (a DPDK handler answering a one-way message) is refused at once, never left blocked
 /// on a queue nobody reads.
@@ -392,6 +393,29 @@ fn one_way_messages_come_from_the_secondarys_own_socket() {
             "the answer reached it"
         );
     }
+    // Requests to a memplane primary leave from there too; the answer comes back.
+    p.register("ask", move |ch: &MpChannel, m: Incoming| {
+        let r = message(
+            "ask",
+            m.from.path().as_os_str().as_encoded_bytes(),
+            Fds::none(),
+        );
+        ch.reply(&m.from, &r.unwrap()).unwrap();
+    })
+    .unwrap();
+    let (atx, arx) = mpsc::channel();
+    s.request_async(
+        &message("ask", b"", Fds::none()).unwrap(),
+        LONG,
+        move |_, r: Replies| {
+            let from = r.msgs.first().map(|m| m.msg.param().to_vec());
+            atx.send((r.nb_sent, r.nb_received, from)).unwrap();
+        },
+    )
+    .unwrap();
+    let main_bytes = main.as_os_str().as_encoded_bytes().to_vec();
+    assert_eq!(arx.recv_timeout(LONG).unwrap(), (1, 1, Some(main_bytes)));
+
     // Anyone else sending to the one-way socket itself is refused at once (the primary, its
     // peer, with EPIPE: the socket unit tests check that).
     let stranger = Socket::bind(&dir.path().join("stranger")).unwrap();

@@ -342,13 +342,9 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
         deadline: Instant,
     ) -> Result<(), EndpointError> {
         let d = Datagram::encode(self.abi, kind, msg)?;
-        let r = if kind == MsgKind::Msg {
-            self.transport
-                .send_one_way(to, d.as_bytes(), msg.fds(), deadline)
-        } else {
-            self.transport
-                .send_one(to, d.as_bytes(), msg.fds(), deadline)
-        };
+        let r = self
+            .transport
+            .send_one_kind(to, kind, d.as_bytes(), msg.fds(), deadline);
         self.count_send(&r);
         r.map_err(EndpointError::Transport)
     }
@@ -359,13 +355,17 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
     fn send_each(
         &self,
         peers: &[PeerOf<X>],
+        kind: MsgKind,
         datagram: &[u8],
         fds: &FdsOf<X>,
         deadline: Instant,
         mut done: impl FnMut(&PeerOf<X>, Result<(), SendError>),
     ) {
         if let [only] = peers {
-            done(only, self.transport.send_one(only, datagram, fds, deadline));
+            let r = self
+                .transport
+                .send_one_kind(only, kind, datagram, fds, deadline);
+            done(only, r);
             return;
         }
         self.transport
@@ -429,16 +429,14 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
                 }
             }
         };
-        match peers {
-            [only] => done(
-                only,
-                self.transport
-                    .send_one_way(only, d.as_bytes(), msg.fds(), deadline),
-            ),
-            _ => self
-                .transport
-                .send_each(peers, d.as_bytes(), msg.fds(), deadline, &mut done),
-        }
+        self.send_each(
+            peers,
+            MsgKind::Msg,
+            d.as_bytes(),
+            msg.fds(),
+            deadline,
+            &mut done,
+        );
         Ok(rep)
     }
 
@@ -454,6 +452,7 @@ impl<X: Host, const A: usize> Endpoint<X, A> {
         let p = self.prepare_request(peers, msg, now, timeout, waiting)?;
         self.send_each(
             peers,
+            MsgKind::Request,
             p.datagram.as_bytes(),
             msg.fds(),
             p.deadline,

@@ -8,7 +8,7 @@
 use core::fmt;
 use core::hash::Hash;
 
-use crate::message::Fds;
+use crate::message::{Fds, MsgKind};
 use crate::time::Instant;
 
 /// Why a send did not happen.
@@ -74,20 +74,24 @@ pub trait Transport {
         self.send(to, datagram, fds, deadline)
     }
 
-    /// Sends a one-way message to its only peer, as [`Transport::send_one`]. Nothing answers a
-    /// one-way message, so the transport may send it from another of this process's sockets
-    /// than the one answers come to, provided the receiver still learns who sent it (the Unix
-    /// transport sends a secondary's from a socket connected to the primary, which skips the
-    /// kernel's path lookup; the primary maps that socket to the secondary's own). Datagrams
-    /// to one peer must stay in the order they were sent, whichever socket each leaves from.
-    /// By default [`Transport::send_one`].
-    fn send_one_way(
+    /// [`Transport::send_one`] of a datagram of kind `kind`. A transport may send it from
+    /// another of this process's sockets than the one answers come to, as long as the receiver
+    /// still takes it as from this process's own address: always for a one-way message
+    /// (nothing answers it), and for a request only to a peer known to map that socket back
+    /// (its answers must reach the requester). The Unix transport sends a secondary's
+    /// one-way messages, and its requests to a memplane primary, from a socket connected to
+    /// the primary, which skips the kernel's path lookup. Datagrams to one peer must stay in
+    /// the order they were sent, whichever socket each leaves from. By default
+    /// [`Transport::send_one`].
+    fn send_one_kind(
         &self,
         to: &Self::Peer,
+        kind: MsgKind,
         datagram: &[u8],
         fds: &Self::Fds,
         deadline: Instant,
     ) -> Result<(), SendError> {
+        let _ = kind;
         self.send_one(to, datagram, fds, deadline)
     }
 

@@ -699,7 +699,7 @@ pub(crate) mod tests {
     }
 
     /// The sender of the datagram waiting on `s`, by file name (waits for it).
-    fn sender(s: &Socket) -> String {
+    pub(crate) fn sender(s: &Socket) -> String {
         let mut buf = [0u8; 64];
         let r = s.recv(&mut buf, true).unwrap().unwrap();
         String::from_utf8_lossy(&r.from[..r.from_len])

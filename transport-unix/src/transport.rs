@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use parking_lot::Mutex;
 use rustix::io::Errno;
 
+use memplane_core::message::MsgKind;
 use memplane_core::time::Instant;
 use memplane_core::transport::{SendDone, SendError, Transport};
 use memplane_core::wire::MAX_DATAGRAM_LEN;
@@ -94,6 +95,10 @@ pub struct UnixTransport {
     /// so the kernel skips the path lookup each send to a path costs (a third of the sender's
     /// time); `None` when it could not be made (they then leave from `sock`).
     one_way: Option<Arc<Socket>>,
+    /// The primary is memplane's (it holds memplane's lock, not DPDK's): it takes datagrams
+    /// from the one-way socket as from this secondary's own, answers included, so requests
+    /// may leave from there too. A DPDK primary would answer the one-way socket itself.
+    primary_maps_senders: bool,
     role: Role,
     dir: PathBuf,
     primary: PeerAddr,
@@ -328,9 +333,12 @@ impl UnixTransport {
             Role::Secondary => one_way_socket(&sock, &primary),
             Role::Primary => None,
         };
+        let primary_maps_senders =
+            role == Role::Secondary && rundir::live_primary(&dir).is_some_and(|p| !p.dpdk);
         Ok(UnixTransport {
             sock,
             one_way,
+            primary_maps_senders,
             role,
             dir,
             primary,
@@ -758,21 +766,29 @@ impl Transport for UnixTransport {
         self.send_from(None, to, datagram, fds, deadline, wait)
     }
 
-    /// From a secondary to the primary, from the one-way socket: connected, so the kernel
-    /// skips the path lookup. Its datagrams and the main socket's share the outbox queue of
-    /// their peer, so they stay in order.
-    fn send_one_way(
+    /// From a secondary to the primary, one-way messages (and requests, when the primary is
+    /// memplane's, which takes them as from the secondary's own socket and answers there)
+    /// leave from the one-way socket: connected, so the kernel skips the path lookup. Its
+    /// datagrams and the main socket's share the outbox queue of their peer, so they stay in
+    /// order.
+    fn send_one_kind(
         &self,
         to: &PeerAddr,
+        kind: MsgKind,
         datagram: &[u8],
         fds: &Fds,
         deadline: Instant,
     ) -> Result<(), SendError> {
         let wait = !crate::channel::on_channel_thread();
+        let mapped = match kind {
+            MsgKind::Msg => true,
+            MsgKind::Request => self.primary_maps_senders,
+            MsgKind::Reply | MsgKind::Ignore => false,
+        };
         let from = self
             .one_way
             .as_ref()
-            .filter(|s| s.connected_to() == Some(to));
+            .filter(|s| mapped && s.connected_to() == Some(to));
         self.send_from(from, to, datagram, fds, deadline, wait)
     }
 
@@ -852,6 +868,67 @@ mod tests {
             std::fs::rename(d.join("mp_socket_3_c"), d.join("elsewhere")).unwrap();
             assert!(listed(&t).is_empty());
             drop(b);
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+
+    /// A secondary's one-way messages leave from its one-way socket whoever the primary is;
+    /// its requests only when the primary is memplane's (which maps that socket back to the
+    /// secondary's own), not to a DPDK primary (which would answer the one-way socket); its
+    /// answers never. The socket goes with the transport's files.
+    #[test]
+    fn what_leaves_from_the_one_way_socket_depends_on_the_kind_and_the_primary() {
+        use std::os::fd::AsRawFd;
+        for dpdk in [false, true] {
+            let d = dir(&format!("one-way-{dpdk}"));
+            let primary = Socket::bind(&d.join(rundir::PRIMARY_SOCKET)).unwrap();
+            // The primary's lock: DPDK's record lock on `config`, or memplane's own.
+            let mut dpdk_config = None;
+            let mut memplane_lock = None;
+            if dpdk {
+                let f = std::fs::File::create(d.join(rundir::DPDK_CONFIG)).unwrap();
+                // SAFETY: all-zero is a valid `struct flock`; the fields set make it a write
+                // lock of the whole file.
+                let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                fl.l_type = libc::F_WRLCK as i16;
+                fl.l_whence = libc::SEEK_SET as i16;
+                // SAFETY: `f` is open and `fl` is a valid `struct flock`.
+                assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
+                dpdk_config = Some(f);
+            } else {
+                memplane_lock = Some(rundir::PrimaryLock::acquire(&d).unwrap());
+            }
+            let t = UnixTransport::new(
+                Socket::bind(&d.join("mp_socket_1_x")).unwrap(),
+                Role::Secondary,
+                d.clone(),
+            )
+            .unwrap();
+            assert!(d.join("mp_tx_1_x").exists());
+            let to = t.primary().clone();
+            let deadline = crate::clock::now().saturating_add(std::time::Duration::from_secs(5));
+            for (kind, one_way) in [
+                (MsgKind::Msg, true),
+                (MsgKind::Request, !dpdk),
+                (MsgKind::Reply, false),
+                (MsgKind::Ignore, false),
+            ] {
+                t.send_one_kind(&to, kind, b"x", &Fds::none(), deadline)
+                    .unwrap();
+                let want = if one_way {
+                    "mp_tx_1_x"
+                } else {
+                    "mp_socket_1_x"
+                };
+                assert_eq!(
+                    crate::socket::tests::sender(&primary),
+                    want,
+                    "{kind:?}, DPDK primary: {dpdk}"
+                );
+            }
+            t.unlink();
+            assert!(!d.join("mp_tx_1_x").exists());
+            drop((dpdk_config, memplane_lock));
             let _ = std::fs::remove_dir_all(&d);
         }
     }
