@@ -311,6 +311,15 @@ fn primary_killed_mid_request() {
     );
     waiter.join().unwrap();
     assert_eq!(ch.pending_requests(), 0);
+    // One-way messages find it gone too, at once: the first from the socket connected to the
+    // dead primary (refused), the next by path (the kernel dropped the connection).
+    for _ in 0..2 {
+        let r = ch.send(&message("slow", b"", Fds::none()).unwrap());
+        assert!(
+            matches!(r, Err(memplane::unix::Error::PrimaryGone)),
+            "{r:?}"
+        );
+    }
 }
 
 fn stale_socket(path: &Path) {

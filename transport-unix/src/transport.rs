@@ -279,10 +279,7 @@ impl PeerDir {
     }
 }
 
-/// A pidfd of process `pid`, if it is the one that holds `peer`'s socket. Checked after the
-/// pidfd is open: the pidfd pins the process, so a pid reused in between fails the check
-/// rather than passing it.
-/// A secondary's one-way socket (see [`UnixTransport::one_way_socket`]): bound beside `main`,
+/// A secondary's one-way socket (see `UnixTransport::one_way`): bound beside `main`,
 /// connected to the primary, its receiving side shut (the primary never sends to it: it takes
 /// the messages as coming from `main`). `None`, and nothing left behind, when any step fails.
 fn one_way_socket(main: &Socket, primary: &PeerAddr) -> Option<Arc<Socket>> {
@@ -294,6 +291,9 @@ fn one_way_socket(main: &Socket, primary: &PeerAddr) -> Option<Arc<Socket>> {
     Some(Arc::new(s))
 }
 
+/// A pidfd of process `pid`, if it is the one that holds `peer`'s socket. Checked after the
+/// pidfd is open: the pidfd pins the process, so a pid reused in between fails the check
+/// rather than passing it.
 fn watch_owner(peer: &PeerAddr, pid: i32) -> Option<OwnedFd> {
     let fd = rustix::process::pidfd_open(
         rustix::process::Pid::from_raw(pid)?,
@@ -355,11 +355,6 @@ impl UnixTransport {
         if let Some(s) = &self.one_way {
             s.unlink();
         }
-    }
-
-    /// The socket a secondary's one-way messages to the primary leave from, if it has one.
-    pub fn one_way_socket(&self) -> Option<&Socket> {
-        self.one_way.as_deref()
     }
 
     /// Wakes the service thread.
