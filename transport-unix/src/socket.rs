@@ -201,7 +201,7 @@ pub struct Socket {
     path: PathBuf,
     /// The peer the socket is connected to, if it is (see [`Socket::connect_to`]).
     peer: std::sync::OnceLock<PeerAddr>,
-    /// Its receiving side was shut down by [`Socket::wake_reader`].
+    /// Its receiving side was shut down ([`Socket::shut_read`]).
     read_shut: std::sync::atomic::AtomicBool,
 }
 
@@ -294,15 +294,14 @@ impl Socket {
     /// ([`Socket::is_read_shut`]).
     pub fn wake_reader(&self) {
         if self.peer.get().is_some() {
-            self.read_shut
-                .store(true, std::sync::atomic::Ordering::Release);
-            let _ = net::shutdown(&self.fd, net::Shutdown::Read);
+            let _ = self.shut_read();
         } else {
             let _ = self.send_to(&self.path, &[], &[]);
         }
     }
 
-    /// Whether [`Socket::wake_reader`] shut the receiving side down.
+    /// Whether the receiving side was shut down ([`Socket::wake_reader`],
+    /// [`Socket::shut_read`]).
     pub fn is_read_shut(&self) -> bool {
         self.read_shut.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -511,10 +510,13 @@ impl Socket {
         net::sockopt::set_socket_timeout(&self.fd, net::sockopt::Timeout::Recv, Some(d))
     }
 
-    /// Shuts the receiving side down for good, on a socket only sent from: a send to it then
-    /// fails at once (`EPIPE`) instead of filling a queue nobody reads, in which a peer with a
-    /// blocking socket (DPDK's) would stall.
+    /// Shuts the receiving side down for good: every receive returns at once, and a send to
+    /// the socket fails at once (`EPIPE`) instead of filling a queue nobody reads, in which a
+    /// peer with a blocking socket (DPDK's) would stall. For a socket only sent from, and for
+    /// waking a reader of a connected one ([`Socket::wake_reader`]).
     pub fn shut_read(&self) -> Result<(), Errno> {
+        self.read_shut
+            .store(true, std::sync::atomic::Ordering::Release);
         net::shutdown(&self.fd, net::Shutdown::Read)
     }
 
