@@ -176,6 +176,17 @@ fn lock_holder(path: &Path) -> Option<Option<u32>> {
         .then(|| u32::try_from(fl.l_pid).ok().filter(|&p| p > 0))
 }
 
+/// Takes the lock a DPDK primary holds on `path` (a traditional write lock of the whole
+/// file), for tests that play a DPDK primary; held until the returned file is closed.
+#[cfg(test)]
+pub(crate) fn hold_dpdk_lock(path: &Path) -> File {
+    let f = File::create(path).unwrap();
+    let fl = flock_all(libc::F_WRLCK);
+    // SAFETY: `f` is open and `fl` is a valid `struct flock` for the whole file.
+    assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
+    f
+}
+
 fn flock_all(kind: libc::c_int) -> libc::flock {
     // SAFETY: `struct flock` is plain old data; all-zero is a valid value we then fill in.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -319,7 +330,8 @@ pub fn socket_alive(path: &Path) -> bool {
 }
 
 /// Removes secondary sockets nobody is bound to any more (with the request and one-way sockets
-/// of dead processes), and a stale primary socket; returns how many were removed. Only a process holding the primary lock may call this.
+/// of dead processes), and a stale primary socket; returns how many were removed. Only a
+/// process holding the primary lock may call this.
 pub fn clean_stale(dir: &Path) -> usize {
     let mut n = 0;
     let primary = dir.join(PRIMARY_SOCKET);
@@ -416,13 +428,11 @@ mod tests {
         let d = crate::socket::tests::dir("lockholder");
         let path = d.join("config");
         assert_eq!(lock_holder(&path), None, "no file");
-        let f = File::create(&path).unwrap();
+        drop(File::create(&path).unwrap());
         assert_eq!(lock_holder(&path), None, "not locked");
         // DPDK's kind: a traditional record lock. An OFD query conflicts with it even from
         // the same process, and the kernel names the holder.
-        let fl = flock_all(libc::F_WRLCK);
-        // SAFETY: `f` is open and `fl` is a valid `struct flock` for the whole file.
-        assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
+        let f = hold_dpdk_lock(&path);
         assert_eq!(lock_holder(&path), Some(Some(std::process::id())));
         drop(f);
         assert_eq!(lock_holder(&path), None, "released with its file");

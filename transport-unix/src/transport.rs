@@ -224,10 +224,9 @@ impl PeerDir {
         Ok(self.list.clone())
     }
 
-    /// In a secondary: watches the primary's process (its pid from the lock it holds on the
+    /// In a secondary: watches the primary's process (`pid`, from the lock it holds on the
     /// runtime directory), so requests waiting for it end when it dies.
-    fn watch_primary(&mut self, primary: &PeerAddr, dir: &Path) {
-        let pid = rundir::live_primary(dir).and_then(|i| i.pid);
+    fn watch_primary(&mut self, primary: &PeerAddr, pid: Option<u32>) {
         if let Some(fd) = pid.and_then(|p| watch_owner(primary, p as i32)) {
             self.exits.push((primary.clone(), Arc::new(fd)));
             self.exits_changed = true;
@@ -316,6 +315,15 @@ pub struct OutboxPoll {
     pub gone: Vec<PeerAddr>,
 }
 
+impl OutboxPoll {
+    /// Notes `peer` in [`OutboxPoll::gone`] (once) when a refused send or probe says it is gone.
+    fn judge(&mut self, peer: &PeerAddr, verdict: SendError) {
+        if verdict == SendError::PeerGone && self.gone.last() != Some(peer) {
+            self.gone.push(peer.clone());
+        }
+    }
+}
+
 impl UnixTransport {
     pub(crate) fn new(sock: Socket, role: Role, dir: PathBuf) -> Result<Self, crate::Error> {
         let primary = PeerAddr::new(dir.join(rundir::PRIMARY_SOCKET));
@@ -325,16 +333,14 @@ impl UnixTransport {
         )
         .map_err(|e| crate::Error::io("eventfd", e.into()))?;
         let mut peers = PeerDir::new(role, &dir);
+        let (mut one_way, mut primary_maps_senders) = (None, false);
         if role == Role::Secondary {
-            peers.watch_primary(&primary, &dir);
+            let holder = rundir::live_primary(&dir);
+            peers.watch_primary(&primary, holder.and_then(|i| i.pid));
+            one_way = one_way_socket(&sock, &primary);
+            primary_maps_senders = holder.is_some_and(|i| !i.dpdk);
         }
         let peers = Mutex::new(peers);
-        let one_way = match role {
-            Role::Secondary => one_way_socket(&sock, &primary),
-            Role::Primary => None,
-        };
-        let primary_maps_senders =
-            role == Role::Secondary && rundir::live_primary(&dir).is_some_and(|p| !p.dpdk);
         Ok(UnixTransport {
             sock,
             one_way,
@@ -492,11 +498,7 @@ impl UnixTransport {
                     Err(e) => {
                         // Gone, or refuses this datagram: drop it (a gone peer drops the rest
                         // one by one on the next turns of this loop).
-                        if self.classify(peer, e) == SendError::PeerGone
-                            && poll.gone.last() != Some(peer)
-                        {
-                            poll.gone.push(peer.clone());
-                        }
+                        poll.judge(peer, self.classify(peer, e));
                         q.items.pop_front();
                         *total -= 1;
                         stats.dropped += 1;
@@ -511,11 +513,7 @@ impl UnixTransport {
                     Ok(p) => q.probe = Some(Arc::new(p)),
                     Err(e) => {
                         // The same verdict, and the same stale-file clean-up, as a send's.
-                        if self.classify(peer, e) == SendError::PeerGone
-                            && poll.gone.last() != Some(peer)
-                        {
-                            poll.gone.push(peer.clone());
-                        }
+                        poll.judge(peer, self.classify(peer, e));
                         *total -= q.items.len();
                         stats.dropped += q.items.len() as u64;
                         return false;
@@ -873,7 +871,6 @@ mod tests {
     /// answers never. The socket goes with the transport's files.
     #[test]
     fn what_leaves_from_the_one_way_socket_depends_on_the_kind_and_the_primary() {
-        use std::os::fd::AsRawFd;
         for dpdk in [false, true] {
             let d = dir(&format!("one-way-{dpdk}"));
             let primary = Socket::bind(&d.join(rundir::PRIMARY_SOCKET)).unwrap();
@@ -881,15 +878,7 @@ mod tests {
             let mut dpdk_config = None;
             let mut memplane_lock = None;
             if dpdk {
-                let f = std::fs::File::create(d.join(rundir::DPDK_CONFIG)).unwrap();
-                // SAFETY: all-zero is a valid `struct flock`; the fields set make it a write
-                // lock of the whole file.
-                let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-                fl.l_type = libc::F_WRLCK as i16;
-                fl.l_whence = libc::SEEK_SET as i16;
-                // SAFETY: `f` is open and `fl` is a valid `struct flock`.
-                assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
-                dpdk_config = Some(f);
+                dpdk_config = Some(rundir::hold_dpdk_lock(&d.join(rundir::DPDK_CONFIG)));
             } else {
                 memplane_lock = Some(rundir::PrimaryLock::acquire(&d).unwrap());
             }
