@@ -543,7 +543,7 @@ impl Waiter for SocketWaiter<'_> {
             spin,
             ..
         } = &mut **rs;
-        let past = || now() >= deadline;
+        let past = |t: Instant| t >= deadline;
         match batch {
             Some(b) if self.many => {
                 let n = match spin.poll(|| sock.recv_batch(b, false).ok().filter(|&n| n > 0), past)
@@ -897,7 +897,7 @@ impl MpChannel {
         // See `wait_for_room` for what "stalled" means.
         let mut woke_by_probe = false;
         let mut spin = Spinner::new(self.config().busy_poll, self.spin_stats.clone());
-        let stopping = || self.stop.load(Ordering::Acquire);
+        let stopping = |_| self.stop.load(Ordering::Acquire);
         // Which of its own fds woke a wait for room (not needed here: it receives next anyway).
         let mut ready = Vec::new();
         'outer: while !self.stop.load(Ordering::Acquire) {

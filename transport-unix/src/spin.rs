@@ -94,13 +94,13 @@ impl Spinner {
         }
     }
 
-    /// Polls `try_once` until it returns `Some`, the window ends or `stop` says so, and adapts
-    /// the window: a catch opens it fully, a miss halves it. Returns what it got; on `None`
-    /// the caller blocks.
+    /// Polls `try_once` until it returns `Some`, the window ends or `stop` says so (given the
+    /// time the loop just read), and adapts the window: a catch opens it fully, a miss halves
+    /// it. Returns what it got; on `None` the caller blocks.
     pub(crate) fn poll<T>(
         &mut self,
         try_once: impl FnMut() -> Option<T>,
-        stop: impl Fn() -> bool,
+        stop: impl Fn(Instant) -> bool,
     ) -> Option<T> {
         let (got, spent) = self.poll_counted(try_once, stop);
         if let Some(spent) = spent {
@@ -120,7 +120,7 @@ impl Spinner {
     fn poll_counted<T>(
         &mut self,
         mut try_once: impl FnMut() -> Option<T>,
-        stop: impl Fn() -> bool,
+        stop: impl Fn(Instant) -> bool,
     ) -> (Option<T>, Option<Duration>) {
         if self.max.is_zero() {
             return (None, None);
@@ -145,10 +145,10 @@ impl Spinner {
                 self.window = self.max;
                 return (Some(v), Some(last.saturating_duration_since(start)));
             }
-            if stop() {
-                return (None, Some(last.saturating_duration_since(start)));
-            }
             let t = now();
+            if stop(t) {
+                return (None, Some(t.saturating_duration_since(start)));
+            }
             if t.saturating_duration_since(last) >= self.preempted {
                 // The thread lost its CPU while polling: another thread wanted it, maybe the
                 // very peer it polls for. Polling keeps others off the CPUs here: stop.
@@ -196,7 +196,7 @@ mod tests {
                 calls += 1;
                 Some(())
             },
-            || false,
+            |_| false,
         );
         assert_eq!(got.is_some(), calls > 0);
         calls
@@ -249,7 +249,7 @@ mod tests {
                     calls += 1;
                     (calls == 3).then_some(7)
                 },
-                || false,
+                |_| false,
             );
             assert_eq!((got, calls), (Some(7), 3));
             assert_eq!(s.window(), max);
@@ -258,7 +258,7 @@ mod tests {
             let mut rounds = 0;
             while !s.window().is_zero() {
                 let before = s.window();
-                assert!(s.poll(|| None::<()>, || false).is_none());
+                assert!(s.poll(|| None::<()>, |_| false).is_none());
                 assert_eq!(
                     s.window(),
                     before / 2 * u32::from(before >= Duration::from_micros(2))
@@ -273,7 +273,7 @@ mod tests {
             for _ in 0..PROBE_EVERY - 1 {
                 assert_eq!(looks(&mut s), 0, "a closed window does not poll");
             }
-            assert_eq!(s.poll(|| Some(1), || false), Some(1), "the probe polls");
+            assert_eq!(s.poll(|| Some(1), |_| false), Some(1), "the probe polls");
             assert_eq!(
                 counted(),
                 (2 + rounds, 2),
@@ -281,7 +281,7 @@ mod tests {
             );
             assert_eq!(s.window(), max, "a caught probe reopens the window");
             // `stop` ends a poll at once and leaves the window as it was.
-            assert!(s.poll(|| None::<()>, || true).is_none());
+            assert!(s.poll(|| None::<()>, |_| true).is_none());
             assert_eq!(s.window(), max);
         });
         if !ran {
@@ -295,7 +295,7 @@ mod tests {
             // Every gap counts as preemption here: the first empty look closes the window.
             let mut s = Spinner::new(Duration::from_millis(5), Arc::default())
                 .preempted_after(Duration::ZERO);
-            assert!(s.poll(|| None::<()>, || false).is_none());
+            assert!(s.poll(|| None::<()>, |_| false).is_none());
             assert_eq!(s.window(), Duration::ZERO);
         });
         if !ran {
