@@ -432,8 +432,7 @@ fn one_way_messages_come_from_the_secondarys_own_socket() {
         stranger.send_to(&one_way, b"x", &[]),
         Err(rustix::io::Errno::PERM)
     );
-    drop(stranger);
-    let _ = std::fs::remove_file(dir.path().join("stranger"));
+    stranger.unlink();
     s.close();
     assert!(!one_way.exists(), "removed with the channel");
     assert_eq!(p.stats().endpoint.rx_rejected(), 0);

@@ -276,17 +276,24 @@ impl Proc {
 
     /// Number of pidfds the process holds (see [`Proc::fd_count`]).
     pub fn pidfd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.flatten().filter(|e| is_pidfd(&e.path())).count())
-            .unwrap_or(0)
+        self.count_fds(true)
     }
 
     /// Number of open fds of the process, not counting pidfds: a primary holds one for each
     /// live secondary it knows (their number follows the secondaries that come and go, as
     /// `mp ping` ones do, not what the primary received).
     pub fn fd_count(&self) -> usize {
+        self.count_fds(false)
+    }
+
+    /// Number of the process's open fds that are pidfds (`pidfds`) or are not.
+    fn count_fds(&self, pidfds: bool) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.flatten().filter(|e| !is_pidfd(&e.path())).count())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| is_pidfd(&e.path()) == pidfds)
+                    .count()
+            })
             .unwrap_or(0)
     }
 }
