@@ -664,9 +664,17 @@ fn sender_with_another_uid_rejected() {
 
 #[test]
 fn thousand_async_requests_in_flight() {
+    // The primary holds every reply until the "go" message, so all 1,000 requests are in
+    // flight at once (no race with fast answers); then it answers them in one burst, far past
+    // the secondary's queue of 10, from its receiving thread.
     let dir = test_dir();
     let names: Vec<String> = (0..1000).map(|i| format!("f{i}")).collect();
-    let _prim = primary_listener(&dir, &names);
+    let mut args: Vec<&str> = names
+        .iter()
+        .flat_map(|n| ["--action", n.as_str()])
+        .collect();
+    args.extend(["--hold-replies-until", "go"]);
+    let mut prim = listen(&dir, "primary", "ready role=Primary", &args);
     let ch = lib(&dir, ProcType::Secondary);
     let (tx, rx) = mpsc::channel();
     for n in &names {
@@ -682,7 +690,11 @@ fn thousand_async_requests_in_flight() {
         )
         .unwrap();
     }
-    assert!(ch.pending_requests() > 0);
+    // The primary has read them all (it prints each in order) and answered none.
+    prim.expect_line("name=f999 ", LONG);
+    assert_eq!(ch.pending_requests(), names.len());
+    ch.send(&message("go", b"", Fds::none()).unwrap()).unwrap();
+    prim.expect_line("releasing replies=1000", LONG);
     for _ in 0..names.len() {
         assert!(rx.recv_timeout(Duration::from_secs(60)).unwrap());
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 
-use memplane_unix::{Channel, Fds, Incoming, MpChannel, Replies, message};
+use memplane_unix::{Channel, Fds, Incoming, Message, MpChannel, PeerAddr, Replies, message};
 
 use super::{ChannelOpts, HexBytes, PING_ACTION, hex, parse_hex_arg, parse_ms};
 
@@ -60,6 +60,11 @@ pub struct ListenArgs {
     /// Never answer requests (to see how requesters cope with a silent peer).
     #[arg(long = "no-reply")]
     no_reply: bool,
+    /// Hold every reply until a message (one-way or request) with this action name arrives,
+    /// then send them all at once and answer later requests at once (to see how requesters
+    /// cope with many requests in flight and a burst of answers). The action is registered.
+    #[arg(long = "hold-replies-until", conflicts_with = "no_reply")]
+    hold_until: Option<String>,
 }
 
 /// `mp send`.
@@ -187,11 +192,19 @@ fn listen(a: ListenArgs) -> Result<()> {
     let reply_memfds = a.reply_memfds.clone();
     let show = a.show_fds;
     let no_reply = a.no_reply;
-    for name in &a.actions {
+    let held = Arc::new(Held::new(a.hold_until.clone()));
+    let mut actions = a.actions.clone();
+    if let Some(h) = &a.hold_until
+        && !actions.contains(h)
+    {
+        actions.push(h.clone());
+    }
+    for name in &actions {
         let seen = seen.clone();
         let done_tx = done_tx.clone();
         let reply = reply.clone();
         let reply_memfds = reply_memfds.clone();
+        let held = held.clone();
         ch.register(name, move |ch: &MpChannel, m: Incoming| {
             let kind = if m.is_request() { "request" } else { "message" };
             out(format!(
@@ -207,11 +220,15 @@ fn listen(a: ListenArgs) -> Result<()> {
                     .map_or_else(|| m.msg.param().to_vec(), |h| h.0);
                 let sent = memfds(&reply_memfds)
                     .and_then(|fds| Ok(message(m.msg.name().as_str(), &param, fds)?))
-                    .and_then(|msg| Ok(ch.reply(&m.from, &msg)?));
+                    .and_then(|msg| match held.hold(&m.from, msg) {
+                        Some(msg) => Ok(ch.reply(&m.from, &msg)?),
+                        None => Ok(()),
+                    });
                 if let Err(e) = sent {
                     out(format!("reply-error name={} error={e}", m.msg.name()));
                 }
             }
+            held.release_on(ch, m.msg.name().as_str());
             let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
             if count.is_some_and(|c| n >= c) {
                 let _ = done_tx.send(());
@@ -229,6 +246,56 @@ fn listen(a: ListenArgs) -> Result<()> {
     let _ = done_rx.recv();
     ch.close();
     Ok(())
+}
+
+/// A reply kept back, with whom it goes to.
+type HeldReply = (PeerAddr, Message<Fds>);
+
+/// Replies `mp listen --hold-replies-until` keeps back, and whether it still does.
+struct Held {
+    until: Option<String>,
+    /// `None` once released (or when nothing is held back).
+    replies: std::sync::Mutex<Option<Vec<HeldReply>>>,
+}
+
+impl Held {
+    fn new(until: Option<String>) -> Self {
+        let replies = std::sync::Mutex::new(until.as_ref().map(|_| Vec::new()));
+        Held { until, replies }
+    }
+
+    /// Keeps `msg` back while holding; otherwise gives it back to be sent now.
+    fn hold(&self, to: &PeerAddr, msg: Message<Fds>) -> Option<Message<Fds>> {
+        let mut r = self.replies.lock().unwrap_or_else(|e| e.into_inner());
+        match r.as_mut() {
+            Some(v) => {
+                v.push((to.clone(), msg));
+                None
+            }
+            None => Some(msg),
+        }
+    }
+
+    /// Sends every held reply, in arrival order, when `name` is the release action.
+    fn release_on(&self, ch: &MpChannel, name: &str) {
+        if self.until.as_deref() != Some(name) {
+            return;
+        }
+        let Some(v) = self
+            .replies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        out(format!("releasing replies={}", v.len()));
+        for (to, msg) in v {
+            if let Err(e) = ch.reply(&to, &msg) {
+                out(format!("reply-error name={} error={e}", msg.name()));
+            }
+        }
+    }
 }
 
 fn send(a: SendArgs) -> Result<()> {
