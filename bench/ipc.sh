@@ -5,7 +5,8 @@
 # ping-pong interop/unix_pingpong.c, then for each placement runs, interleaved so that drift
 # hits every implementation alike:
 #   - round trip, secondary to primary (sync request; bare: a datagram ping-pong);
-#   - broadcast from the primary to 1, 2, 4, 8 secondaries (sync request to all);
+#   - broadcast from the primary to 1, 2, 4, 8 secondaries (sync request to all; bare: a
+#     datagram to each of K echoing processes, then their K answers);
 #   - async requests per second from a secondary, W in flight (W distinct names);
 #   - one-way messages per second from a secondary, counted by the primary.
 # memplane runs twice: with its defaults, and with --batch-sched (its channel threads under
@@ -368,6 +369,8 @@ for r in $(seq "$REPEAT"); do
     p2p "$pl"
     for k in $SECONDARIES; do
       log "== run $r/$REPEAT, placement $pl: broadcast to $k"
+      run_fg "bare broadcast K=$k $pl" "${PIN[@]}" "$BIN/unix_pingpong" --peers "$k" \
+        --count "$BC_N" --warmup "$BC_WARM"
       broadcast "$pl" dpdk "$k"
       broadcast "$pl" memplane "$k"
       broadcast "$pl" memplane-batch "$k"

@@ -6,9 +6,14 @@
  * --size says otherwise. No threads hand work to each other, no fds, no credentials: this is what
  * the kernel alone costs.
  *
- * Usage: unix_pingpong [--count N] [--warmup M] [--size BYTES] [--placement NAME]
+ * With --peers K (1-16) the first process broadcasts instead: each round it sends one datagram to
+ * each of K echoing processes, one after the other, then receives their K answers (what a
+ * primary's request to K secondaries costs the kernel, with no decoding and no handlers).
+ *
+ * Usage: unix_pingpong [--count N] [--warmup M] [--size BYTES] [--peers K] [--placement NAME]
  * Prints: bench=rtt impl=bare placement=P n=N min_us= p50_us= p90_us= p99_us= max_us=
- * (placement defaults to `cpuN` when pinned to one CPU, `float` when free on every online CPU).
+ * (bench=broadcast ... secondaries=K with --peers; placement defaults to `cpuN` when pinned to
+ * one CPU, `float` when free on every online CPU).
  *
  * Build: cc -O2 -o unix_pingpong interop/unix_pingpong.c
  */
@@ -28,9 +33,10 @@
 #include <unistd.h>
 
 #define MAX_SIZE 4096
+#define MAX_PEERS 16
 
 /* What a failing run leaves behind, removed at exit by the process that made it. */
-static char cleanup_dir[64], cleanup_a[128], cleanup_b[128];
+static char cleanup_dir[64], cleanup_a[128], cleanup_b[MAX_PEERS][128];
 static pid_t cleanup_owner;
 
 static void cleanup(void)
@@ -38,7 +44,9 @@ static void cleanup(void)
 	if (getpid() != cleanup_owner || cleanup_dir[0] == 0)
 		return;
 	unlink(cleanup_a);
-	unlink(cleanup_b);
+	for (int i = 0; i < MAX_PEERS; i++)
+		if (cleanup_b[i][0] != 0)
+			unlink(cleanup_b[i]);
 	rmdir(cleanup_dir);
 }
 
@@ -137,12 +145,12 @@ static void echo(int fd, const struct sockaddr_un *to, size_t size)
 
 int main(int argc, char **argv)
 {
-	char dir[] = "/tmp/unix-pingpong.XXXXXX", pa[128], pb[128], placement[64], buf[MAX_SIZE];
-	struct sockaddr_un a, b;
-	long count = 10000, warmup = 1000, size = 332;
+	char dir[] = "/tmp/unix-pingpong.XXXXXX", pa[128], placement[64], buf[MAX_SIZE];
+	struct sockaddr_un a, b[MAX_PEERS];
+	long count = 10000, warmup = 1000, size = 332, peers = 0;
 	uint64_t *s;
-	int fa, fb, status;
-	pid_t child;
+	int fa, fb[MAX_PEERS], status;
+	pid_t child[MAX_PEERS];
 
 	placement_of_self(placement, sizeof(placement));
 	for (int i = 1; i < argc; i++) {
@@ -154,13 +162,16 @@ int main(int argc, char **argv)
 			warmup = strtol(argv[++i], NULL, 10);
 		else if (strcmp(argv[i], "--size") == 0)
 			size = strtol(argv[++i], NULL, 10);
+		else if (strcmp(argv[i], "--peers") == 0)
+			peers = strtol(argv[++i], NULL, 10);
 		else if (strcmp(argv[i], "--placement") == 0)
 			snprintf(placement, sizeof(placement), "%s", argv[++i]);
 		else
 			goto usage;
 	}
-	if (count < 1 || warmup < 0 || size < 2 || size > MAX_SIZE)
+	if (count < 1 || warmup < 0 || size < 2 || size > MAX_SIZE || peers < 0 || peers > MAX_PEERS)
 		goto usage;
+	int broadcast = peers > 0, k = broadcast ? (int)peers : 1;
 	s = calloc((size_t)count, sizeof(*s));
 	if (s == NULL)
 		die("calloc");
@@ -169,53 +180,67 @@ int main(int argc, char **argv)
 	if (mkdtemp(dir) == NULL)
 		die("mkdtemp");
 	snprintf(pa, sizeof(pa), "%s/a", dir);
-	snprintf(pb, sizeof(pb), "%s/b", dir);
 	snprintf(cleanup_dir, sizeof(cleanup_dir), "%s", dir);
 	snprintf(cleanup_a, sizeof(cleanup_a), "%s", pa);
-	snprintf(cleanup_b, sizeof(cleanup_b), "%s", pb);
 	cleanup_owner = getpid();
 	atexit(cleanup);
 	fa = bound_socket(pa, &a);
-	fb = bound_socket(pb, &b);
+	for (int j = 0; j < k; j++) {
+		char pb[128];
 
-	child = fork();
-	if (child < 0)
-		die("fork");
-	if (child == 0) {
-		/* The echo process goes with its parent, whichever way the parent ends. */
-		if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != cleanup_owner)
-			_exit(1);
-		close(fa);
-		echo(fb, &a, (size_t)size);
+		snprintf(pb, sizeof(pb), "%s/b%d", dir, j);
+		snprintf(cleanup_b[j], sizeof(cleanup_b[j]), "%s", pb);
+		fb[j] = bound_socket(pb, &b[j]);
 	}
-	close(fb);
+
+	for (int j = 0; j < k; j++) {
+		child[j] = fork();
+		if (child[j] < 0)
+			die("fork");
+		if (child[j] == 0) {
+			/* The echo process goes with its parent, whichever way the parent ends. */
+			if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != cleanup_owner)
+				_exit(1);
+			close(fa);
+			echo(fb[j], &a, (size_t)size);
+		}
+		close(fb[j]);
+	}
 
 	for (long i = 0; i < warmup + count; i++) {
 		uint64_t t0 = now_ns(), dt;
 		ssize_t n;
 
-		if (sendto(fa, buf, (size_t)size, 0, (struct sockaddr *)&b, sizeof(b)) < 0)
-			die("sendto");
-		do {
-			n = recv(fa, buf, sizeof(buf), 0);
-		} while (n < 0 && errno == EINTR);
-		if (n < 0)
-			die("recv");
+		for (int j = 0; j < k; j++)
+			if (sendto(fa, buf, (size_t)size, 0, (struct sockaddr *)&b[j], sizeof(b[j])) < 0)
+				die("sendto");
+		for (int j = 0; j < k; j++) {
+			do {
+				n = recv(fa, buf, sizeof(buf), 0);
+			} while (n < 0 && errno == EINTR);
+			if (n < 0)
+				die("recv");
+		}
 		dt = now_ns() - t0;
 		if (i >= warmup)
 			s[i - warmup] = dt;
 	}
-	if (sendto(fa, buf, 1, 0, (struct sockaddr *)&b, sizeof(b)) < 0)
-		kill(child, SIGKILL);
-	waitpid(child, &status, 0);
+	for (int j = 0; j < k; j++) {
+		if (sendto(fa, buf, 1, 0, (struct sockaddr *)&b[j], sizeof(b[j])) < 0)
+			kill(child[j], SIGKILL);
+		waitpid(child[j], &status, 0);
+	}
 	close(fa);
 	cleanup();
 	cleanup_dir[0] = 0;
 
 	qsort(s, (size_t)count, sizeof(*s), cmp_u64);
-	printf("bench=rtt impl=bare placement=%s n=%ld min_us=%.1f p50_us=%.1f p90_us=%.1f "
-	       "p99_us=%.1f max_us=%.1f size=%ld\n",
-	       placement, count, pct_us(s, (int)count, 0), pct_us(s, (int)count, 0.5),
+	if (broadcast)
+		printf("bench=broadcast impl=bare placement=%s secondaries=%ld ", placement, peers);
+	else
+		printf("bench=rtt impl=bare placement=%s ", placement);
+	printf("n=%ld min_us=%.1f p50_us=%.1f p90_us=%.1f p99_us=%.1f max_us=%.1f size=%ld\n",
+	       count, pct_us(s, (int)count, 0), pct_us(s, (int)count, 0.5),
 	       pct_us(s, (int)count, 0.9), pct_us(s, (int)count, 0.99), pct_us(s, (int)count, 1),
 	       size);
 	free(s);
@@ -223,6 +248,7 @@ int main(int argc, char **argv)
 
 usage:
 	fprintf(stderr,
-		"usage: unix_pingpong [--count N] [--warmup M] [--size BYTES] [--placement NAME]\n");
+		"usage: unix_pingpong [--count N] [--warmup M] [--size BYTES] [--peers K] "
+		"[--placement NAME]\n");
 	return 2;
 }
