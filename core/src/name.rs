@@ -44,6 +44,20 @@ impl Name {
         })
     }
 
+    /// A name from bytes the caller has checked already: non-empty printable ASCII, at most
+    /// `MAX_NAME_LEN` bytes (a decoded datagram's name field, validated while parsing).
+    #[inline]
+    pub(crate) fn from_checked(b: &[u8]) -> Self {
+        debug_assert!(Self::from_bytes(b).is_ok());
+        let len = b.len().min(MAX_NAME_LEN);
+        let mut bytes = [0u8; MAX_NAME_LEN];
+        bytes[..len].copy_from_slice(&b[..len]);
+        Name {
+            len: len as u8,
+            bytes,
+        }
+    }
+
     /// The name's bytes (no NUL).
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]

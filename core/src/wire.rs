@@ -297,9 +297,20 @@ pub struct Header {
     pub num_fds: usize,
 }
 
-impl Header {
-    /// Parses and validates a datagram's bytes for `abi`.
-    pub fn parse(abi: Abi, datagram: &[u8]) -> Result<Header, DecodeError> {
+/// A datagram's header fields, validated, borrowed from its bytes (nothing copied yet).
+struct Fields<'a> {
+    kind: MsgKind,
+    /// Non-empty printable ASCII, at most `MAX_NAME_LEN` bytes (the field's bytes before NUL).
+    name: &'a [u8],
+    /// At most `MAX_PARAM_LEN` bytes.
+    param: &'a [u8],
+    num_fds: usize,
+}
+
+impl<'a> Fields<'a> {
+    /// Checks the length, the kind, the name, `len_param` and `num_fds` of `datagram`.
+    #[inline]
+    fn check(abi: Abi, datagram: &'a [u8]) -> Result<Self, DecodeError> {
         let l = abi.layout();
         if datagram.len() != l.len {
             return Err(DecodeError::WrongLength {
@@ -324,7 +335,6 @@ impl Header {
                 byte: field[offset],
             });
         }
-        let name = Name::from_bytes(&field[..nul])?;
 
         let len_param = read_i32(datagram, &l.len_param);
         if !(0..=MAX_PARAM_LEN as i32).contains(&len_param) {
@@ -338,12 +348,25 @@ impl Header {
             });
         }
         let param_field = &datagram[l.param.clone()];
-        let param = Param::new(&param_field[..len_param as usize])?;
-        Ok(Header {
+        Ok(Fields {
             kind,
-            name,
-            param,
+            // The name field is MAX_NAME_LEN bytes with a NUL in it: at most MAX_NAME_LEN - 1.
+            name: &field[..nul],
+            param: &param_field[..len_param as usize],
             num_fds: num_fds as usize,
+        })
+    }
+}
+
+impl Header {
+    /// Parses and validates a datagram's bytes for `abi`.
+    pub fn parse(abi: Abi, datagram: &[u8]) -> Result<Header, DecodeError> {
+        let f = Fields::check(abi, datagram)?;
+        Ok(Header {
+            kind: f.kind,
+            name: Name::from_checked(f.name),
+            param: Param::new(f.param)?,
+            num_fds: f.num_fds,
         })
     }
 }
@@ -365,16 +388,17 @@ pub fn decode<F: Fds>(
     if flags.control_truncated {
         return Err(DecodeError::ControlTruncated);
     }
-    let h = Header::parse(abi, datagram)?;
+    // Checked in place and copied once, into the message (the datagram path's hottest copy).
+    let f = Fields::check(abi, datagram)?;
     let received = fds.count();
-    if received != h.num_fds {
+    if received != f.num_fds {
         return Err(DecodeError::FdCountMismatch {
-            header: h.num_fds,
+            header: f.num_fds,
             received,
         });
     }
-    let msg = Message::from_parts(h.name, h.param, fds)?;
-    Ok((h.kind, msg))
+    let msg = Message::from_parts(Name::from_checked(f.name), Param::new(f.param)?, fds)?;
+    Ok((f.kind, msg))
 }
 
 /// Writes the datagram for (`kind`, `msg`) into `out` and returns its length.

@@ -232,6 +232,15 @@ pub type Handler = Arc<dyn Fn(&MpChannel, Incoming) + Send + Sync>;
 /// An async completion: runs once, on a channel thread.
 pub type Callback = Box<dyn FnOnce(&MpChannel, Replies) + Send>;
 
+/// Sender paths seen lately and the peers they stand for (see [`MpChannel::peer_of`]).
+#[derive(Default)]
+struct PeersSeen {
+    /// The last sender looked up.
+    last: Option<(Arc<[u8]>, PeerAddr)>,
+    /// Every sender seen since the map was last cleared (at 1,024 entries).
+    map: std::collections::HashMap<Arc<[u8]>, PeerAddr>,
+}
+
 /// Wakes a synchronous requester: it blocks receiving on its request socket (it never parks),
 /// so a completion from another thread reaches it through that socket.
 pub struct Unpark {
@@ -474,7 +483,7 @@ pub struct MpChannel {
     /// Request sockets not in use (see [`RequestSocket`]).
     request_sockets: Mutex<Vec<RequestSocket>>,
     /// Sender paths seen lately, and their addresses.
-    peers_seen: Mutex<std::collections::HashMap<Box<[u8]>, PeerAddr>>,
+    peers_seen: Mutex<PeersSeen>,
     request_seq: AtomicU64,
 }
 
@@ -955,8 +964,16 @@ impl MpChannel {
     /// the hot path does not allocate. A secondary's one-way socket stands for the secondary:
     /// its messages come from the secondary's own socket, where answers and later messages go.
     fn peer_of(&self, b: &[u8], pid: u32) -> PeerAddr {
-        let mut c = self.peers_seen.lock();
-        if let Some(p) = c.get(b) {
+        let mut seen = self.peers_seen.lock();
+        // Datagrams come in runs from one sender: a compare instead of a hash for those.
+        if let Some((k, p)) = &seen.last
+            && **k == *b
+        {
+            return p.clone();
+        }
+        let PeersSeen { last, map: c } = &mut *seen;
+        if let Some((k, p)) = c.get_key_value(b) {
+            *last = Some((k.clone(), p.clone()));
             return p.clone();
         }
         if c.len() >= 1024 {
@@ -967,7 +984,9 @@ impl MpChannel {
             Some(owner) => PeerAddr::new(owner),
             None => PeerAddr::new(path),
         };
-        c.insert(b.into(), p.clone());
+        let k: Arc<[u8]> = b.into();
+        c.insert(k.clone(), p.clone());
+        *last = Some((k, p.clone()));
         p
     }
 
@@ -1204,7 +1223,7 @@ impl Channel {
             peers_exited: AtomicU64::new(0),
             spin_stats: Arc::default(),
             request_sockets: Mutex::new(Vec::new()),
-            peers_seen: Mutex::new(std::collections::HashMap::new()),
+            peers_seen: Mutex::new(PeersSeen::default()),
             request_seq: AtomicU64::new(0),
         });
         let batch = cfg.batch_scheduling;

@@ -321,11 +321,18 @@ impl Socket {
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), Errno> {
         let mut space = [MaybeUninit::<u8>::uninit(); CMSG_BUF];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        // DPDK always attaches SCM_RIGHTS, even empty; an empty one is legal and costs nothing.
-        if !control.push(SendAncillaryMessage::ScmRights(fds)) {
-            return Err(Errno::TOOMANYREFS);
-        }
+        // DPDK attaches SCM_RIGHTS even with no fds; a receiver (DPDK's or ours) takes a
+        // datagram without control data the same way, and the kernel then has no control
+        // message to copy and parse.
+        let mut control = if fds.is_empty() {
+            SendAncillaryBuffer::default()
+        } else {
+            let mut c = SendAncillaryBuffer::new(&mut space);
+            if !c.push(SendAncillaryMessage::ScmRights(fds)) {
+                return Err(Errno::TOOMANYREFS);
+            }
+            c
+        };
         let iov = [io::IoSlice::new(bytes)];
         let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
         loop {
@@ -360,8 +367,16 @@ impl Socket {
             .map(|p| p.addr().map(net::addr::SocketAddrArg::as_any))
             .collect::<Result<Vec<_>, _>>()?;
         let space_len = rustix::cmsg_space!(ScmRights(fds.len()));
-        let mut spaces = vec![MaybeUninit::<u8>::uninit(); space_len * to.len()];
+        let mut spaces = if fds.is_empty() {
+            Vec::new()
+        } else {
+            vec![MaybeUninit::<u8>::uninit(); space_len * to.len()]
+        };
         let mut controls = Vec::with_capacity(to.len());
+        if fds.is_empty() {
+            // No control data at all without fds (see `send_control`).
+            controls.resize_with(to.len(), SendAncillaryBuffer::default);
+        }
         for space in spaces.chunks_mut(space_len) {
             let mut c = SendAncillaryBuffer::new(space);
             if !c.push(SendAncillaryMessage::ScmRights(fds)) {
@@ -832,6 +847,35 @@ pub(crate) mod tests {
         assert!(b.take(2).0.fds.0.is_empty());
         assert_eq!(rx.recv_batch(&mut b, false).unwrap(), 0);
         drop((r, w));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_datagram_without_fds_carries_no_control_data() {
+        // A receiver without SO_PASSCRED sees exactly the control data the sender attached:
+        // none without fds (single and batched sends), SCM_RIGHTS with them.
+        let d = dir("nocontrol");
+        let rx = std::os::unix::net::UnixDatagram::bind(d.join("rx")).unwrap();
+        let tx = Socket::bind(&d.join("tx")).unwrap();
+        let (_r, w) = rustix::pipe::pipe().unwrap();
+        let to = [PeerAddr::new(d.join("rx")), PeerAddr::new(d.join("rx"))];
+        tx.send_to(&d.join("rx"), b"single", &[]).unwrap();
+        assert_eq!(tx.send_many(&to, b"batch", &[]).unwrap(), 2);
+        tx.send_to(&d.join("rx"), b"fd", &[w.as_fd()]).unwrap();
+        for (want, controls) in [("single", 0), ("batch", 0), ("batch", 0), ("fd", 1)] {
+            let mut buf = [0u8; 16];
+            let mut space = [MaybeUninit::<u8>::uninit(); CMSG_BUF];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let r = net::recvmsg(
+                &rx,
+                &mut [io::IoSliceMut::new(&mut buf)],
+                &mut control,
+                RecvFlags::empty(),
+            )
+            .unwrap();
+            assert_eq!(&buf[..r.bytes], want.as_bytes());
+            assert_eq!(control.drain().count(), controls, "{want}");
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 
