@@ -322,9 +322,23 @@ fn primary_killed_mid_request() {
     }
 }
 
+/// Leaves a socket file at `path` that nobody is bound to any more.
 fn stale_socket(path: &Path) {
     let s = Socket::bind(path).unwrap();
-    drop(s); // the file stays, nobody is bound
+    drop(s); // the file stays
+    // A child that another test forked (or spawned) while `s` was open holds a copy of it until
+    // it execs or exits, and the socket lives on meanwhile. Wait until nobody holds it: a
+    // connect to the path is refused.
+    let probe = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    let start = Instant::now();
+    while probe.connect(path).is_ok() {
+        assert!(
+            start.elapsed() < LONG,
+            "{} is still bound somewhere",
+            path.display()
+        );
+        std::thread::yield_now();
+    }
     assert!(path.exists());
 }
 

@@ -347,7 +347,11 @@ fn hugepage_shared_memory_and_pages_return() {
     let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());
     let before = free_hugepages(size);
     shared_memory_scenario(MemOptions::new().backing(Backing::Memfd));
-    assert_eq!(free_hugepages(size), before, "hugepages leaked");
+    assert_eq!(
+        memplane_testkit::settles_at(before, || free_hugepages(size)),
+        before,
+        "hugepages leaked"
+    );
 }
 
 #[test]
@@ -383,7 +387,11 @@ fn hugepage_files_per_page_and_stale_files_cleaned() {
             .starts_with(&format!("{}map_", prefix()))),
         "page files left behind"
     );
-    assert_eq!(free_hugepages(size), before, "hugepages leaked");
+    assert_eq!(
+        memplane_testkit::settles_at(before, || free_hugepages(size)),
+        before,
+        "hugepages leaked"
+    );
 }
 
 /// Hugepage tests count the system's free pages: run them one at a time.
@@ -425,13 +433,20 @@ fn growth_without_a_free_hugepage_fails_cleanly() {
     assert_eq!(p.mem.total_used(), 0);
     // The pages come back: growth works again, and every page returns at the end.
     drop(hog);
-    assert_eq!(free_hugepages(size), before);
+    assert_eq!(
+        memplane_testkit::settles_at(before, || free_hugepages(size)),
+        before
+    );
     let r = alloc(&p.mem, size).unwrap();
     assert_eq!(s.cmd(&format!("mapped {:x}", r.addr)), "true");
     p.mem.free(r, 0).unwrap();
     drop(s);
     drop(p);
-    assert_eq!(free_hugepages(size), before, "hugepages leaked");
+    assert_eq!(
+        memplane_testkit::settles_at(before, || free_hugepages(size)),
+        before,
+        "hugepages leaked"
+    );
 }
 
 #[test]
@@ -579,7 +594,11 @@ fn hugepage_single_file_segments() {
     shared_memory_scenario(
         MemOptions::new().backing(Backing::SingleFile(Some("/dev/hugepages".into()))),
     );
-    assert_eq!(free_hugepages(size), before, "hugepages leaked");
+    assert_eq!(
+        memplane_testkit::settles_at(before, || free_hugepages(size)),
+        before,
+        "hugepages leaked"
+    );
 }
 
 /// The VFIO container reaches a secondary over the channel (a memfd stands in for the

@@ -205,6 +205,23 @@ pub fn skip(reason: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
 }
 
+/// Waits (at most [`ANSWER`]) until `read()` returns `want`; returns the last value read.
+///
+/// For counts the kernel updates only once every holder of a resource has let it go, such as
+/// free hugepages after a mapping's fds are closed: a child that another test of the same binary
+/// forked or spawned meanwhile holds copies of this process's fds until it execs or exits, so
+/// the count can lag for that long. A real leak never settles and is still reported.
+pub fn settles_at(want: u64, read: impl Fn() -> u64) -> u64 {
+    let start = std::time::Instant::now();
+    loop {
+        let v = read();
+        if v == want || start.elapsed() >= ANSWER {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// Stops process `pid` with SIGSTOP and returns once every one of its threads is stopped
 /// (state `T` in `/proc/PID/task/TID/stat`): a signal takes effect some time after `kill`
 /// returns, on each thread as it next enters the kernel or is interrupted. Panics after
