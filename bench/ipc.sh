@@ -32,6 +32,11 @@
 #   --no-build     use target/release/memplane as it is (the C programs are always built)
 #   --no-wait-idle do not wait, before each measurement, until other processes leave the CPUs
 #                  idle (by default it waits up to 2 minutes for < 10% busy over half a second)
+#   --rtt-chunks K measure each round trip in K interleaved chunks (default 10; see below)
+# The round trips are measured in K chunks of a K-th of the samples each, the implementations
+# taking turns chunk by chunk: this VM's speed shifts by a third for seconds at a time, and a
+# shift must hit every implementation alike. The table's round-trip rows are the median of
+# the chunks' medians (p99, minimum: of the chunks' p99s, minimums) over every repeat.
 # Needs root (DPDK's runtime dir /var/run/dpdk), cc, pkg-config and libdpdk-dev 22.11, cargo.
 # Every process it starts is stopped, and every runtime dir, hugepage file and temp dir it
 # makes is removed, also on failure or Ctrl-C.
@@ -45,6 +50,7 @@ PLACEMENTS="cpu0 float"
 OUT=""
 BUILD=1
 WAIT_IDLE=1
+RTT_CHUNKS=10
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -53,6 +59,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift ;;
     --no-build) BUILD=0 ;;
     --no-wait-idle) WAIT_IDLE=0 ;;
+    --rtt-chunks) RTT_CHUNKS=$2; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "ipc.sh: unknown option $1" >&2; exit 2 ;;
   esac
@@ -65,6 +72,13 @@ ASYNC_N=100000 ASYNC_WARM=10000
 ONEWAY_N=200000
 if [ "$QUICK" = 1 ]; then
   RTT_N=1000 RTT_WARM=100 BC_N=200 BC_WARM=20 ASYNC_N=10000 ASYNC_WARM=1000 ONEWAY_N=20000
+fi
+case "$RTT_CHUNKS" in
+  ''|*[!0-9]*) echo "ipc.sh: --rtt-chunks needs a number" >&2; exit 2 ;;
+esac
+if [ "$RTT_CHUNKS" -lt 1 ] || [ "$RTT_CHUNKS" -gt "$RTT_N" ]; then
+  echo "ipc.sh: --rtt-chunks must be between 1 and $RTT_N" >&2
+  exit 2
 fi
 WINDOWS="8 16"      # async requests in flight; the kernel queues 10 datagrams per socket here
 MAXW=16
@@ -271,8 +285,7 @@ dpdk_eal() { # PREFIX [secondary]
 
 # One deployment per implementation for the point-to-point benchmarks.
 p2p() { # PLACEMENT
-  local pl=$1 prefix rt pid w
-  run_fg "bare rtt $pl" "${PIN[@]}" "$BIN/unix_pingpong" --count "$RTT_N" --warmup "$RTT_WARM"
+  local pl=$1 prefix rt pid w c
 
   prefix="$TAG-p2p-$SEQ"
   local SEQ0=$SEQ
@@ -292,9 +305,13 @@ p2p() { # PLACEMENT
     && wait_ready "$bpid" "$WORK/mpb-serve-$SEQ0.log"; then
     local MP=(--abi 22.11 --runtime-dir "$rt" --proc-type secondary)
     local MPB=(--abi 22.11 --runtime-dir "$rtb" --proc-type secondary --batch-sched)
-    run_fg "dpdk rtt $pl" "${PIN[@]}" "$BIN/dpdk_bench" "${SEC[@]}" rtt --count "$RTT_N" --warmup "$RTT_WARM"
-    run_fg "memplane rtt $pl" "${PIN[@]}" "$BIN/memplane" mp bench rtt "${MP[@]}" --count "$RTT_N" --warmup "$RTT_WARM"
-    run_fg "memplane-batch rtt $pl" "${PIN[@]}" "$BIN/memplane" mp bench rtt "${MPB[@]}" --count "$RTT_N" --warmup "$RTT_WARM"
+    local cn=$((RTT_N / RTT_CHUNKS)) cw=$((RTT_WARM / RTT_CHUNKS))
+    for c in $(seq "$RTT_CHUNKS"); do
+      run_fg "bare rtt $pl ($c/$RTT_CHUNKS)" "${PIN[@]}" "$BIN/unix_pingpong" --count "$cn" --warmup "$cw"
+      run_fg "dpdk rtt $pl ($c/$RTT_CHUNKS)" "${PIN[@]}" "$BIN/dpdk_bench" "${SEC[@]}" rtt --count "$cn" --warmup "$cw"
+      run_fg "memplane rtt $pl ($c/$RTT_CHUNKS)" "${PIN[@]}" "$BIN/memplane" mp bench rtt "${MP[@]}" --count "$cn" --warmup "$cw"
+      run_fg "memplane-batch rtt $pl ($c/$RTT_CHUNKS)" "${PIN[@]}" "$BIN/memplane" mp bench rtt "${MPB[@]}" --count "$cn" --warmup "$cw"
+    done
     for w in $WINDOWS; do
       run_fg "dpdk async W=$w $pl" "${PIN[@]}" "$BIN/dpdk_bench" "${SEC[@]}" async --count "$ASYNC_N" --warmup "$ASYNC_WARM" --window "$w"
       run_fg "memplane async W=$w $pl" "${PIN[@]}" "$BIN/memplane" mp bench async "${MP[@]}" --count "$ASYNC_N" --warmup "$ASYNC_WARM" --window "$w"
@@ -454,7 +471,7 @@ table() {
   else
     echo "- idle wait: off (--no-wait-idle)"
   fi
-  echo "- samples: round trip $RTT_N (+$RTT_WARM warm-up), broadcast $BC_N (+$BC_WARM), async $ASYNC_N (+$ASYNC_WARM), one-way $ONEWAY_N"
+  echo "- samples: round trip $RTT_N (+$RTT_WARM warm-up) in $RTT_CHUNKS interleaved chunks, broadcast $BC_N (+$BC_WARM), async $ASYNC_N (+$ASYNC_WARM), one-way $ONEWAY_N"
   echo "- placements: cpu0 = all processes \`taskset -c 0\` (DPDK \`-l 0\`); float = unpinned (DPDK \`--lcores 0@(0-$((NCPU - 1)))\`)"
   table
   echo
