@@ -695,8 +695,20 @@ impl MpChannel {
 
     /// Sends a request to every peer and waits until all answered or `timeout` passed.
     pub fn request(&self, msg: &Message<Fds>, timeout: Duration) -> Result<Replies, Error> {
-        let peers = self.peers()?;
-        self.request_to(&peers, msg, timeout)
+        self.with_peers(|peers| self.request_to(peers, msg, timeout))?
+    }
+
+    /// Runs `f` on the peers a message would reach ([`MpChannel::peers`]); a secondary's one
+    /// peer, the primary, without building a list.
+    fn with_peers<R>(&self, f: impl FnOnce(&[PeerAddr]) -> R) -> Result<R, Error> {
+        if self.role() == Role::Secondary {
+            let mut primary = None;
+            memplane_core::Transport::for_each_peer(self.ep.transport(), &mut |p| {
+                primary = Some(p.clone())
+            })?;
+            return Ok(f(primary.as_slice()));
+        }
+        Ok(f(&self.peers()?))
     }
 
     /// [`MpChannel::request`] to the given peers.
@@ -845,8 +857,7 @@ impl MpChannel {
         timeout: Duration,
         cb: impl FnOnce(&MpChannel, Replies) + Send + 'static,
     ) -> Result<RequestId, Error> {
-        let peers = self.peers()?;
-        self.request_async_to(&peers, msg, timeout, cb)
+        self.with_peers(|peers| self.request_async_to(peers, msg, timeout, cb))?
     }
 
     /// [`MpChannel::request_async`] to the given peers.

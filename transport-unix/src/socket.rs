@@ -42,6 +42,9 @@ struct PeerInner {
     key: Box<[u8]>,
     /// Where the file name starts in `key`.
     name_at: usize,
+    /// A hash of the file name, made once: what `Hash` feeds a hasher (one word, not the
+    /// name's bytes, on every lookup of the pending table and the outbox).
+    name_hash: u64,
     /// The socket address, or why the path cannot be one (too long, a NUL byte).
     addr: Result<SocketAddrUnix, Errno>,
 }
@@ -66,13 +69,23 @@ impl Ord for PeerAddr {
     }
 }
 
-/// Hashes the socket's file name only: equal addresses have equal file names, and every socket
-/// of a runtime directory has its own name, so this spreads keys as well as the whole path
-/// would, for less.
+/// Hashes the socket's file name only (a hash of it made once): equal addresses have equal
+/// file names, and every socket of a runtime directory has its own name, so this spreads keys
+/// as well as the whole path would, for less.
 impl std::hash::Hash for PeerAddr {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.0.key[self.0.name_at..].hash(h);
+        h.write_u64(self.0.name_hash);
     }
+}
+
+/// FNV-1a of `b`, then a final mix (the hashers that take it may use its low bits alone).
+fn name_hash(b: &[u8]) -> u64 {
+    let mut x = b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
+        (h ^ u64::from(c)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^ (x >> 33)
 }
 
 impl PeerAddr {
@@ -84,10 +97,12 @@ impl PeerAddr {
         let name_at = canon
             .file_name()
             .map_or(key.len(), |n| key.len() - n.as_bytes().len());
+        let name_hash = name_hash(&key[name_at..]);
         PeerAddr(Arc::new(PeerInner {
             path: path.to_owned(),
             key,
             name_at,
+            name_hash,
             addr: SocketAddrUnix::new(path),
         }))
     }
