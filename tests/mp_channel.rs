@@ -63,8 +63,14 @@ fn listener(dir: &TestDir, extra: &[&str]) -> Proc {
 
 /// A primary `memplane mp listen` in `dir` answering each action of `names`.
 fn primary_listener(dir: &TestDir, names: &[String]) -> Proc {
-    let actions: Vec<&str> = names.iter().flat_map(|n| ["--action", n]).collect();
-    listen(dir, "primary", "ready role=Primary", &actions)
+    primary_listener_with(dir, names, &[])
+}
+
+/// [`primary_listener`] with more `mp listen` options.
+fn primary_listener_with(dir: &TestDir, names: &[String], extra: &[&str]) -> Proc {
+    let mut args: Vec<&str> = names.iter().flat_map(|n| ["--action", n]).collect();
+    args.extend(extra);
+    listen(dir, "primary", "ready role=Primary", &args)
 }
 
 #[test]
@@ -683,12 +689,7 @@ fn thousand_async_requests_in_flight() {
     // the secondary's queue of 10, from its receiving thread.
     let dir = test_dir();
     let names: Vec<String> = (0..1000).map(|i| format!("f{i}")).collect();
-    let mut args: Vec<&str> = names
-        .iter()
-        .flat_map(|n| ["--action", n.as_str()])
-        .collect();
-    args.extend(["--hold-replies-until", "go"]);
-    let mut prim = listen(&dir, "primary", "ready role=Primary", &args);
+    let mut prim = primary_listener_with(&dir, &names, &["--hold-replies-until", "go"]);
     let ch = lib(&dir, ProcType::Secondary);
     let (tx, rx) = mpsc::channel();
     for n in &names {
