@@ -9,7 +9,8 @@
 //! another uid rejected; 1,000 async requests in flight; many threads sharing one receiving
 //! thread; every ABI on the wire; answers to a peer that reads late waiting in order (or dropped
 //! at the send timeout) while others are served; requests whose datagram waits in the outbox
-//! for a peer that dies end at once, not at their deadline. Each test has its own runtime
+//! for a peer that dies end at once, not at their deadline; a relative runtime directory given
+//! from different working directories names one deployment. Each test has its own runtime
 //! directory and reaps its children.
 
 mod common;
@@ -471,6 +472,50 @@ fn second_primary_refused_and_auto_becomes_secondary() {
     let (code, out, err) = run_in(&dir, &["mp", "peers"]);
     assert_eq!(code, 0, "{err}");
     assert!(out[0].starts_with("role=Secondary"), "{out:?}");
+}
+
+/// A relative `--runtime-dir`, given from different working directories, names one
+/// deployment: the primary (started in the directory's parent, `--runtime-dir NAME`) answers
+/// a secondary started inside it (`--runtime-dir .`) and one started in the test's own
+/// working directory (the absolute path). Before the directory was made absolute, the
+/// primary's answer came from a path the requester did not send to, and the request timed out.
+#[test]
+fn relative_runtime_dirs_name_one_deployment() {
+    let dir = test_dir();
+    let parent = dir.path().parent().expect("a parent").to_owned();
+    let name = dir.path().file_name().expect("a name").to_string_lossy();
+    let mut p = Proc::start_in(
+        "memplane primary",
+        common::memplane(),
+        &["primary", "--runtime-dir", &name],
+        Some(&parent),
+    );
+    p.expect_line("primary ready", LONG);
+    let ask = |cwd: Option<&Path>, d: &str| {
+        let (code, out, err) = common::run_at(
+            cwd,
+            &[
+                "mp",
+                "request",
+                "memplane_ping",
+                "--timeout",
+                "5000",
+                "--proc-type",
+                "secondary",
+                "--runtime-dir",
+                d,
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.iter()
+                .any(|l| l.starts_with("done name=memplane_ping nb_sent=1 nb_received=1 ")),
+            "{out:?} {err}"
+        );
+    };
+    ask(Some(dir.path()), ".");
+    ask(None, &dir.arg());
+    p.terminate_ok(LONG);
 }
 
 #[test]

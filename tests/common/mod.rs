@@ -41,7 +41,21 @@ impl Proc {
     /// Starts `program` with `args`, with stdin, stdout and stderr piped; `what` names it in
     /// failure messages and in front of each stdout line echoed to the test's stderr.
     pub fn start<S: AsRef<OsStr>>(what: &str, program: impl AsRef<OsStr>, args: &[S]) -> Proc {
-        let mut child = Command::new(program)
+        Proc::start_in(what, program, args, None)
+    }
+
+    /// [`Proc::start`] in working directory `cwd` (the test's own when `None`).
+    pub fn start_in<S: AsRef<OsStr>>(
+        what: &str,
+        program: impl AsRef<OsStr>,
+        args: &[S],
+        cwd: Option<&std::path::Path>,
+    ) -> Proc {
+        let mut cmd = Command::new(program);
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -320,10 +334,16 @@ impl Drop for Proc {
 
 /// Runs `memplane` with `args` to completion; returns (exit code, stdout lines, stderr).
 pub fn run(args: &[&str]) -> (i32, Vec<String>, String) {
-    let out = Command::new(memplane())
-        .args(args)
-        .output()
-        .expect("run memplane");
+    run_at(None, args)
+}
+
+/// [`run`] in working directory `cwd` (the test's own when `None`).
+pub fn run_at(cwd: Option<&std::path::Path>, args: &[&str]) -> (i32, Vec<String>, String) {
+    let mut cmd = Command::new(memplane());
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    let out = cmd.args(args).output().expect("run memplane");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout)

@@ -165,11 +165,16 @@ impl ChannelConfig {
         self.busy_poll = max;
         self
     }
-    /// The runtime directory these options name.
+    /// The runtime directory these options name, made absolute against the working
+    /// directory. A socket's address is its path as bound: a relative one names another file
+    /// in a peer with another working directory, and an answer from `/run/x/mp_socket` would
+    /// not match a request sent to `x/mp_socket`. Symbolic links are kept, as DPDK keeps them.
     pub fn dir(&self) -> PathBuf {
-        self.runtime_dir
+        let d = self
+            .runtime_dir
             .clone()
-            .unwrap_or_else(|| rundir::default_dir(&self.file_prefix))
+            .unwrap_or_else(|| rundir::default_dir(&self.file_prefix));
+        std::path::absolute(&d).unwrap_or(d)
     }
 }
 
