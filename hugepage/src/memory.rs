@@ -244,6 +244,9 @@ where
                 Some(d.clone().unwrap_or_else(|| PathBuf::from("/dev/hugepages"))),
             ),
         };
+        // Secondaries open the page files by the path the shared header gives them: a relative
+        // `--huge-dir` would name other files in a process with another working directory.
+        let huge_dir = huge_dir.map(|d| std::path::absolute(&d).unwrap_or(d));
         let huge = code != backing_code::NO_HUGE;
         let page_size = if huge {
             huge_size.ok_or_else(|| {

@@ -94,10 +94,10 @@ pub struct MemOpts {
     pub memory_mb: Option<u64>,
     /// MiB to allocate up front per NUMA node (comma-separated).
     #[arg(long = "socket-mem", value_parser = memplane_hugepage::options::parse_node_list)]
-    pub socket_mem: Option<Vec<u64>>,
+    pub socket_mem: Option<NodeList>,
     /// MiB per NUMA node at most (comma-separated, 0 = no limit).
     #[arg(long = "socket-limit", value_parser = memplane_hugepage::options::parse_node_list)]
-    pub socket_limit: Option<Vec<u64>>,
+    pub socket_limit: Option<NodeList>,
     /// Where to place the shared address range (e.g. 0x100000000).
     #[arg(long = "base-virtaddr", value_parser = memplane_hugepage::options::parse_addr)]
     pub base_virtaddr: Option<u64>,
@@ -120,6 +120,11 @@ pub struct MemOpts {
     #[arg(long = "no-memory")]
     pub no_memory: bool,
 }
+
+/// MiB per NUMA node, as `--socket-mem 512,512` spells them. An alias, not `Vec<u64>` written
+/// out: clap takes a field of type `Vec` for an option given several times, one element each,
+/// and would hand `parse_node_list`'s whole list to a field of elements (a panic at runtime).
+pub type NodeList = Vec<u64>;
 
 impl MemOpts {
     /// Applies these options to `c`.

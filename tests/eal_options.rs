@@ -1,0 +1,102 @@
+//! DPDK's EAL memory options on the `memplane` command line, as DPDK users spell them:
+//! `--socket-mem` and `--socket-limit` (per-node MiB lists) take effect, a bad list is refused
+//! with a message, and a relative `--huge-dir` (hugetlbfs page files) names the same files for
+//! a secondary started in another working directory. Real `memplane primary` and
+//! `memplane info` processes; each test has its own runtime directory and reaps its children.
+
+mod common;
+
+use std::path::Path;
+
+use common::{LONG, Proc, TestDir, run_at, run_in, test_dir};
+use memplane::hugepage::memory::{default_hugepage_size, free_hugepages};
+
+/// Starts `memplane primary` in `dir` with `extra` options, in working directory `cwd`.
+fn primary_at(cwd: Option<&Path>, dir: &TestDir, extra: &[&str]) -> Proc {
+    let d = dir.arg();
+    let mut args = vec!["primary", "--runtime-dir", &d];
+    args.extend_from_slice(extra);
+    let mut p = Proc::start_in("memplane primary", common::memplane(), &args, cwd);
+    p.expect_line("primary ready", LONG);
+    p
+}
+
+/// `memplane info` of the deployment in `dir`, from working directory `cwd`: its stdout.
+fn info_at(cwd: Option<&Path>, dir: &TestDir) -> String {
+    let d = dir.arg();
+    let (code, out, err) = run_at(cwd, &["info", "--runtime-dir", &d]);
+    assert_eq!(code, 0, "memplane info: {err}");
+    out.join("\n")
+}
+
+#[test]
+fn socket_mem_and_socket_limit_take_effect() {
+    // 8 MiB up front on node 0: four 2 MiB segments in use before anyone allocates.
+    let dir = test_dir();
+    let mut p = primary_at(None, &dir, &["--no-huge", "--socket-mem", "8"]);
+    let info = info_at(None, &dir);
+    assert!(info.contains("8388608 bytes in use"), "{info}");
+    p.terminate_ok(LONG);
+
+    // At most 16 MiB on node 0: the address range reserved for it is that large.
+    let dir = test_dir();
+    let mut p = primary_at(None, &dir, &["--no-huge", "--socket-limit", "16"]);
+    let info = info_at(None, &dir);
+    assert!(info.contains("8 segments at 0x"), "{info}");
+    p.terminate_ok(LONG);
+
+    // A list that is not one is refused by the parser, with the culprit named.
+    for bad in [["--socket-mem", "x"], ["--socket-limit", "8,,8"]] {
+        let (code, _, err) = run_in(&dir, &["primary", "--no-huge", bad[0], bad[1]]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("bad per-node size"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn a_relative_huge_dir_names_the_same_files_everywhere() {
+    let Some(size) = default_hugepage_size().filter(|&s| free_hugepages(s) >= 4) else {
+        memplane_testkit::skip(
+            "a_relative_huge_dir_names_the_same_files_everywhere: fewer than 4 free hugepages",
+        );
+        return;
+    };
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(" /dev/hugepages hugetlbfs "));
+    if !mounted || size != 2 << 20 {
+        memplane_testkit::skip(
+            "a_relative_huge_dir_names_the_same_files_everywhere: no 2 MiB hugetlbfs at /dev/hugepages",
+        );
+        return;
+    }
+    let dir = test_dir();
+    let prefix = format!("mpteal{}", std::process::id());
+    // The primary runs in /dev and names its page directory `hugepages`; `memplane info`
+    // attaches from the test's own working directory.
+    let mut p = primary_at(
+        Some(Path::new("/dev")),
+        &dir,
+        &[
+            "--huge-dir",
+            "hugepages",
+            "--socket-mem",
+            "4",
+            "--file-prefix",
+            &prefix,
+        ],
+    );
+    let info = info_at(None, &dir);
+    assert!(info.contains("backing file-per-page"), "{info}");
+    assert!(info.contains("4194304 bytes in use"), "{info}");
+    p.terminate_ok(LONG);
+    let left: Vec<String> = std::fs::read_dir("/dev/hugepages")
+        .expect("read /dev/hugepages")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "page files left behind: {left:?}");
+}
