@@ -1,7 +1,8 @@
 //! DPDK's EAL memory options on the `memplane` command line, as DPDK users spell them:
 //! `--socket-mem` and `--socket-limit` (per-node MiB lists) take effect, a bad list is refused
-//! with a message, and a relative `--huge-dir` (hugetlbfs page files) names the same files for
-//! a secondary started in another working directory. Real `memplane primary` and
+//! with a message, a `--huge-dir` off hugetlbfs is refused at start, and a relative
+//! `--huge-dir` (hugetlbfs page files) names the same files for a secondary started in another
+//! working directory. Real `memplane primary` and
 //! `memplane info` processes; each test has its own runtime directory and reaps its children.
 
 mod common;
@@ -51,6 +52,24 @@ fn socket_mem_and_socket_limit_take_effect() {
         assert_eq!(code, 2, "{err}");
         assert!(err.contains("bad per-node size"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// A `--huge-dir` that is missing or not on a hugetlbfs is refused when the primary starts,
+/// not when it first needs a page (its page files could not be hugepages).
+#[test]
+fn a_huge_dir_off_hugetlbfs_is_refused_at_start() {
+    let dir = test_dir();
+    let missing = dir.path().join("missing");
+    for d in [dir.arg(), missing.to_string_lossy().into_owned()] {
+        let (code, out, err) = run_in(&dir, &["primary", "--huge-dir", &d]);
+        assert_eq!(code, 1, "{out:?} {err}");
+        assert!(
+            err.contains(&format!(
+                "--huge-dir {d}: not a directory on a hugetlbfs mount"
+            )),
+            "{err}"
+        );
     }
 }
 

@@ -947,6 +947,15 @@ pub fn reserve_at(
     Ok(got)
 }
 
+/// The page size of the hugetlbfs that holds `path` (its `statfs` block size), `None` when
+/// `path` cannot be read or is on another file system.
+pub fn hugetlbfs_page_size(path: &Path) -> Option<u64> {
+    rustix::fs::statfs(path)
+        .ok()
+        .filter(|s| s.f_type as u64 == HUGETLBFS_MAGIC)
+        .map(|s| s.f_bsize as u64)
+}
+
 /// Whether `path` is the root of a hugetlbfs mount.
 pub fn is_hugetlbfs(path: &Path) -> bool {
     rustix::fs::statfs(path).is_ok_and(|s| s.f_type as u64 == HUGETLBFS_MAGIC)

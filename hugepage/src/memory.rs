@@ -247,6 +247,28 @@ where
         // Secondaries open the page files by the path the shared header gives them: a relative
         // `--huge-dir` would name other files in a process with another working directory.
         let huge_dir = huge_dir.map(|d| std::path::absolute(&d).unwrap_or(d));
+        // Page files take the page size of the hugetlbfs they are on, whatever was asked: a
+        // directory that is not one (or missing) is refused now, not at the first page.
+        let huge_size = match &huge_dir {
+            None => huge_size,
+            Some(d) => {
+                let Some(mount) = crate::discover::hugetlbfs_page_size(d) else {
+                    return Err(MemError::Invalid(format!(
+                        "--huge-dir {}: not a directory on a hugetlbfs mount",
+                        d.display()
+                    )));
+                };
+                if opts.page_size.is_some_and(|p| p != mount) {
+                    return Err(MemError::Invalid(format!(
+                        "--huge-dir {} holds {} KiB pages, not the {} KiB asked for",
+                        d.display(),
+                        mount >> 10,
+                        opts.page_size.unwrap_or(0) >> 10
+                    )));
+                }
+                Some(mount)
+            }
+        };
         let huge = code != backing_code::NO_HUGE;
         let page_size = if huge {
             huge_size.ok_or_else(|| {
