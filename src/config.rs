@@ -79,13 +79,22 @@ impl Config {
         self.memory.backing = Backing::NoHuge;
         self
     }
-    /// `--in-memory`: hugepage memfds, nothing on disk.
+    /// `--in-memory`: hugepage memfds, nothing on disk. With `--huge-dir` or
+    /// `--single-file-segments` too (in either order), as in DPDK, nothing goes on disk still:
+    /// the directory's hugetlbfs gives the page size.
     pub fn in_memory(mut self) -> Self {
+        if let Backing::FilePerPage(Some(d)) | Backing::SingleFile(Some(d)) = &self.memory.backing {
+            self.memory.page_size = memplane_hugepage::discover::hugetlbfs_page_size(d);
+        }
         self.memory.backing = Backing::Memfd;
         self
     }
-    /// `--single-file-segments` (in `--huge-dir`, default `/dev/hugepages`).
+    /// `--single-file-segments` (in `--huge-dir`, default `/dev/hugepages`). With
+    /// `--in-memory` it changes nothing: its memfds are one per list already.
     pub fn single_file_segments(mut self) -> Self {
+        if matches!(self.memory.backing, Backing::Memfd) {
+            return self;
+        }
         let dir = match &self.memory.backing {
             Backing::FilePerPage(d) | Backing::SingleFile(d) => d.clone(),
             _ => None,
@@ -95,6 +104,11 @@ impl Config {
     }
     /// `--huge-dir`: hugetlbfs files (one per page unless `--single-file-segments`).
     pub fn huge_dir(mut self, d: impl Into<PathBuf>) -> Self {
+        if matches!(self.memory.backing, Backing::Memfd) {
+            // `--in-memory` stays: see `in_memory`.
+            self.memory.page_size = memplane_hugepage::discover::hugetlbfs_page_size(&d.into());
+            return self;
+        }
         self.memory.backing = match self.memory.backing {
             Backing::SingleFile(_) => Backing::SingleFile(Some(d.into())),
             _ => Backing::FilePerPage(Some(d.into())),

@@ -1,9 +1,10 @@
 //! DPDK's EAL memory options on the `memplane` command line, as DPDK users spell them:
 //! `--socket-mem` and `--socket-limit` (per-node MiB lists) take effect, a bad list is refused
-//! with a message, a `--huge-dir` off hugetlbfs is refused at start, and a relative
-//! `--huge-dir` (hugetlbfs page files) names the same files for a secondary started in another
-//! working directory. Real `memplane primary` and
-//! `memplane info` processes; each test has its own runtime directory and reaps its children.
+//! with a message, a `--huge-dir` off hugetlbfs is refused at start, `--in-memory` keeps nothing
+//! on disk whatever it is combined with, and a relative `--huge-dir` (hugetlbfs page files)
+//! names the same files for a secondary started in another working directory. Real
+//! `memplane primary` and `memplane info` processes; each test has its own runtime directory
+//! and reaps its children.
 
 mod common;
 
@@ -73,22 +74,63 @@ fn a_huge_dir_off_hugetlbfs_is_refused_at_start() {
     }
 }
 
-#[test]
-fn a_relative_huge_dir_names_the_same_files_everywhere() {
+/// Whether 2 MiB hugepages are free (4 at least) and a hugetlbfs is mounted at
+/// `/dev/hugepages`; says why `test` is skipped when not.
+fn hugetlbfs_here(test: &str) -> bool {
     let Some(size) = default_hugepage_size().filter(|&s| free_hugepages(s) >= 4) else {
-        memplane_testkit::skip(
-            "a_relative_huge_dir_names_the_same_files_everywhere: fewer than 4 free hugepages",
-        );
-        return;
+        memplane_testkit::skip(&format!("{test}: fewer than 4 free hugepages"));
+        return false;
     };
     let mounted = std::fs::read_to_string("/proc/mounts")
         .unwrap_or_default()
         .lines()
         .any(|l| l.contains(" /dev/hugepages hugetlbfs "));
     if !mounted || size != 2 << 20 {
-        memplane_testkit::skip(
-            "a_relative_huge_dir_names_the_same_files_everywhere: no 2 MiB hugetlbfs at /dev/hugepages",
-        );
+        memplane_testkit::skip(&format!("{test}: no 2 MiB hugetlbfs at /dev/hugepages"));
+        return false;
+    }
+    true
+}
+
+/// The names in `/dev/hugepages` that start with `prefix`.
+fn page_files(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/dev/hugepages")
+        .expect("read /dev/hugepages")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+/// `--in-memory` keeps nothing on disk whatever else is given, in either order: with
+/// `--huge-dir` (which then only names the page size) and with `--single-file-segments`.
+#[test]
+fn in_memory_keeps_nothing_on_disk() {
+    if !hugetlbfs_here("in_memory_keeps_nothing_on_disk") {
+        return;
+    }
+    let prefix = format!("mptinm{}", std::process::id());
+    for extra in [
+        &["--in-memory", "--huge-dir", "/dev/hugepages"][..],
+        &["--huge-dir", "/dev/hugepages", "--in-memory"],
+        &["--in-memory", "--single-file-segments"],
+        &["--single-file-segments", "--in-memory"],
+    ] {
+        let dir = test_dir();
+        let mut args = extra.to_vec();
+        args.extend(["--socket-mem", "2", "--file-prefix", &prefix]);
+        let mut p = primary_at(None, &dir, &args);
+        let info = info_at(None, &dir);
+        assert!(info.contains("backing memfd"), "{extra:?}: {info}");
+        assert!(info.contains("2097152 bytes in use"), "{extra:?}: {info}");
+        assert_eq!(page_files(&prefix), Vec::<String>::new(), "{extra:?}");
+        p.terminate_ok(LONG);
+    }
+}
+
+#[test]
+fn a_relative_huge_dir_names_the_same_files_everywhere() {
+    if !hugetlbfs_here("a_relative_huge_dir_names_the_same_files_everywhere") {
         return;
     }
     let dir = test_dir();
@@ -111,11 +153,6 @@ fn a_relative_huge_dir_names_the_same_files_everywhere() {
     assert!(info.contains("backing file-per-page"), "{info}");
     assert!(info.contains("4194304 bytes in use"), "{info}");
     p.terminate_ok(LONG);
-    let left: Vec<String> = std::fs::read_dir("/dev/hugepages")
-        .expect("read /dev/hugepages")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&prefix))
-        .collect();
+    let left = page_files(&prefix);
     assert!(left.is_empty(), "page files left behind: {left:?}");
 }
