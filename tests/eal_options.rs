@@ -1,10 +1,10 @@
 //! DPDK's EAL memory options on the `memplane` command line, as DPDK users spell them:
 //! `--socket-mem` and `--socket-limit` (per-node MiB lists) take effect, a bad list is refused
-//! with a message, a `--huge-dir` off hugetlbfs is refused at start, `--in-memory` keeps nothing
-//! on disk whatever it is combined with, and a relative `--huge-dir` (hugetlbfs page files)
-//! names the same files for a secondary started in another working directory. Real
-//! `memplane primary` and `memplane info` processes; each test has its own runtime directory
-//! and reaps its children.
+//! with a message, a `--file-prefix` that is not a file name part and a `--huge-dir` off
+//! hugetlbfs are refused at start, `--in-memory` keeps nothing on disk whatever it is combined
+//! with, and a relative `--huge-dir` (hugetlbfs page files) names the same files for a
+//! secondary started in another working directory. Real `memplane primary` and `memplane info`
+//! processes; each test has its own runtime directory and reaps its children.
 
 mod common;
 
@@ -54,6 +54,24 @@ fn socket_mem_and_socket_limit_take_effect() {
         assert!(err.contains("bad per-node size"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// A `--file-prefix` that is not one file name part (it names the runtime directory and
+/// every hugepage file) is refused before anything is created: `a/b`, `..` and an empty one
+/// would put files elsewhere, `%` DPDK refuses too.
+#[test]
+fn a_file_prefix_that_is_not_a_name_part_is_refused() {
+    let dir = test_dir();
+    for bad in ["a/b", "..", ".", "", "a%b"] {
+        let (code, out, err) = run_in(&dir, &["primary", "--no-huge", "--file-prefix", bad]);
+        assert_eq!(code, 1, "{bad:?}: {out:?} {err}");
+        assert!(
+            err.contains(&format!("--file-prefix {bad:?} is not a file name part")),
+            "{err}"
+        );
+    }
+    // Not even the runtime directory was made.
+    assert!(!dir.path().exists(), "{}", dir.path().display());
 }
 
 /// A `--huge-dir` that is missing or not on a hugetlbfs is refused when the primary starts,

@@ -1201,6 +1201,7 @@ fn resolve_role(cfg: &ChannelConfig, dir: &Path) -> Result<(Role, Option<Primary
 impl Channel {
     /// Opens the channel: resolves the role, binds the socket, starts the threads.
     pub fn open(cfg: ChannelConfig) -> Result<Channel, Error> {
+        rundir::check_prefix(&cfg.file_prefix)?;
         let dir = cfg.dir();
         rundir::create(&dir)?;
         // Hold the directory while our socket appears, as DPDK processes do, so a DPDK primary

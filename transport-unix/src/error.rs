@@ -39,6 +39,11 @@ pub enum Error {
         /// Its length.
         len: usize,
     },
+    /// A `--file-prefix` that is not one file name part.
+    InvalidPrefix {
+        /// The prefix given.
+        prefix: String,
+    },
     /// The message is not valid.
     Message(MessageError),
     /// The protocol core refused the operation.
@@ -97,6 +102,12 @@ impl fmt::Display for Error {
                 "socket path {} is {len} bytes, the limit is 107; use a shorter --runtime-dir \
                  or --file-prefix",
                 path.display()
+            ),
+            Error::InvalidPrefix { prefix } => write!(
+                f,
+                "--file-prefix {prefix:?} is not a file name part: it must be non-empty, not \
+                 \".\" or \"..\", and hold no '/', '%' or NUL (it names the runtime directory \
+                 and every hugepage file)"
             ),
             Error::Message(e) => write!(f, "{e}"),
             Error::Endpoint(e) => write!(f, "{e}"),

@@ -54,6 +54,20 @@ pub fn default_base() -> PathBuf {
     }
 }
 
+/// Checks that `prefix` can name a runtime directory (`base/dpdk/<prefix>`) and start hugepage
+/// file names: one path component, not `.` or `..`, and no `%` (DPDK refuses it too: it
+/// formats file names with the prefix).
+pub fn check_prefix(prefix: &str) -> Result<(), Error> {
+    let bad =
+        prefix.is_empty() || prefix == "." || prefix == ".." || prefix.contains(['/', '%', '\0']);
+    if bad {
+        return Err(Error::InvalidPrefix {
+            prefix: prefix.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// The runtime directory for `prefix`: `base/dpdk/<prefix>`.
 pub fn default_dir(prefix: &str) -> PathBuf {
     default_base().join("dpdk").join(prefix)
