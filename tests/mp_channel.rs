@@ -518,6 +518,24 @@ fn relative_runtime_dirs_name_one_deployment() {
     p.terminate_ok(LONG);
 }
 
+/// Counts that leave nothing to measure are refused by the parser (`mp ping --count 0`
+/// panicked on its empty sample list).
+#[test]
+fn zero_counts_are_refused() {
+    let dir = test_dir();
+    for args in [
+        &["mp", "ping", "--count", "0"][..],
+        &["mp", "bench", "rtt", "--count", "0"],
+        &["mp", "bench", "oneway", "--count", "0"],
+        &["mp", "bench", "broadcast", "--peers", "1", "--count", "0"],
+    ] {
+        let (code, _, err) = run_in(&dir, args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("invalid value '0' for '--count"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 #[test]
 fn secondary_without_primary_fails_at_once() {
     let dir = test_dir();

@@ -90,8 +90,8 @@ pub struct ServeArgs {
 pub struct RttArgs {
     #[command(flatten)]
     common: Common,
-    /// Round trips to measure.
-    #[arg(long, default_value = "10000")]
+    /// Round trips to measure (at least 1).
+    #[arg(long, default_value = "10000", value_parser = clap::value_parser!(u32).range(1..))]
     count: u32,
     /// Round trips to run first, unmeasured.
     #[arg(long, default_value = "1000")]
@@ -109,8 +109,8 @@ pub struct BroadcastArgs {
     /// Secondaries to wait for before starting.
     #[arg(long)]
     peers: usize,
-    /// Broadcasts to measure.
-    #[arg(long, default_value = "2000")]
+    /// Broadcasts to measure (at least 1).
+    #[arg(long, default_value = "2000", value_parser = clap::value_parser!(u32).range(1..))]
     count: u32,
     /// Broadcasts to run first, unmeasured.
     #[arg(long, default_value = "200")]
@@ -142,8 +142,8 @@ pub struct AsyncArgs {
 pub struct OnewayArgs {
     #[command(flatten)]
     common: Common,
-    /// Messages to send.
-    #[arg(long, default_value = "200000")]
+    /// Messages to send (at least 1).
+    #[arg(long, default_value = "200000", value_parser = clap::value_parser!(u64).range(1..))]
     count: u64,
 }
 

@@ -111,8 +111,8 @@ pub struct RequestArgs {
 pub struct PingArgs {
     #[command(flatten)]
     opts: ChannelOpts,
-    /// Round trips to measure.
-    #[arg(long, default_value = "1000")]
+    /// Round trips to measure (at least 1).
+    #[arg(long, default_value = "1000", value_parser = clap::value_parser!(u32).range(1..))]
     count: u32,
     /// Round trips to run first, unmeasured.
     #[arg(long, default_value = "100")]
