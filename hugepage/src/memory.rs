@@ -278,6 +278,20 @@ where
             2 << 20
         };
         let nodes = if huge { memory_nodes() } else { vec![0] };
+        // Memory asked up front on a node without memory could never be had: say so now, as
+        // DPDK's start does, rather than as a failed allocation.
+        if let Some((node, mb)) = opts
+            .socket_mem
+            .iter()
+            .enumerate()
+            .find(|&(n, &mb)| mb > 0 && !nodes.contains(&(n as u32)))
+        {
+            return Err(MemError::Invalid(format!(
+                "--socket-mem asks {mb} MiB on NUMA node {node}, which has no {} memory here \
+                 (nodes {nodes:?})",
+                if huge { "hugepage" } else { "shared" }
+            )));
+        }
         let total_limit = opts.total_mb.map_or(0, |m| m << 20);
         let mut per_list = if huge {
             opts.list_va
@@ -308,6 +322,20 @@ where
         }
         let res =
             Reservation::anywhere(opts.base_virtaddr.unwrap_or(DEFAULT_BASE), off, page_size)?;
+        if let Some(b) = opts.base_virtaddr
+            && res.base() != b.next_multiple_of(page_size)
+        {
+            // A hint, as in DPDK: the range goes elsewhere, and every secondary follows it.
+            let moved = format!(
+                "--base-virtaddr {b:#x} is not free or not usable here: the shared address \
+                 range is at {:#x} instead",
+                res.base()
+            );
+            note = Some(match note {
+                Some(n) => format!("{n}; {moved}"),
+                None => moved,
+            });
+        }
         for s in &mut specs {
             s.base += res.base();
         }

@@ -66,6 +66,9 @@ impl Reservation {
     /// mappings.
     pub fn anywhere(hint: u64, len: u64, align: u64) -> Result<Reservation, MemError> {
         let align = align.max(4096);
+        // An unaligned hint is rounded up (DPDK aligns `--base-virtaddr` to the page size too);
+        // the kernel would take it for no hint at all.
+        let hint = hint.checked_next_multiple_of(align).unwrap_or(hint);
         let span = len
             .checked_add(align)
             .ok_or_else(|| MemError::Invalid(format!("reservation of {len} bytes")))?;
