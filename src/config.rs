@@ -138,6 +138,11 @@ pub enum InitError {
     Channel(memplane_unix::Error),
     /// The memory could not be set up or attached.
     Memory(MemError),
+    /// A secondary with memory, under a DPDK primary: DPDK's memory is laid out its own way.
+    DpdkPrimary {
+        /// The runtime directory.
+        dir: PathBuf,
+    },
 }
 
 impl fmt::Display for InitError {
@@ -145,6 +150,13 @@ impl fmt::Display for InitError {
         match self {
             InitError::Channel(e) => write!(f, "{e}"),
             InitError::Memory(e) => write!(f, "{e}"),
+            InitError::DpdkPrimary { dir } => write!(
+                f,
+                "the primary of {} is a DPDK process: memplane talks to it over the channel \
+                 (`memplane mp ...`, or a process without memory: `--no-memory`, \
+                 `Config::without_memory`), but cannot attach to DPDK's memory",
+                dir.display()
+            ),
         }
     }
 }
@@ -226,6 +238,9 @@ pub fn init(cfg: Config) -> Result<Process, InitError> {
                 (Some(m), Some(h), Some(s))
             }
             Role::Secondary => {
+                if memplane_unix::rundir::live_primary(&dir).is_some_and(|i| i.dpdk) {
+                    return Err(InitError::DpdkPrimary { dir });
+                }
                 let m =
                     Memory::secondary(ch.shared(), &dir, timeouts).map_err(InitError::Memory)?;
                 let h = Heap::secondary(m.clone()).map_err(InitError::Memory)?;

@@ -1,8 +1,8 @@
 //! Interop with real DPDK 22.11: the C peer `interop/dpdk_peer.c`, built here with cc and
 //! pkg-config, runs as the DPDK primary and the `memplane` binary talks to it as a secondary over
 //! DPDK's own `rte_mp` channel: requests (sync and async) with fds both ways, a DPDK broadcast
-//! answered by `memplane mp listen`, one-way messages, role detection, and the 22.11 ABI's
-//! 8-fd limit.
+//! answered by `memplane mp listen`, one-way messages, role detection (and `memplane info`
+//! refusing to attach to DPDK's memory), and the 22.11 ABI's 8-fd limit.
 //!
 //! Every test is skipped (it passes and prints a `SKIPPED:` line to stderr) when DPDK 22.11's
 //! development files (libdpdk-dev) or a C compiler are missing, or when not running as root
@@ -336,6 +336,17 @@ fn memplane_auto_role_finds_dpdk_primary() {
         assert!(!st.success(), "{}", mp.report());
         assert!(
             mp.stderr_text().contains("a DPDK primary"),
+            "{}",
+            mp.report()
+        );
+        // Attaching to its memory (`memplane info` does) is refused, saying why: DPDK's
+        // memory is not laid out as memplane's.
+        let mut args = strings(&["info", "--abi", DPDK_ABI, "--runtime-dir"]);
+        args.push(prefix.dir().into());
+        let (st, mp) = memplane("memplane-info", &args);
+        assert!(!st.success(), "{}", mp.report());
+        assert!(
+            mp.stderr_text().contains("is a DPDK process"),
             "{}",
             mp.report()
         );
