@@ -1,12 +1,12 @@
 //! DPDK's EAL memory options on the `memplane` command line, as DPDK users spell them:
-//! `--socket-mem` and `--socket-limit` (per-node MiB lists) take effect, a bad list or memory
-//! asked on a node without any is refused with a message, `--base-virtaddr` is a hint (rounded
-//! to the page size, moved with a note when taken), a `--file-prefix` that is not a file name
-//! part and a `--huge-dir` off hugetlbfs are refused at start, `--in-memory` keeps nothing on
-//! disk whatever it is combined with, and a relative `--huge-dir` (hugetlbfs page files) names
-//! the same files for a secondary started in another working directory. Real
-//! `memplane primary` and `memplane info` processes; each test has its own runtime directory
-//! and reaps its children.
+//! `--socket-mem` and `--socket-limit` (per-node MiB lists) take effect; a bad list, memory
+//! asked on a node without any or past the address space is refused with a message;
+//! `--base-virtaddr` is a hint (rounded to the page size, moved with a note when taken); a
+//! `--file-prefix` that is not a file name part and a `--huge-dir` off hugetlbfs are refused at
+//! start; `--in-memory` keeps nothing on disk whatever it is combined with; and a relative
+//! `--huge-dir` (hugetlbfs page files) names the same files for a secondary started in another
+//! working directory. Real `memplane primary` and `memplane info` processes; each test has its
+//! own runtime directory and reaps its children.
 
 mod common;
 
@@ -58,10 +58,10 @@ fn socket_mem_and_socket_limit_take_effect() {
     }
 }
 
-/// `--socket-mem` on a NUMA node without memory is refused at start, naming the node (a
-/// no-huge primary has one node, 0).
+/// Memory that cannot be had is refused at start, saying why: `--socket-mem` on a NUMA node
+/// without memory (a no-huge primary has one node, 0), and sizes past the address space.
 #[test]
-fn socket_mem_on_a_node_without_memory_is_refused() {
+fn memory_that_cannot_be_had_is_refused() {
     let dir = test_dir();
     let (code, out, err) = run_in(&dir, &["primary", "--no-huge", "--socket-mem", "0,8"]);
     assert_eq!(code, 1, "{out:?} {err}");
@@ -69,6 +69,21 @@ fn socket_mem_on_a_node_without_memory_is_refused() {
         err.contains("--socket-mem asks 8 MiB on NUMA node 1, which has no shared memory here"),
         "{err}"
     );
+    // Sizes past a process's address space (they overflowed into a panic before).
+    for (opt, mb) in [
+        ("-m", "18446744073709551615"),
+        ("--socket-mem", "17592186044415"),
+        ("--socket-limit", "134217729"),
+    ] {
+        let (code, out, err) = run_in(&dir, &["primary", "--no-huge", opt, mb]);
+        assert_eq!(code, 1, "{opt} {mb}: {out:?} {err}");
+        assert!(
+            err.contains(&format!(
+                "{opt} {mb} MiB is more than a process's address space"
+            )),
+            "{err}"
+        );
+    }
 }
 
 /// `--base-virtaddr` is a hint, as in DPDK: rounded up to the page size; when the range
@@ -81,24 +96,22 @@ fn base_virtaddr_is_a_hint() {
     assert!(info.contains("address range [0x200200000, "), "{info}");
     p.terminate_ok(LONG);
 
-    // Kernel space is never free to a process.
-    let dir = test_dir();
-    let mut p = primary_at(
-        None,
-        &dir,
-        &["--no-huge", "--base-virtaddr", "0xffff800000000000"],
-    );
-    // The note goes to stderr before "primary ready" goes to stdout; each pipe has its own
-    // reader thread, so wait for it.
-    let note = "--base-virtaddr 0xffff800000000000 is not free or not usable here";
-    let t0 = std::time::Instant::now();
-    while !p.stderr_text().contains(note) && t0.elapsed() < LONG {
-        std::thread::yield_now();
+    // Kernel space is never free to a process; the top address cannot even be rounded up.
+    for hint in ["0xffff800000000000", "0xffffffffffffffff"] {
+        let dir = test_dir();
+        let mut p = primary_at(None, &dir, &["--no-huge", "--base-virtaddr", hint]);
+        // The note goes to stderr before "primary ready" goes to stdout; each pipe has its own
+        // reader thread, so wait for it.
+        let note = format!("--base-virtaddr {hint} is not free or not usable here");
+        let t0 = std::time::Instant::now();
+        while !p.stderr_text().contains(&note) && t0.elapsed() < LONG {
+            std::thread::yield_now();
+        }
+        assert!(p.stderr_text().contains(&note), "{}", p.stderr_text());
+        let info = info_at(None, &dir);
+        assert!(info.contains("address range [0x"), "{info}");
+        p.terminate_ok(LONG);
     }
-    assert!(p.stderr_text().contains(note), "{}", p.stderr_text());
-    let info = info_at(None, &dir);
-    assert!(info.contains("address range [0x"), "{info}");
-    p.terminate_ok(LONG);
 }
 
 /// A `--file-prefix` that is not one file name part (it names the runtime directory and

@@ -218,6 +218,7 @@ where
                 "Memory::primary on a secondary channel".into(),
             ));
         }
+        opts.check_sizes()?;
         let root = rustix::process::geteuid().is_root();
         let huge_size = opts.page_size.or_else(default_hugepage_size);
         let mut note = None;
@@ -323,7 +324,7 @@ where
         let res =
             Reservation::anywhere(opts.base_virtaddr.unwrap_or(DEFAULT_BASE), off, page_size)?;
         if let Some(b) = opts.base_virtaddr
-            && res.base() != b.next_multiple_of(page_size)
+            && b.checked_next_multiple_of(page_size) != Some(res.base())
         {
             // A hint, as in DPDK: the range goes elsewhere, and every secondary follows it.
             let moved = format!(

@@ -305,7 +305,7 @@ impl MemMap {
             }
             let ps = l.page_size;
             let n = req.bytes.div_ceil(ps);
-            let bytes = n * ps;
+            let bytes = n.saturating_mul(ps);
             if n > l.n_segs as u64 {
                 // The list is sized by the limits: past it, say which limit.
                 if (l.node_limit != 0 && bytes > l.node_limit)

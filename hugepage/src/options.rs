@@ -5,6 +5,12 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::MemError;
+
+/// The largest size in MiB any memory option may name: 128 TiB, a process's address space on
+/// x86-64.
+pub const MAX_MIB: u64 = 1 << 27;
+
 /// Where pages come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Backing {
@@ -131,7 +137,25 @@ impl MemOptions {
         self
     }
 
-    /// The per-node limit in bytes, if any.
+    /// Checks that every size in MiB (`-m`, `--socket-mem`, `--socket-limit`) fits in a
+    /// process's address space (128 TiB on x86-64): the byte counts made of them cannot
+    /// overflow then.
+    pub fn check_sizes(&self) -> Result<(), MemError> {
+        let sized = [("-m", self.total_mb.unwrap_or(0))]
+            .into_iter()
+            .chain(self.socket_mem.iter().map(|&mb| ("--socket-mem", mb)))
+            .chain(self.socket_limit.iter().map(|&mb| ("--socket-limit", mb)));
+        for (opt, mb) in sized {
+            if mb > MAX_MIB {
+                return Err(MemError::Invalid(format!(
+                    "{opt} {mb} MiB is more than a process's address space ({MAX_MIB} MiB)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `node`'s `--socket-limit` in bytes, `None` for no limit.
     pub fn node_limit(&self, node: u32) -> Option<u64> {
         self.socket_limit
             .get(node as usize)

@@ -103,7 +103,7 @@ impl Reservation {
                 }
             }
             let r = Reservation { base: start, len };
-            if start == want.next_multiple_of(align) || attempt == 4 {
+            if want.checked_next_multiple_of(align) == Some(start) || attempt == 4 {
                 return Ok(r);
             }
             // Not where we asked: try the next candidate (the kernel may honour it).
