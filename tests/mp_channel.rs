@@ -518,10 +518,10 @@ fn relative_runtime_dirs_name_one_deployment() {
     p.terminate_ok(LONG);
 }
 
-/// Counts that leave nothing to measure are refused by the parser (`mp ping --count 0`
-/// panicked on its empty sample list).
+/// Arguments that could never work are refused at start: counts that leave nothing to
+/// measure (`mp ping --count 0` panicked on its empty sample list), a reply too long to send.
 #[test]
-fn zero_counts_are_refused() {
+fn impossible_arguments_are_refused() {
     let dir = test_dir();
     for args in [
         &["mp", "ping", "--count", "0"][..],
@@ -534,6 +534,15 @@ fn zero_counts_are_refused() {
         assert!(err.contains("invalid value '0' for '--count"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    // A reply too long for any message is refused before the listener starts (it was
+    // reported at every request).
+    let long = "ab".repeat(300);
+    let (code, out, err) = run_in(&dir, &["mp", "listen", "--action", "x", "--reply", &long]);
+    assert_eq!(code, 1, "{out:?} {err}");
+    assert!(
+        err.contains("--reply: parameter is 300 bytes long, the limit is 256"),
+        "{err}"
+    );
 }
 
 #[test]

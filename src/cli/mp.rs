@@ -182,6 +182,10 @@ fn open(o: &ChannelOpts) -> Result<Channel> {
 }
 
 fn listen(a: ListenArgs) -> Result<()> {
+    // A reply that could never be sent is refused now, not reported at every request.
+    if let Some(r) = &a.reply {
+        memplane_core::message::Param::new(&r.0).map_err(|e| format!("--reply: {e}"))?;
+    }
     // Not ready until every action is registered: a request that arrives in between is
     // answered with "ignore" rather than left to time out.
     let ch = Channel::open(a.opts.config().ready(false))?;
