@@ -218,22 +218,30 @@ fn main() {
     let mut s = Samples::new();
     for rep in 0..reps {
         eprintln!("alloc_pairs: rep {}/{reps}", rep + 1);
-        for &threads in &thread_counts {
-            for size in SIZES {
-                // Every other repetition runs the allocators in the opposite order, so that a
-                // drift of the machine's speed during a repetition favours none of them.
-                let mut order = [
-                    "glibc",
-                    "jemalloc",
-                    "mimalloc",
-                    "memplane-global-direct",
-                    "memplane-heap",
-                    "control",
-                ];
-                if rep % 2 == 1 {
-                    order.reverse();
-                }
-                for name in order.into_iter().filter(|n| want(n)) {
+        // One allocator's 1- and 2-thread runs of a size are back to back (in either order,
+        // turn about): the speedup divides two figures taken a moment apart. This VM's speed
+        // shifts by a third for seconds at a time; all 1-thread runs first, then all 2-thread
+        // ones, put seconds between the two halves of each speedup.
+        let mut threads_order = thread_counts.clone();
+        if rep % 2 == 1 {
+            threads_order.reverse();
+        }
+        for size in SIZES {
+            // Every other repetition runs the allocators in the opposite order, so that a
+            // drift of the machine's speed during a repetition favours none of them.
+            let mut order = [
+                "glibc",
+                "jemalloc",
+                "mimalloc",
+                "memplane-global-direct",
+                "memplane-heap",
+                "control",
+            ];
+            if rep % 2 == 1 {
+                order.reverse();
+            }
+            for name in order.into_iter().filter(|n| want(n)) {
+                for &threads in &threads_order {
                     let (n, r) = match name {
                         "glibc" => (fast_n, run(&Via(System), size, threads, fast_n)),
                         "jemalloc" => (
@@ -255,7 +263,10 @@ fn main() {
         }
         if let Some(g) = &global {
             let mut c = std::process::Command::new(g);
+            // In this repetition's order of thread counts.
+            let order: Vec<String> = threads_order.iter().map(usize::to_string).collect();
             c.args(["--reps", "1", "--count", &fast_n.to_string()]);
+            c.args(["--threads", &order.join(",")]);
             if args.flag("--no-huge") {
                 c.arg("--no-huge");
             }

@@ -84,9 +84,15 @@ fn main() {
         "# global_pairs: memplane backing {}, global allocator installed",
         p.setup.backing
     );
-    for _ in 0..reps {
-        for &threads in &threads_list {
-            for &size in &sizes {
+    for rep in 0..reps {
+        // A size's 1- and 2-thread runs back to back, in either order turn about (see
+        // `alloc_pairs`: the speedup divides two figures taken a moment apart).
+        let mut threads_order = threads_list.clone();
+        if rep % 2 == 1 {
+            threads_order.reverse();
+        }
+        for &size in &sizes {
+            for &threads in &threads_order {
                 let start = Barrier::new(threads);
                 let r: Vec<(u64, bool)> = std::thread::scope(|s| {
                     let hs: Vec<_> = (0..threads)
