@@ -33,23 +33,27 @@ fn info_at(cwd: Option<&Path>, dir: &TestDir) -> String {
     out.join("\n")
 }
 
+/// What `memplane info` says of a primary started with `extra` options in a fresh runtime
+/// directory (stopped afterwards).
+fn info_of(extra: &[&str]) -> String {
+    let dir = test_dir();
+    let mut p = primary_at(None, &dir, extra);
+    let info = info_at(None, &dir);
+    p.terminate_ok(LONG);
+    info
+}
+
 #[test]
 fn socket_mem_and_socket_limit_take_effect() {
     // 8 MiB up front on node 0: four 2 MiB segments in use before anyone allocates.
-    let dir = test_dir();
-    let mut p = primary_at(None, &dir, &["--no-huge", "--socket-mem", "8"]);
-    let info = info_at(None, &dir);
+    let info = info_of(&["--no-huge", "--socket-mem", "8"]);
     assert!(info.contains("8388608 bytes in use"), "{info}");
-    p.terminate_ok(LONG);
-
     // At most 16 MiB on node 0: the address range reserved for it is that large.
-    let dir = test_dir();
-    let mut p = primary_at(None, &dir, &["--no-huge", "--socket-limit", "16"]);
-    let info = info_at(None, &dir);
+    let info = info_of(&["--no-huge", "--socket-limit", "16"]);
     assert!(info.contains("8 segments at 0x"), "{info}");
-    p.terminate_ok(LONG);
 
     // A list that is not one is refused by the parser, with the culprit named.
+    let dir = test_dir();
     for bad in [["--socket-mem", "x"], ["--socket-limit", "8,,8"]] {
         let (code, _, err) = run_in(&dir, &["primary", "--no-huge", bad[0], bad[1]]);
         assert_eq!(code, 2, "{err}");
@@ -90,11 +94,8 @@ fn memory_that_cannot_be_had_is_refused() {
 /// cannot go there, the primary says so and goes elsewhere, and a secondary attaches there.
 #[test]
 fn base_virtaddr_is_a_hint() {
-    let dir = test_dir();
-    let mut p = primary_at(None, &dir, &["--no-huge", "--base-virtaddr", "0x200000001"]);
-    let info = info_at(None, &dir);
+    let info = info_of(&["--no-huge", "--base-virtaddr", "0x200000001"]);
     assert!(info.contains("address range [0x200200000, "), "{info}");
-    p.terminate_ok(LONG);
 
     // Kernel space is never free to a process; the top address cannot even be rounded up.
     for hint in ["0xffff800000000000", "0xffffffffffffffff"] {
