@@ -81,10 +81,10 @@ impl Config {
     }
     /// `--in-memory`: hugepage memfds, nothing on disk. With `--huge-dir` or
     /// `--single-file-segments` too (in either order), as in DPDK, nothing goes on disk still:
-    /// the directory's hugetlbfs gives the page size.
+    /// the directory's hugetlbfs gives the page size (checked when the primary starts).
     pub fn in_memory(mut self) -> Self {
         if let Backing::FilePerPage(Some(d)) | Backing::SingleFile(Some(d)) = &self.memory.backing {
-            self.memory.page_size = memplane_hugepage::discover::hugetlbfs_page_size(d);
+            self.memory.size_from = Some(d.clone());
         }
         self.memory.backing = Backing::Memfd;
         self
@@ -106,7 +106,7 @@ impl Config {
     pub fn huge_dir(mut self, d: impl Into<PathBuf>) -> Self {
         if matches!(self.memory.backing, Backing::Memfd) {
             // `--in-memory` stays: see `in_memory`.
-            self.memory.page_size = memplane_hugepage::discover::hugetlbfs_page_size(&d.into());
+            self.memory.size_from = Some(d.into());
             return self;
         }
         self.memory.backing = match self.memory.backing {

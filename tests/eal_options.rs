@@ -134,20 +134,25 @@ fn a_file_prefix_that_is_not_a_name_part_is_refused() {
 }
 
 /// A `--huge-dir` that is missing or not on a hugetlbfs is refused when the primary starts,
-/// not when it first needs a page (its page files could not be hugepages).
+/// not when it first needs a page (its page files could not be hugepages), also when it only
+/// names the page size of `--in-memory`.
 #[test]
 fn a_huge_dir_off_hugetlbfs_is_refused_at_start() {
     let dir = test_dir();
     let missing = dir.path().join("missing");
     for d in [dir.arg(), missing.to_string_lossy().into_owned()] {
-        let (code, out, err) = run_in(&dir, &["primary", "--huge-dir", &d]);
-        assert_eq!(code, 1, "{out:?} {err}");
-        assert!(
-            err.contains(&format!(
-                "--huge-dir {d}: not a directory on a hugetlbfs mount"
-            )),
-            "{err}"
-        );
+        for extra in [&[][..], &["--in-memory"]] {
+            let mut args = vec!["primary", "--huge-dir", &d];
+            args.extend_from_slice(extra);
+            let (code, out, err) = run_in(&dir, &args);
+            assert_eq!(code, 1, "{args:?}: {out:?} {err}");
+            assert!(
+                err.contains(&format!(
+                    "--huge-dir {d}: not a directory on a hugetlbfs mount"
+                )),
+                "{err}"
+            );
+        }
     }
 }
 

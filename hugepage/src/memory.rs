@@ -248,9 +248,15 @@ where
         // Secondaries open the page files by the path the shared header gives them: a relative
         // `--huge-dir` would name other files in a process with another working directory.
         let huge_dir = huge_dir.map(|d| std::path::absolute(&d).unwrap_or(d));
-        // Page files take the page size of the hugetlbfs they are on, whatever was asked: a
-        // directory that is not one (or missing) is refused now, not at the first page.
-        let huge_size = match &huge_dir {
+        // Page files take the page size of the hugetlbfs they are on, whatever was asked (and
+        // memfds that of the directory `--in-memory --huge-dir` names): a directory that is not
+        // one (or missing) is refused now, not at the first page.
+        let size_dir = match (&huge_dir, &opts.backing) {
+            (Some(d), _) => Some(d.clone()),
+            (None, Backing::Memfd) => opts.size_from.clone(),
+            (None, _) => None,
+        };
+        let huge_size = match &size_dir {
             None => huge_size,
             Some(d) => {
                 let Some(mount) = crate::discover::hugetlbfs_page_size(d) else {

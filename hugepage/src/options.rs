@@ -74,6 +74,9 @@ pub struct MemOptions {
     pub list_va: u64,
     /// Page size to use with hugepages (default: the system's default hugepage size).
     pub page_size: Option<u64>,
+    /// With memfd backing, a hugetlbfs directory whose page size the memfds take
+    /// (`--in-memory --huge-dir DIR`, as in DPDK); checked when the primary starts.
+    pub size_from: Option<PathBuf>,
 }
 
 impl Default for MemOptions {
@@ -87,6 +90,7 @@ impl Default for MemOptions {
             iova: IovaChoice::Auto,
             list_va: 32 << 30,
             page_size: None,
+            size_from: None,
         }
     }
 }
