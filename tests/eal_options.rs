@@ -91,7 +91,9 @@ fn memory_that_cannot_be_had_is_refused() {
 }
 
 /// `--base-virtaddr` is a hint, as in DPDK: rounded up to the page size; when the range
-/// cannot go there, the primary says so and goes elsewhere, and a secondary attaches there.
+/// cannot go there, the primary says so and goes where it goes without the option, and a
+/// secondary attaches there. (Where the kernel puts a range without a hint, among the
+/// libraries and stacks, a secondary's own mappings were in the way now and then.)
 #[test]
 fn base_virtaddr_is_a_hint() {
     let info = info_of(&["--no-huge", "--base-virtaddr", "0x200000001"]);

@@ -327,12 +327,17 @@ where
             });
             off += n_segs as u64 * page_size;
         }
-        let res =
+        let mut res =
             Reservation::anywhere(opts.base_virtaddr.unwrap_or(DEFAULT_BASE), off, page_size)?;
         if let Some(b) = opts.base_virtaddr
             && b.checked_next_multiple_of(page_size) != Some(res.base())
         {
             // A hint, as in DPDK: the range goes elsewhere, and every secondary follows it.
+            // Where a primary without the option goes, low, rather than where the kernel put
+            // it: high addresses are where it puts libraries and stacks, which would be in the
+            // way of the secondaries' mappings.
+            drop(res);
+            res = Reservation::anywhere(DEFAULT_BASE, off, page_size)?;
             let moved = format!(
                 "--base-virtaddr {b:#x} is not free or not usable here: the shared address \
                  range is at {:#x} instead",
