@@ -293,19 +293,30 @@ impl Proc {
         self.count_fds(true)
     }
 
-    /// Number of open fds of the process, not counting pidfds: a primary holds one for each
-    /// live secondary it knows (their number follows the secondaries that come and go, as
-    /// `mp ping` ones do, not what the primary received).
+    /// Number of open fds of the process, not counting pidfds (a primary holds one for each
+    /// live secondary it knows: their number follows the secondaries that come and go, as
+    /// `mp ping` ones do, not what the primary received) nor open directories (a primary reads
+    /// its runtime directory and a new secondary's `/proc/PID/fd` on its own, for a moment, at
+    /// any time: a count taken then was one too high).
     pub fn fd_count(&self) -> usize {
         self.count_fds(false)
     }
 
-    /// Number of the process's open fds that are pidfds (`pidfds`) or are not.
+    /// Number of the process's open fds that are pidfds (`pidfds`) or are neither pidfds nor
+    /// directories.
     fn count_fds(&self, pidfds: bool) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| {
                 d.flatten()
-                    .filter(|e| is_pidfd(&e.path()) == pidfds)
+                    .filter(|e| {
+                        let p = e.path();
+                        if pidfds {
+                            is_pidfd(&p)
+                        } else {
+                            // One closed since the listing is not counted either.
+                            !is_pidfd(&p) && std::fs::metadata(&p).is_ok_and(|m| !m.is_dir())
+                        }
+                    })
                     .count()
             })
             .unwrap_or(0)
