@@ -10,7 +10,8 @@
 //! thread; every ABI on the wire; answers to a peer that reads late waiting in order (or dropped
 //! at the send timeout) while others are served; requests whose datagram waits in the outbox
 //! for a peer that dies end at once, not at their deadline; a relative runtime directory given
-//! from different working directories names one deployment. Each test has its own runtime
+//! from different working directories names one deployment; processes whose runtime directory
+//! was removed still stop. Each test has its own runtime
 //! directory and reaps its children.
 
 mod common;
@@ -515,6 +516,19 @@ fn relative_runtime_dirs_name_one_deployment() {
     };
     ask(Some(dir.path()), ".");
     ask(None, &dir.arg());
+    p.terminate_ok(LONG);
+}
+
+/// A primary and a secondary whose runtime directory was removed under them (a clean-up
+/// script, a tmpfiles run) still stop at SIGTERM: their receiving threads were woken by a
+/// datagram to their own socket's path, which no longer existed, and they never stopped.
+#[test]
+fn processes_stop_after_their_runtime_dir_is_removed() {
+    let dir = test_dir();
+    let mut p = primary(&dir);
+    let mut l = listener(&dir, &["--action", "x"]);
+    std::fs::remove_dir_all(dir.path()).expect("remove the runtime dir");
+    l.terminate_ok(LONG);
     p.terminate_ok(LONG);
 }
 

@@ -1130,9 +1130,12 @@ impl MpChannel {
         }
         let _ = rustix::io::write(&self.stop_fd, &1u64.to_ne_bytes());
         self.ep.transport().wake();
-        // Wake the receiving thread out of its recvmsg.
-        let sock = self.ep.transport().socket();
-        let _ = sock.send_to(sock.path(), &[], &[]);
+        // Wake the receiving thread out of its recvmsg by shutting the socket's receiving side,
+        // not by a datagram to the socket's path: the path may be gone (the runtime directory
+        // removed under a running process) or name another socket by now, and the thread would
+        // never wake. A peer's send from here on fails at once (EPIPE) instead of queueing a
+        // datagram nobody reads.
+        let _ = self.ep.transport().socket().shut_read();
         let me = thread::current().id();
         for t in self.threads.lock().drain(..) {
             if t.thread().id() != me {

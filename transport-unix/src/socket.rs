@@ -314,14 +314,19 @@ impl Socket {
 
     /// Wakes a thread blocked receiving on this socket, from another thread: a datagram of no
     /// bytes from the socket to itself ([`Socket::is_wake`] tells it apart). A socket connected
-    /// to a peer takes datagrams from that peer alone, so its receiving side is shut down
-    /// instead: every receive then returns at once, and the socket must be given up
-    /// ([`Socket::is_read_shut`]).
+    /// to a peer takes datagrams from that peer alone, and one whose path is gone cannot be
+    /// sent to, so their receiving side is shut down instead: every receive then returns at
+    /// once, and the socket must be given up ([`Socket::is_read_shut`]).
     pub fn wake_reader(&self) {
-        if self.peer.get().is_some() {
+        let sent = self.peer.get().is_none()
+            && match self.send_to(&self.path, &[], &[]) {
+                // The queue is full: the reader has datagrams to wake for.
+                Ok(()) | Err(Errno::AGAIN) => true,
+                // The path is gone (the directory removed under us): shut down instead.
+                Err(_) => false,
+            };
+        if !sent {
             let _ = self.shut_read();
-        } else {
-            let _ = self.send_to(&self.path, &[], &[]);
         }
     }
 
