@@ -13,6 +13,7 @@ mod common;
 use std::path::Path;
 
 use common::{LONG, Proc, TestDir, run_at, run_in, test_dir};
+use memplane::hugepage::discover::hugetlbfs_page_size;
 use memplane::hugepage::memory::{default_hugepage_size, free_hugepages};
 
 /// Starts `memplane primary` in `dir` with `extra` options, in working directory `cwd`.
@@ -161,15 +162,11 @@ fn a_huge_dir_off_hugetlbfs_is_refused_at_start() {
 /// Whether 2 MiB hugepages are free (4 at least) and a hugetlbfs is mounted at
 /// `/dev/hugepages`; says why `test` is skipped when not.
 fn hugetlbfs_here(test: &str) -> bool {
-    let Some(size) = default_hugepage_size().filter(|&s| free_hugepages(s) >= 4) else {
+    if default_hugepage_size().is_none_or(|s| free_hugepages(s) < 4) {
         memplane_testkit::skip(&format!("{test}: fewer than 4 free hugepages"));
         return false;
-    };
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.contains(" /dev/hugepages hugetlbfs "));
-    if !mounted || size != 2 << 20 {
+    }
+    if hugetlbfs_page_size(Path::new("/dev/hugepages")) != Some(2 << 20) {
         memplane_testkit::skip(&format!("{test}: no 2 MiB hugetlbfs at /dev/hugepages"));
         return false;
     }

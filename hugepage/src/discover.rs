@@ -958,7 +958,7 @@ pub fn hugetlbfs_page_size(path: &Path) -> Option<u64> {
 
 /// Whether `path` is the root of a hugetlbfs mount.
 pub fn is_hugetlbfs(path: &Path) -> bool {
-    rustix::fs::statfs(path).is_ok_and(|s| s.f_type as u64 == HUGETLBFS_MAGIC)
+    hugetlbfs_page_size(path).is_some()
 }
 
 /// Mounts a hugetlbfs with pages of `size` on `path` (created if missing), as

@@ -265,12 +265,12 @@ where
                         d.display()
                     )));
                 };
-                if opts.page_size.is_some_and(|p| p != mount) {
+                if let Some(asked) = opts.page_size.filter(|&p| p != mount) {
                     return Err(MemError::Invalid(format!(
                         "--huge-dir {} holds {} KiB pages, not the {} KiB asked for",
                         d.display(),
                         mount >> 10,
-                        opts.page_size.unwrap_or(0) >> 10
+                        asked >> 10
                     )));
                 }
                 Some(mount)
