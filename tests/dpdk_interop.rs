@@ -179,6 +179,14 @@ fn memplane_ok(what: &str, args: &[String]) -> Proc {
     p
 }
 
+/// Runs a one-shot `memplane` command that must fail, saying `why` on stderr.
+fn memplane_refused(what: &str, args: &[String], why: &str) -> Proc {
+    let (st, mp) = memplane(what, args);
+    assert!(!st.success(), "{}", mp.report());
+    assert!(mp.stderr_text().contains(why), "{}", mp.report());
+    mp
+}
+
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -332,24 +340,12 @@ fn memplane_auto_role_finds_dpdk_primary() {
         // A memplane primary must refuse the directory a DPDK primary holds.
         let mut args = strings(&["mp", "peers", "--proc-type", "primary", "--runtime-dir"]);
         args.push(prefix.dir().into());
-        let (st, mp) = memplane("memplane-primary", &args);
-        assert!(!st.success(), "{}", mp.report());
-        assert!(
-            mp.stderr_text().contains("a DPDK primary"),
-            "{}",
-            mp.report()
-        );
+        memplane_refused("memplane-primary", &args, "a DPDK primary");
         // Attaching to its memory (`memplane info` does) is refused, saying why: DPDK's
         // memory is not laid out as memplane's.
         let mut args = strings(&["info", "--abi", DPDK_ABI, "--runtime-dir"]);
         args.push(prefix.dir().into());
-        let (st, mp) = memplane("memplane-info", &args);
-        assert!(!st.success(), "{}", mp.report());
-        assert!(
-            mp.stderr_text().contains("is a DPDK process"),
-            "{}",
-            mp.report()
-        );
+        memplane_refused("memplane-info", &args, "is a DPDK process");
     });
 }
 
@@ -422,12 +418,10 @@ fn abi_22_11_fd_limit_against_dpdk() {
             dpdk.expect_exact(&format!("got fd{i}=\"m{}\"", i + 1), STEP_TIMEOUT);
         }
 
-        let (st, mp) = memplane("memplane-send-9", &send("09", 9));
-        assert!(!st.success(), "9 fds accepted on 22.11\n{}", mp.report());
-        let err = mp.stderr_text();
-        assert!(
-            err.contains("9 fds attached, the 22.11 ABI carries at most 8"),
-            "unclear error: {err:?}"
+        let mp = memplane_refused(
+            "memplane-send-9",
+            &send("09", 9),
+            "9 fds attached, the 22.11 ABI carries at most 8",
         );
         assert!(!mp.output().contains("sent "), "{}", mp.report());
 
