@@ -19,11 +19,9 @@ use memplane::hugepage::memory::{default_hugepage_size, free_hugepages};
 /// Starts `memplane primary` in `dir` with `extra` options, in working directory `cwd`.
 fn primary_at(cwd: Option<&Path>, dir: &TestDir, extra: &[&str]) -> Proc {
     let d = dir.arg();
-    let mut args = vec!["primary", "--runtime-dir", &d];
+    let mut args = vec!["--runtime-dir", &d];
     args.extend_from_slice(extra);
-    let mut p = Proc::start_in("memplane primary", common::memplane(), &args, cwd);
-    p.expect_line("primary ready", LONG);
-    p
+    common::primary_at(cwd, &args)
 }
 
 /// `memplane info` of the deployment in `dir`, from working directory `cwd`: its stdout.

@@ -485,13 +485,7 @@ fn relative_runtime_dirs_name_one_deployment() {
     let dir = test_dir();
     let parent = dir.path().parent().expect("a parent").to_owned();
     let name = dir.path().file_name().expect("a name").to_string_lossy();
-    let mut p = Proc::start_in(
-        "memplane primary",
-        common::memplane(),
-        &["primary", "--runtime-dir", &name],
-        Some(&parent),
-    );
-    p.expect_line("primary ready", LONG);
+    let mut p = common::primary_at(Some(&parent), &["--runtime-dir", &name]);
     let ask = |cwd: Option<&Path>, d: &str| {
         let (code, out, err) = common::run_at(
             cwd,

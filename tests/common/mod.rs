@@ -377,9 +377,18 @@ pub fn run_in(dir: &TestDir, args: &[&str]) -> (i32, Vec<String>, String) {
 /// Starts `memplane primary` in `dir` with `extra` options and waits until it is ready.
 pub fn primary_with(dir: &TestDir, extra: &[&str]) -> Proc {
     let d = dir.arg();
-    let mut args = vec!["primary", "--runtime-dir", &d];
+    let mut args = vec!["--runtime-dir", &d];
     args.extend_from_slice(extra);
-    let mut p = Proc::memplane(&args);
+    primary_at(None, &args)
+}
+
+/// Starts `memplane primary ARGS` in working directory `cwd` (the test's own when `None`) and
+/// waits until it is ready.
+pub fn primary_at(cwd: Option<&std::path::Path>, args: &[&str]) -> Proc {
+    let all: Vec<&str> = std::iter::once("primary")
+        .chain(args.iter().copied())
+        .collect();
+    let mut p = Proc::start_in("memplane primary", memplane(), &all, cwd);
     p.expect_line("primary ready", Duration::from_secs(20));
     p
 }
