@@ -876,11 +876,13 @@ fn every_abi_on_the_wire_and_mismatch_rejected() {
 }
 
 /// A primary whose datagrams wait a minute for a busy peer in the outbox (then they are
-/// dropped): longer than any of these tests.
+/// dropped): longer than any of these tests. Its sync requests go by datagram too (no lanes),
+/// since these tests are about the outbox.
 fn patient_primary(dir: &TestDir) -> Channel {
     let mut cfg = ChannelConfig::new()
         .runtime_dir(dir.path())
-        .proc_type(ProcType::Primary);
+        .proc_type(ProcType::Primary)
+        .lanes(false);
     cfg.send_timeout = Duration::from_secs(60);
     Channel::open(cfg).unwrap()
 }

@@ -80,6 +80,10 @@ pub struct ChannelOpts {
     /// blocks (adaptive; never on a thread bound to one CPU; 0: off).
     #[arg(long = "busy-poll", value_name = "US", default_value_t = memplane_unix::channel::DEFAULT_BUSY_POLL.as_micros() as u64)]
     pub busy_poll_us: u64,
+    /// Send every message over the sockets: no shared-memory lanes for the primary's sync
+    /// requests to memplane secondaries.
+    #[arg(long = "no-lanes")]
+    pub no_lanes: bool,
 }
 
 fn parse_abi(s: &str) -> Result<Abi, String> {
@@ -169,6 +173,7 @@ impl ChannelOpts {
             .proc_type(self.proc_type)
             .abi(self.abi)
             .batch_scheduling(self.batch_sched)
+            .lanes(!self.no_lanes)
             .busy_poll(std::time::Duration::from_micros(self.busy_poll_us));
         if let Some(d) = &self.runtime_dir {
             c = c.runtime_dir(d.clone());

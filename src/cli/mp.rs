@@ -240,13 +240,15 @@ fn listen(a: ListenArgs) -> Result<()> {
         })?;
     }
     ch.set_ready();
+    // The signal handler is in place before "ready": a SIGTERM sent on seeing that line is
+    // handled (closing the channel), not the default action.
+    on_signal(done_tx)?;
     out(format!(
         "ready role={:?} socket={} abi={}",
         ch.role(),
         ch.socket_path().display(),
         ch.abi()
     ));
-    on_signal(done_tx)?;
     let _ = done_rx.recv();
     ch.close();
     Ok(())

@@ -9,6 +9,10 @@
 //!   them (DPDK's "dummy request"), and drains the outbox when busy peers have room again (what
 //!   other threads queued).
 //!
+//! In a secondary of a memplane primary a third thread, the *lane thread*, serves the
+//! primary's synchronous requests that come through shared memory instead of a datagram
+//! (see [`crate::lane`]).
+//!
 //! A synchronous requester parks its own thread until its replies are in or its deadline passes.
 //! Handlers and callbacks run on the channel's threads and may send, reply and start async
 //! requests; a synchronous request from there is refused with [`Error::WouldDeadlock`].
@@ -38,6 +42,7 @@ use memplane_core::{Abi, Name};
 
 use crate::clock::now;
 use crate::error::Error;
+use crate::lane::{Answered, Board, LaneRequest, LaneWake, PrimaryLanes, SecondaryLane};
 use crate::rundir::{self, PrimaryLock};
 use crate::socket::{Fds, PeerAddr, RECV_BUF, Socket};
 use crate::spin::{SpinStats, Spinner};
@@ -99,6 +104,10 @@ pub struct ChannelConfig {
     /// arriving within it and closes when they stop. Never used by a thread that may run on
     /// one CPU only. Zero turns polling off.
     pub busy_poll: Duration,
+    /// Serve a memplane primary's synchronous requests through shared memory ([`crate::lane`])
+    /// where both ends are memplane processes (on by default): a broadcast then costs each
+    /// secondary no datagram. Off, every message goes over the sockets, as with DPDK peers.
+    pub lanes: bool,
 }
 
 /// The default longest busy-polling window ([`ChannelConfig::busy_poll`]).
@@ -116,6 +125,7 @@ impl Default for ChannelConfig {
             ready: true,
             batch_scheduling: false,
             busy_poll: DEFAULT_BUSY_POLL,
+            lanes: true,
         }
     }
 }
@@ -155,6 +165,12 @@ impl ChannelConfig {
         self.ready = yes;
         self
     }
+    /// Whether to use shared-memory lanes; see [`ChannelConfig::lanes`].
+    pub fn lanes(mut self, yes: bool) -> Self {
+        self.lanes = yes;
+        self
+    }
+
     /// Runs the channel's threads under `SCHED_BATCH`; see [`ChannelConfig::batch_scheduling`].
     pub fn batch_scheduling(mut self, yes: bool) -> Self {
         self.batch_scheduling = yes;
@@ -251,9 +267,17 @@ struct PeersSeen {
 pub struct Unpark {
     /// The waiting thread.
     thread: thread::ThreadId,
-    /// The request socket the waiter blocks on, woken there when another thread completes
-    /// the request (a peer found dead, the deadline): see [`Socket::wake_reader`].
-    wake: Option<SocketWake>,
+    /// Where the waiter blocks, woken there when another thread completes the request (a
+    /// peer found dead, the deadline).
+    wake: Option<Wake>,
+}
+
+/// Where a synchronous requester blocks.
+enum Wake {
+    /// On its request socket: see [`Socket::wake_reader`].
+    Socket(SocketWake),
+    /// On its lane request's wake word.
+    Lane(LaneWake),
 }
 
 /// What [`Unpark`] needs to wake a waiter blocked on its request socket, and only while that
@@ -287,7 +311,7 @@ impl WakeGate {
 
 impl Unpark {
     /// Wakes the calling thread, blocked on `wake` if given.
-    fn current(wake: Option<SocketWake>) -> Self {
+    fn current(wake: Option<Wake>) -> Self {
         Unpark {
             thread: thread::current().id(),
             wake,
@@ -299,15 +323,20 @@ impl Notify for Unpark {
     fn notify(&self) {
         // The waiter's own thread completes its request while it handles the last answer:
         // nothing to wake then.
-        if let Some(w) = &self.wake
-            && thread::current().id() != self.thread
-        {
-            // Under the gate's lock: the waiter cannot leave (and the socket be reused) while
-            // it is being woken.
-            let g = w.gate.0.lock();
-            if *g == (w.seq, true) {
-                w.sock.wake_reader();
+        if thread::current().id() == self.thread {
+            return;
+        }
+        match &self.wake {
+            Some(Wake::Socket(w)) => {
+                // Under the gate's lock: the waiter cannot leave (and the socket be reused)
+                // while it is being woken.
+                let g = w.gate.0.lock();
+                if *g == (w.seq, true) {
+                    w.sock.wake_reader();
+                }
             }
+            Some(Wake::Lane(w)) => w.wake(),
+            None => {}
         }
     }
 }
@@ -454,6 +483,19 @@ pub struct ChannelStats {
     pub peers_exited: u64,
     /// What busy polling did ([`ChannelConfig::busy_poll`]).
     pub busy_poll: BusyPollStats,
+    /// Through shared-memory lanes ([`ChannelConfig::lanes`]): in a primary, requests posted
+    /// to a secondary's lane (one per secondary reached) and answers taken from them; in a
+    /// secondary, whether it serves a lane (1) or not (0), and the answers it gave there.
+    pub lanes: LaneStats,
+}
+
+/// What went through shared-memory lanes; see [`ChannelStats::lanes`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaneStats {
+    /// Primary: requests posted to lanes. Secondary: 1 while it serves a lane.
+    pub requests: u64,
+    /// Answers through lanes (taken by the primary, given by a secondary).
+    pub replies: u64,
 }
 
 /// What the channel's busy polling did since it opened, summed over its waiting threads.
@@ -490,6 +532,13 @@ pub struct MpChannel {
     /// Sender paths seen lately, and their addresses.
     peers_seen: Mutex<PeersSeen>,
     request_seq: AtomicU64,
+    /// A primary's lanes to its memplane secondaries.
+    lanes: Option<PrimaryLanes>,
+    /// A secondary's lane from its primary.
+    lane: Option<Arc<SecondaryLane>>,
+    /// Requests sent and answers received through lanes.
+    lane_requests: AtomicU64,
+    lane_replies: AtomicU64,
 }
 
 /// A socket a synchronous requester sends from and receives its replies on, directly: no
@@ -590,6 +639,38 @@ impl Waiter for SocketWaiter<'_> {
     }
 }
 
+/// Waits for a lane request's answers: sleeps on its wake word, takes the answers from the
+/// lanes.
+struct LaneWaiter<'a> {
+    ch: &'a MpChannel,
+    peers: &'a [PeerAddr],
+    lr: std::cell::RefCell<&'a mut LaneRequest>,
+}
+
+impl Waiter for LaneWaiter<'_> {
+    type Notify = Unpark;
+    fn notifier(&self) -> Unpark {
+        Unpark::current(None)
+    }
+    fn wait_until(&self, deadline: Instant) -> Instant {
+        let mut lr = self.lr.borrow_mut();
+        let n = now();
+        if deadline <= n {
+            return n;
+        }
+        let mut buf = [0u8; crate::lane::BUF_LEN];
+        let seen = lr.wake_seen();
+        let take = |lr: &mut LaneRequest, buf: &mut [u8]| {
+            lr.harvest(buf, |i, bytes| self.ch.lane_answer(&self.peers[i], bytes))
+        };
+        if take(&mut lr, &mut buf) == 0 {
+            lr.sleep(seen, deadline.saturating_duration_since(n));
+            take(&mut lr, &mut buf);
+        }
+        now()
+    }
+}
+
 impl MpChannel {
     /// This process's role.
     pub fn role(&self) -> Role {
@@ -629,6 +710,14 @@ impl MpChannel {
                 polls: self.spin_stats.polls.load(Ordering::Relaxed),
                 caught: self.spin_stats.caught.load(Ordering::Relaxed),
                 polled_us: self.spin_stats.nanos.load(Ordering::Relaxed) / 1000,
+            },
+            lanes: LaneStats {
+                requests: if self.lane.is_some() {
+                    1
+                } else {
+                    self.lane_requests.load(Ordering::Relaxed)
+                },
+                replies: self.lane_replies.load(Ordering::Relaxed),
             },
         }
     }
@@ -695,6 +784,24 @@ impl MpChannel {
 
     /// Answers a request from `to`.
     pub fn reply(&self, to: &PeerAddr, msg: &Message<Fds>) -> Result<(), Error> {
+        if let Some(lane) = &self.lane
+            && to == self.ep.transport().primary()
+        {
+            if msg.num_fds() == 0 {
+                let d = memplane_core::wire::Datagram::encode(self.ep.abi(), MsgKind::Reply, msg)
+                    .map_err(memplane_core::EndpointError::from)?;
+                if let Answered::Lane = lane.reply(msg.name(), d.as_bytes()) {
+                    self.lane_replies.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+            } else {
+                // fds cross only with a datagram: the answer goes over the socket, and the
+                // lane is told it went there.
+                let r = self.ep.reply(to, msg, self.send_deadline());
+                lane.reply(msg.name(), &[]);
+                return Ok(r?);
+            }
+        }
         Ok(self.ep.reply(to, msg, self.send_deadline())?)
     }
 
@@ -740,6 +847,9 @@ impl MpChannel {
         if on_channel_thread() {
             return Err(Error::WouldDeadlock);
         }
+        if let Some(r) = self.request_lanes(peers, msg, timeout) {
+            return r;
+        }
         // A secondary's request to the primary alone (nearly all of them) goes from a socket
         // connected to the primary: its send skips the path lookup.
         let tr = self.ep.transport();
@@ -772,11 +882,11 @@ impl MpChannel {
             msg,
             t,
             timeout,
-            Waiting::Sync(Unpark::current(Some(SocketWake {
+            Waiting::Sync(Unpark::current(Some(Wake::Socket(SocketWake {
                 sock: rs.sock.clone(),
                 gate: rs.gate.clone(),
                 seq: rs.gate.open(),
-            }))),
+            })))),
         )?;
         let tr = self.ep.transport();
         // This thread may block (it waits for the answers next): with one peer it waits for
@@ -812,6 +922,135 @@ impl MpChannel {
         rs.gate.close();
         rs.dirty = r.as_ref().map_or(true, |r| r.timed_out);
         Ok(r?)
+    }
+
+    /// A primary's sync request to secondaries of which some serve a lane: posted to their
+    /// lanes (the others get a datagram from the primary's socket, answered through the
+    /// receiving thread); the requester sleeps once, until the last lane answer or a wake-up.
+    /// `None`: no lane fits (no lanes, fds attached, no peer with a lane, every control
+    /// entry in use): the caller goes by socket.
+    fn request_lanes(
+        &self,
+        peers: &[PeerAddr],
+        msg: &Message<Fds>,
+        timeout: Duration,
+    ) -> Option<Result<Reply<ReplyList>, Error>> {
+        let lanes = self.lanes.as_ref()?;
+        if msg.num_fds() != 0 || peers.is_empty() {
+            return None;
+        }
+        let which = lanes.lanes_for(peers.iter().map(|p| p.name()))?;
+        let mut lr = lanes.begin()?;
+        let t = now();
+        let p = match self.ep.prepare_request(
+            peers,
+            msg,
+            t,
+            timeout,
+            Waiting::Sync(Unpark::current(Some(Wake::Lane(lr.waker())))),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                lanes.finish(lr);
+                return Some(Err(e.into()));
+            }
+        };
+        let mut rest = Vec::new();
+        for (i, (peer, lane)) in peers.iter().zip(&which).enumerate() {
+            match lane {
+                Some(l) if lr.post(i, *l, p.datagram.as_bytes()) => {
+                    self.ep.sent(p.id, peer, Ok(()));
+                }
+                _ => rest.push(peer.clone()),
+            }
+        }
+        self.lane_requests
+            .fetch_add(lr.posted() as u64, Ordering::Relaxed);
+        lr.ring();
+        if !rest.is_empty() {
+            self.ep.transport().send_from_many(
+                None,
+                &rest,
+                p.datagram.as_bytes(),
+                msg.fds(),
+                p.deadline,
+                &mut |peer, r| self.ep.sent(p.id, peer, r),
+            );
+        }
+        let r = self
+            .ep
+            .sending_done(p.id, t)
+            .map_err(Error::from)
+            .and_then(|_| {
+                let waiter = LaneWaiter {
+                    ch: self,
+                    peers,
+                    lr: std::cell::RefCell::new(&mut lr),
+                };
+                Ok(self.ep.wait(p.id, t, &waiter)?)
+            });
+        lanes.finish(lr);
+        Some(r)
+    }
+
+    /// Feeds an answer taken from a lane to the pending requests (empty: it went over the
+    /// socket).
+    fn lane_answer(&self, from: &PeerAddr, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.lane_replies.fetch_add(1, Ordering::Relaxed);
+        let d = self.ep.receive(
+            from.clone(),
+            bytes,
+            Fds::default(),
+            RecvFlags::default(),
+            now(),
+        );
+        if let Dispatch::Answered(Some(f)) = d {
+            self.run_callback(f);
+        }
+    }
+
+    /// A secondary's lane thread: runs the handlers of the requests the primary posts.
+    fn lane_loop(self: &Arc<Self>) {
+        CHANNEL_THREAD.with(|c| c.set(true));
+        let Some(lane) = &self.lane else { return };
+        let tr = self.ep.transport();
+        let pid = lane.primary_pid();
+        let stop = || self.stop.load(Ordering::Acquire);
+        lane.run(&stop, Duration::from_secs(1), |_, bytes, owe| {
+            let d = self.ep.receive(
+                tr.primary().clone(),
+                bytes,
+                Fds::default(),
+                RecvFlags::default(),
+                now(),
+            );
+            match d {
+                Dispatch::Action {
+                    handler,
+                    kind,
+                    msg,
+                    from,
+                } => {
+                    if kind == MsgKind::Request {
+                        owe(*msg.name());
+                    }
+                    let inc = Incoming {
+                        kind,
+                        msg,
+                        from,
+                        pid,
+                    };
+                    if catch_unwind(AssertUnwindSafe(|| handler(self, inc))).is_err() {
+                        self.panics.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Dispatch::Answered(Some(f)) => self.run_callback(f),
+                Dispatch::Answered(None) | Dispatch::Dropped(_) => {}
+            }
+        });
     }
 
     /// A request socket from the pool, or a new one; connected to the primary when
@@ -1058,6 +1297,11 @@ impl MpChannel {
         for p in &ob.gone {
             self.ep.peer_gone(p, |f| self.run_callback(f));
         }
+        if !ob.gone.is_empty()
+            && let Some(l) = &self.lanes
+        {
+            l.nudge();
+        }
     }
 
     fn service_loop(self: &Arc<Self>) {
@@ -1089,7 +1333,13 @@ impl MpChannel {
             // the live peers have answered.
             for p in tr.take_exited(&std::mem::take(&mut fired)) {
                 self.peers_exited.fetch_add(1, Ordering::Relaxed);
+                if let Some(l) = &self.lanes {
+                    l.gone(p.name());
+                }
                 self.ep.peer_gone(&p, |f| self.run_callback(f));
+                if let Some(l) = &self.lanes {
+                    l.nudge();
+                }
             }
             let deferred = std::mem::take(&mut *self.deferred.lock());
             for f in deferred {
@@ -1136,6 +1386,9 @@ impl MpChannel {
         // never wake. A peer's send from here on fails at once (EPIPE) instead of queueing a
         // datagram nobody reads.
         let _ = self.ep.transport().socket().shut_read();
+        if let Some(l) = &self.lane {
+            l.wake();
+        }
         let me = thread::current().id();
         for t in self.threads.lock().drain(..) {
             if t.thread().id() != me {
@@ -1144,6 +1397,12 @@ impl MpChannel {
         }
         self.ep.transport().unlink();
         self.request_sockets.lock().clear();
+        if let Some(l) = &self.lane {
+            l.release();
+        }
+        if self.lanes.is_some() {
+            Board::remove(self.dir());
+        }
         if let Some(l) = &self.lock {
             l.remove();
         }
@@ -1221,6 +1480,23 @@ impl Channel {
             }
             Role::Secondary => Socket::bind(&rundir::secondary_socket(&dir))?,
         };
+        let uid = rustix::process::getuid().as_raw();
+        let (lanes, lane) = match role {
+            _ if !cfg.lanes => (None, None),
+            Role::Primary => (
+                Board::create(&dir, std::process::id())
+                    .ok()
+                    .map(|b| PrimaryLanes::new(b, uid, cfg.allow_root)),
+                None,
+            ),
+            Role::Secondary => {
+                let name = sock.path().file_name().and_then(|n| n.to_str());
+                let lane = Board::open(&dir, uid)
+                    .zip(name)
+                    .and_then(|(b, n)| SecondaryLane::claim(b, n));
+                (None, lane.map(Arc::new))
+            }
+        };
         drop(dir_fd);
         let transport = UnixTransport::new(sock, role, dir)?;
         let stop_fd = rustix::event::eventfd(
@@ -1232,7 +1508,7 @@ impl Channel {
             ep: Endpoint::new(transport, cfg.abi),
             config: cfg.clone(),
             lock,
-            uid: rustix::process::getuid().as_raw(),
+            uid,
             stop: AtomicBool::new(false),
             stop_fd,
             deferred: Mutex::new(Vec::new()),
@@ -1245,6 +1521,10 @@ impl Channel {
             request_sockets: Mutex::new(Vec::new()),
             peers_seen: Mutex::new(PeersSeen::default()),
             request_seq: AtomicU64::new(0),
+            lanes,
+            lane,
+            lane_requests: AtomicU64::new(0),
+            lane_replies: AtomicU64::new(0),
         });
         let batch = cfg.batch_scheduling;
         let spawn = |name: &str, f: fn(&Arc<MpChannel>)| {
@@ -1265,6 +1545,10 @@ impl Channel {
         let r = spawn("mp-recv", MpChannel::receive_loop)?;
         let s = spawn("mp-service", MpChannel::service_loop)?;
         inner.threads.lock().extend([r, s]);
+        if inner.lane.is_some() {
+            let l = spawn("mp-lane", MpChannel::lane_loop)?;
+            inner.threads.lock().push(l);
+        }
         if cfg.ready {
             inner.ep.set_init_complete();
         }

@@ -7,6 +7,8 @@
 //! - [`socket`]: one datagram socket with `SCM_RIGHTS` fds and `SO_PASSCRED` credentials;
 //! - [`transport`]: the core's `Transport` over that socket, with an outbox so that no thread
 //!   ever blocks on a busy peer;
+//! - [`lane`]: shared-memory lanes for a memplane primary's sync requests to memplane
+//!   secondaries;
 //! - [`channel`]: the process's channel, its receiving and service threads, and the API
 //!   (actions, messages, sync and async requests, replies).
 //!
@@ -16,14 +18,15 @@
 pub mod channel;
 pub mod clock;
 pub mod error;
+pub mod lane;
 pub mod rundir;
 pub mod socket;
 mod spin;
 pub mod transport;
 
 pub use channel::{
-    BusyPollStats, Callback, Channel, ChannelConfig, ChannelStats, Handler, Incoming, MpChannel,
-    ProcType, Replies, ReplyMsg,
+    BusyPollStats, Callback, Channel, ChannelConfig, ChannelStats, Handler, Incoming, LaneStats,
+    MpChannel, ProcType, Replies, ReplyMsg,
 };
 pub use error::Error;
 pub use socket::{Fds, PeerAddr};

@@ -1,0 +1,206 @@
+//! Shared-memory lanes (`memplane_unix::lane`): a memplane primary's sync requests to memplane
+//! secondaries go through the board in the runtime directory instead of a datagram each way.
+//! Real processes (`memplane mp listen` secondaries), each test in its own runtime directory.
+//! What is checked: the lane is used where both ends are memplane processes with lanes on, the
+//! rest go by socket in the same request; replies carrying fds still arrive; an unanswered
+//! lane request times out and frees its slot; a dead secondary's lane is not waited for and
+//! goes to the next secondary; a board scribbled over by a peer costs the lanes, never the
+//! answers.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+
+use common::{LONG, Proc, TestDir, test_dir};
+use memplane::unix::lane::BOARD_FILE;
+use memplane::unix::{Channel, ChannelConfig, Fds, MpChannel, ProcType, message};
+
+fn primary(dir: &TestDir) -> Channel {
+    Channel::open(
+        ChannelConfig::new()
+            .runtime_dir(dir.path())
+            .proc_type(ProcType::Primary),
+    )
+    .expect("open primary")
+}
+
+/// A secondary `memplane mp listen` in `dir` with `extra` options, ready.
+fn listener(dir: &TestDir, extra: &[&str]) -> Proc {
+    let d = dir.arg();
+    let mut args = vec![
+        "mp",
+        "listen",
+        "--runtime-dir",
+        &d,
+        "--proc-type",
+        "secondary",
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Proc::memplane(&args);
+    p.expect_line("ready role=Secondary", LONG);
+    p
+}
+
+fn read_fd(fd: impl AsFd) -> String {
+    memplane::cli::mp::peek_fd(fd)
+}
+
+fn memfd(text: &str) -> OwnedFd {
+    memplane::cli::mp::memfd_with(text).unwrap()
+}
+
+/// (requests posted to lanes, answers taken from them) so far.
+fn lane_counts(ch: &MpChannel) -> (u64, u64) {
+    let s = ch.stats().lanes;
+    (s.requests, s.replies)
+}
+
+#[test]
+fn broadcast_uses_the_lanes_of_memplane_secondaries_and_sockets_for_the_rest() {
+    let dir = test_dir();
+    let ch = primary(&dir);
+    let mut lanes: Vec<Proc> = (0..3).map(|_| listener(&dir, &["--action", "q"])).collect();
+    let mut socket_only = listener(&dir, &["--action", "q", "--no-lanes"]);
+    for round in 0..20u32 {
+        let r = ch
+            .request(
+                &message("q", &round.to_le_bytes(), Fds::none()).unwrap(),
+                LONG,
+            )
+            .unwrap();
+        assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (4, 4, false));
+        assert!(r.msgs.iter().all(|m| m.msg.param() == round.to_le_bytes()));
+        // Three through their lanes, the fourth through its socket, every round.
+        assert_eq!(
+            lane_counts(&ch),
+            (3 * u64::from(round + 1), 3 * u64::from(round + 1))
+        );
+    }
+    // Every secondary's handler saw the requests, from the primary.
+    for p in lanes.iter_mut().chain([&mut socket_only]) {
+        p.expect_line(&format!("name=q param={}", hex(&19u32.to_le_bytes())), LONG);
+    }
+    // A request with fds goes by socket to everyone.
+    let r = ch
+        .request(&message("q", b"f", Fds::from(memfd("x"))).unwrap(), LONG)
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received), (4, 4));
+    assert_eq!(lane_counts(&ch), (60, 60));
+    assert_eq!(ch.stats().endpoint.rx_rejected(), 0);
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn a_reply_with_fds_to_a_lane_request_arrives_with_its_fds() {
+    let dir = test_dir();
+    let ch = primary(&dir);
+    let _a = listener(&dir, &["--action", "q", "--reply-memfd", "from-a"]);
+    let _b = listener(&dir, &["--action", "q"]);
+    for _ in 0..5 {
+        let r = ch
+            .request(&message("q", b"p", Fds::none()).unwrap(), LONG)
+            .unwrap();
+        assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (2, 2, false));
+        let with_fd: Vec<String> = r
+            .msgs
+            .iter()
+            .flat_map(|m| m.msg.fds().0.iter().map(read_fd))
+            .collect();
+        assert_eq!(with_fd, ["from-a"]);
+    }
+    // Both requests went through the lanes; one answer came back by socket each time.
+    assert_eq!(lane_counts(&ch), (10, 5));
+}
+
+#[test]
+fn an_unanswered_lane_request_times_out_and_frees_its_slot() {
+    let dir = test_dir();
+    let ch = primary(&dir);
+    let _silent = listener(&dir, &["--action", "q", "--no-reply"]);
+    // More rounds than a lane has slots: each one finds a free slot again.
+    for round in 1..=20u64 {
+        let r = ch
+            .request(
+                &message("q", b"", Fds::none()).unwrap(),
+                Duration::from_millis(20),
+            )
+            .unwrap();
+        assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 0, true));
+        assert_eq!(lane_counts(&ch), (round, 0));
+    }
+    assert_eq!(ch.pending_requests(), 0);
+}
+
+#[test]
+fn a_dead_secondarys_lane_is_not_waited_for_and_goes_to_the_next() {
+    let dir = test_dir();
+    let ch = primary(&dir);
+    let _good = listener(&dir, &["--action", "q"]);
+    let mut silent = listener(&dir, &["--action", "q", "--no-reply"]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c = ch.shared();
+    let waiter = std::thread::spawn(move || {
+        let r = c.request(
+            &message("q", b"", Fds::none()).unwrap(),
+            Duration::from_secs(60),
+        );
+        tx.send(r.map(|r| (r.nb_sent, r.nb_received, r.timed_out)))
+            .unwrap();
+    });
+    silent.expect_line("request from=", LONG);
+    silent.kill();
+    // The good secondary answered through its lane; the dead one is dropped from the request
+    // (and not counted as reached) when its exit is seen, not at the minute's deadline.
+    assert_eq!(rx.recv_timeout(LONG).unwrap().unwrap(), (1, 1, false));
+    waiter.join().unwrap();
+    // The dead secondary's socket is found dead at the next request and not counted.
+    let r = ch
+        .request(&message("q", b"", Fds::none()).unwrap(), LONG)
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 1, false));
+    // A new secondary gets a lane (the dead one's is free again) and is served through it.
+    let _next = listener(&dir, &["--action", "q"]);
+    let before = lane_counts(&ch);
+    let r = ch
+        .request(&message("q", b"", Fds::none()).unwrap(), LONG)
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (2, 2, false));
+    assert_eq!(lane_counts(&ch), (before.0 + 2, before.1 + 2));
+}
+
+#[test]
+fn a_scribbled_board_costs_the_lanes_not_the_answers() {
+    let dir = test_dir();
+    let ch = primary(&dir);
+    let mut secs: Vec<Proc> = (0..2).map(|_| listener(&dir, &["--action", "q"])).collect();
+    let r = ch
+        .request(&message("q", b"", Fds::none()).unwrap(), LONG)
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received), (2, 2));
+    assert_eq!(lane_counts(&ch), (2, 2));
+    // A peer (same user) writes garbage over the whole board.
+    let path = dir.path().join(BOARD_FILE);
+    let len = std::fs::metadata(&path).unwrap().len() as usize;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&vec![0xa5; len])
+        .unwrap();
+    // Every request is still answered (by socket), and every process lives on.
+    for _ in 0..10 {
+        let r = ch
+            .request(&message("q", b"", Fds::none()).unwrap(), LONG)
+            .unwrap();
+        assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (2, 2, false));
+    }
+    assert_eq!(lane_counts(&ch).1, 2);
+    for s in &mut secs {
+        s.terminate_ok(LONG);
+    }
+}

@@ -1,0 +1,770 @@
+//! Shared-memory lanes: a primary's synchronous requests to memplane secondaries without a
+//! datagram each way.
+//!
+//! A broadcast over sockets costs every secondary a `sendmsg` by path in the primary, a
+//! `recvmsg` and a `sendmsg` in the secondary and a `recvmsg` back, and on a shared CPU a
+//! switch back to the primary after each answer. Between memplane processes the primary
+//! instead writes the request's datagram (the same bytes, same codec) into a slot of each
+//! secondary's lane in a shared file, rings the lane's doorbell (a futex), and sleeps once;
+//! each secondary writes its reply into the slot, and the last one to answer wakes the
+//! primary. DPDK processes and requests carrying fds still go over the sockets; so does a
+//! reply with fds, or an "ignore", to a lane request (the lane then only says "answered").
+//!
+//! The board, `memplane_lanes` in the runtime directory (mode 0600 in a 0700 directory), is
+//! made by the primary: a header, request controls (one per lane request in flight) and
+//! [`LANES`] lanes of [`SLOTS`] slots. A secondary claims a free lane (or one whose owner is
+//! dead) at open. Everything in it is an atomic, and everything read from it is checked: a
+//! peer that scribbles on it can spoil its own answers, never the reader's memory.
+//!
+//! A slot's life: `EMPTY` → (primary posts) `POSTED` → (secondary takes) `TAKEN` →
+//! (secondary answers) `ANSWERED` → (primary reads) `EMPTY`. A primary that gives up turns
+//! `POSTED` back to `EMPTY` and `TAKEN` into `ABANDONED`, which the secondary empties when it
+//! answers, or when the same action comes again.
+
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use memplane_core::Name;
+use memplane_core::wire::MAX_DATAGRAM_LEN;
+use parking_lot::Mutex;
+use rustix::thread::futex;
+
+/// The board's file name in the runtime directory.
+pub const BOARD_FILE: &str = "memplane_lanes";
+/// Lanes on a board: secondaries past this many are served over their sockets.
+pub const LANES: usize = 64;
+/// Requests one lane holds at once.
+pub const SLOTS: usize = 8;
+/// Lane requests one primary has in flight at once.
+const CTRLS: usize = 128;
+const MAGIC: u64 = u64::from_le_bytes(*b"mplanes1");
+/// Words of a slot's buffer: a whole datagram of any ABI.
+const BUF_WORDS: usize = MAX_DATAGRAM_LEN.div_ceil(8);
+/// Bytes of a slot's buffer: what an answer taken from a lane needs.
+pub const BUF_LEN: usize = BUF_WORDS * 8;
+/// Words of a lane's owner socket name (`mp_socket_<pid>_<stamp>`).
+const NAME_WORDS: usize = 8;
+
+// A slot's state word: (tag << 4) | state. The tag names one post (a counter of the primary's),
+// so a request that gives up its slots can only touch its own, never a later post that reuses
+// the slot (after a new secondary took over a dead one's lane).
+const STATE: u32 = 0xf;
+const EMPTY: u32 = 0;
+const POSTED: u32 = 1;
+const TAKEN: u32 = 2;
+const ANSWERED: u32 = 3;
+const ABANDONED: u32 = 4;
+/// The primary is writing the slot.
+const WRITING: u32 = 5;
+
+#[repr(C)]
+struct Header {
+    magic: AtomicU64,
+    /// `size_of::<Layout>()` of the primary that made it: another build's board is not used.
+    size: AtomicU64,
+    primary_pid: AtomicU32,
+    /// Bumped whenever a lane is claimed: a primary's "this peer has no lane" holds until then.
+    epoch: AtomicU32,
+}
+
+/// One lane request in flight: `word` is (generation << 32) | answers still to come.
+#[repr(C)]
+struct Ctrl {
+    word: AtomicU64,
+    /// The requester sleeps on it; bumped by the last answer and by [`LaneWake`].
+    wake: AtomicU32,
+    _pad: AtomicU32,
+}
+
+#[repr(C)]
+struct Slot {
+    state: AtomicU32,
+    ctrl: AtomicU32,
+    ctrl_gen: AtomicU32,
+    req_len: AtomicU32,
+    rep_len: AtomicU32,
+    _pad: AtomicU32,
+    req: [AtomicU64; BUF_WORDS],
+    rep: [AtomicU64; BUF_WORDS],
+}
+
+#[repr(C)]
+struct Lane {
+    /// The owner's pid; 0: free.
+    owner: AtomicU32,
+    /// The owner has written its name and serves the lane.
+    ready: AtomicU32,
+    /// The doorbell: bumped by the primary after posting.
+    bell: AtomicU32,
+    /// The owner's lane thread is about to sleep or sleeps on `bell`.
+    sleeping: AtomicU32,
+    name_len: AtomicU32,
+    _pad: AtomicU32,
+    name: [AtomicU64; NAME_WORDS],
+    slots: [Slot; SLOTS],
+}
+
+#[repr(C)]
+struct Layout {
+    header: Header,
+    ctrls: [Ctrl; CTRLS],
+    lanes: [Lane; LANES],
+}
+
+/// The board, mapped shared.
+pub struct Board {
+    map: NonNull<Layout>,
+    /// Kept open for the mapping's life (and to check its owner).
+    _file: File,
+}
+
+// SAFETY: `Layout` holds only atomics, which may be shared between threads (and processes);
+// the mapping lives as long as the `Board`.
+unsafe impl Send for Board {}
+// SAFETY: as above.
+unsafe impl Sync for Board {}
+
+impl Drop for Board {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `Board::map` with this size and is dropped once.
+        let _ = unsafe { rustix::mm::munmap(self.map.as_ptr().cast(), size_of::<Layout>()) };
+    }
+}
+
+fn copy_in(dst: &[AtomicU64], src: &[u8]) {
+    for (w, c) in dst.iter().zip(src.chunks(8)) {
+        let mut b = [0u8; 8];
+        b[..c.len()].copy_from_slice(c);
+        w.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+    }
+}
+
+fn copy_out(src: &[AtomicU64], len: usize, dst: &mut [u8]) -> usize {
+    let len = len.min(src.len() * 8).min(dst.len());
+    for (w, c) in src.iter().zip(dst[..len].chunks_mut(8)) {
+        let b = w.load(Ordering::Relaxed).to_ne_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
+    len
+}
+
+fn alive(pid: u32) -> bool {
+    rustix::process::Pid::from_raw(pid as i32)
+        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+}
+
+fn wake_all(w: &AtomicU32) {
+    let _ = futex::wake(w, futex::Flags::empty(), i32::MAX as u32);
+}
+
+impl Board {
+    fn map(file: File) -> std::io::Result<Board> {
+        let len = file.metadata()?.len();
+        if len < size_of::<Layout>() as u64 {
+            return Err(std::io::Error::other("lane board too short"));
+        }
+        // SAFETY: a fresh shared mapping of a file at least as long as `Layout`; nothing else
+        // in this process maps at the address the kernel picks.
+        let p = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                size_of::<Layout>(),
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                &file,
+                0,
+            )
+        }?;
+        let map = NonNull::new(p.cast::<Layout>()).ok_or_else(|| std::io::Error::other("mmap"))?;
+        Ok(Board { map, _file: file })
+    }
+
+    fn layout(&self) -> &Layout {
+        // SAFETY: the mapping is page aligned, as long as `Layout`, lives as long as `self`,
+        // and every bit pattern of its atomics is a valid value (a new file reads as zeros).
+        unsafe { self.map.as_ref() }
+    }
+
+    /// Makes a new board in `dir` (replacing an old one: secondaries of an earlier primary
+    /// keep the old file) for the primary `pid`.
+    pub fn create(dir: &Path, pid: u32) -> std::io::Result<Arc<Board>> {
+        let path = dir.join(BOARD_FILE);
+        let _ = std::fs::remove_file(&path);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)?;
+        file.set_len(size_of::<Layout>() as u64)?;
+        let b = Board::map(file)?;
+        let h = &b.layout().header;
+        h.primary_pid.store(pid, Ordering::Relaxed);
+        h.size.store(size_of::<Layout>() as u64, Ordering::Relaxed);
+        h.magic.store(MAGIC, Ordering::Release);
+        Ok(Arc::new(b))
+    }
+
+    /// Opens the board of a live primary in `dir`, if there is one made by our user.
+    pub fn open(dir: &Path, uid: u32) -> Option<Arc<Board>> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(dir.join(BOARD_FILE))
+            .ok()?;
+        if file.metadata().ok()?.uid() != uid {
+            return None;
+        }
+        let b = Board::map(file).ok()?;
+        let h = &b.layout().header;
+        (h.magic.load(Ordering::Acquire) == MAGIC
+            && h.size.load(Ordering::Relaxed) == size_of::<Layout>() as u64
+            && alive(h.primary_pid.load(Ordering::Relaxed)))
+        .then(|| Arc::new(b))
+    }
+
+    /// Removes the board file of `dir` (the primary, closing).
+    pub fn remove(dir: &Path) {
+        let _ = std::fs::remove_file(dir.join(BOARD_FILE));
+    }
+
+    /// The primary's pid, as it wrote it.
+    pub fn primary_pid(&self) -> u32 {
+        self.layout().header.primary_pid.load(Ordering::Relaxed)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The primary's side.
+
+/// The primary's view of its board: which peer has which lane, and its free controls.
+pub struct PrimaryLanes {
+    board: Arc<Board>,
+    uid: u32,
+    allow_root: bool,
+    /// Free control entries and their next generation.
+    ctrls: Mutex<Vec<(u32, u32)>>,
+    /// Peer socket name → (lane, owner pid), or no lane as of a board epoch.
+    known: Mutex<std::collections::HashMap<Box<str>, Known>>,
+    /// The next post's tag.
+    tags: AtomicU32,
+}
+
+#[derive(Clone, Copy)]
+enum Known {
+    Lane(u32, u32),
+    None(u32),
+}
+
+/// A lane request in flight: its control entry and the slots it posted.
+pub struct LaneRequest {
+    board: Arc<Board>,
+    ctrl: u32,
+    generation: u32,
+    /// (index into the request's peers, lane, slot, the post's tag), for each peer reached
+    /// by its lane.
+    posts: Vec<(usize, u32, u32, u32)>,
+    /// The first post's tag (each post takes the next).
+    tag: u32,
+}
+
+impl PrimaryLanes {
+    /// The primary's lanes on `board`; lanes of owners other than `uid` (or root, if
+    /// `allow_root`) are never used.
+    pub fn new(board: Arc<Board>, uid: u32, allow_root: bool) -> Self {
+        PrimaryLanes {
+            board,
+            uid,
+            allow_root,
+            ctrls: Mutex::new((0..CTRLS as u32).rev().map(|i| (i, 1)).collect()),
+            known: Mutex::default(),
+            tags: AtomicU32::new(1),
+        }
+    }
+
+    /// The board.
+    pub fn board(&self) -> &Arc<Board> {
+        &self.board
+    }
+
+    /// The lane of the secondary whose socket is named `name`, if it serves one.
+    fn lane_of(&self, name: &str) -> Option<u32> {
+        let l = self.board.layout();
+        let epoch = l.header.epoch.load(Ordering::Acquire);
+        let mut known = self.known.lock();
+        match known.get(name) {
+            Some(&Known::Lane(i, pid)) => {
+                let lane = &l.lanes[i as usize];
+                if lane.owner.load(Ordering::Acquire) == pid
+                    && lane.ready.load(Ordering::Acquire) == 1
+                {
+                    return Some(i);
+                }
+            }
+            Some(&Known::None(e)) if e == epoch => return None,
+            _ => {}
+        }
+        let found = l.lanes.iter().enumerate().find_map(|(i, lane)| {
+            let pid = lane.owner.load(Ordering::Acquire);
+            if pid == 0 || lane.ready.load(Ordering::Acquire) != 1 {
+                return None;
+            }
+            let mut b = [0u8; NAME_WORDS * 8];
+            let n = copy_out(
+                &lane.name,
+                lane.name_len.load(Ordering::Relaxed) as usize,
+                &mut b,
+            );
+            (&b[..n] == name.as_bytes() && self.owner_trusted(pid)).then_some((i as u32, pid))
+        });
+        if known.len() >= 4 * LANES {
+            known.clear();
+        }
+        known.insert(
+            name.into(),
+            match found {
+                Some((i, pid)) => Known::Lane(i, pid),
+                None => Known::None(epoch),
+            },
+        );
+        found.map(|(i, _)| i)
+    }
+
+    /// The owner process runs as our user (or root when allowed): what the socket's
+    /// credential check would require of its datagrams.
+    fn owner_trusted(&self, pid: u32) -> bool {
+        std::fs::metadata(format!("/proc/{pid}"))
+            .is_ok_and(|m| m.uid() == self.uid || (m.uid() == 0 && self.allow_root))
+    }
+
+    /// Which of `names` (peer socket names) have a lane; `None` when none has.
+    pub fn lanes_for<'a>(&self, names: impl Iterator<Item = &'a str>) -> Option<Vec<Option<u32>>> {
+        let v: Vec<Option<u32>> = names.map(|n| self.lane_of(n)).collect();
+        v.iter().any(Option::is_some).then_some(v)
+    }
+
+    /// The secondary whose socket is named `name` exited: its lane is free for another (the
+    /// next request goes to its socket, found dead there and not counted).
+    pub fn gone(&self, name: &str) {
+        if let Some(Known::Lane(i, pid)) = self.known.lock().remove(name) {
+            let _ = self.board.layout().lanes[i as usize]
+                .owner
+                .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+
+    /// Wakes every lane requester: a peer was withdrawn from the pending requests, and a
+    /// request whose other answers wait in the lanes, not yet taken, may be complete now.
+    pub fn nudge(&self) {
+        for c in &self.board.layout().ctrls {
+            if c.word.load(Ordering::Acquire) != 0 {
+                c.wake.fetch_add(1, Ordering::AcqRel);
+                wake_all(&c.wake);
+            }
+        }
+    }
+
+    /// Takes a control entry for a request; `None` when all are in use.
+    pub fn begin(&self) -> Option<LaneRequest> {
+        let (ctrl, generation) = self.ctrls.lock().pop()?;
+        let c = &self.board.layout().ctrls[ctrl as usize];
+        c.word.store(u64::from(generation) << 32, Ordering::Release);
+        Some(LaneRequest {
+            board: self.board.clone(),
+            ctrl,
+            generation,
+            posts: Vec::new(),
+            // Room for a broadcast to every lane, a tag each.
+            tag: self.tags.fetch_add(LANES as u32, Ordering::Relaxed),
+        })
+    }
+
+    /// Ends a request: slots not answered are given up, and the control entry is freed.
+    pub fn finish(&self, r: LaneRequest) {
+        let l = self.board.layout();
+        for &(_, lane, slot, tag) in &r.posts {
+            let s = &l.lanes[lane as usize].slots[slot as usize];
+            let cas = |from: u32, to: u32| {
+                s.state
+                    .compare_exchange(tag | from, to, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            };
+            let _ = cas(POSTED, EMPTY) || cas(TAKEN, tag | ABANDONED) || cas(ANSWERED, EMPTY);
+        }
+        let c = &l.ctrls[r.ctrl as usize];
+        // A late answer compares the generation: from here on it no longer matches.
+        c.word.store(0, Ordering::Release);
+        let next = if r.generation == u32::MAX {
+            1
+        } else {
+            r.generation + 1
+        };
+        self.ctrls.lock().push((r.ctrl, next));
+    }
+}
+
+impl LaneRequest {
+    /// Posts `datagram` to `lane` for the request's peer number `peer`; false when the lane
+    /// has no free slot (send it over the socket then).
+    pub fn post(&mut self, peer: usize, lane: u32, datagram: &[u8]) -> bool {
+        let l = self.board.layout();
+        let ln = &l.lanes[lane as usize];
+        let Some((i, s)) = ln.slots.iter().enumerate().find(|(_, s)| {
+            let v = s.state.load(Ordering::Relaxed);
+            v & STATE == EMPTY
+                && s.state
+                    .compare_exchange(v, WRITING, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+        }) else {
+            return false;
+        };
+        let tag = (self.tag.wrapping_add(self.posts.len() as u32) & (u32::MAX >> 4)) << 4;
+        copy_in(&s.req, datagram);
+        s.req_len.store(datagram.len() as u32, Ordering::Relaxed);
+        s.rep_len.store(0, Ordering::Relaxed);
+        s.ctrl.store(self.ctrl, Ordering::Relaxed);
+        s.ctrl_gen.store(self.generation, Ordering::Relaxed);
+        l.ctrls[self.ctrl as usize]
+            .word
+            .fetch_add(1, Ordering::AcqRel);
+        s.state.store(tag | POSTED, Ordering::Release);
+        self.posts.push((peer, lane, i as u32, tag));
+        true
+    }
+
+    /// Rings the doorbells of every lane posted to (after all posts: the secondaries then
+    /// run one after the other while the primary sleeps once).
+    pub fn ring(&self) {
+        let l = self.board.layout();
+        let mut last = u32::MAX;
+        for &(_, lane, _, _) in &self.posts {
+            if lane == last {
+                continue;
+            }
+            last = lane;
+            let ln = &l.lanes[lane as usize];
+            ln.bell.fetch_add(1, Ordering::SeqCst);
+            if ln.sleeping.load(Ordering::SeqCst) != 0 {
+                let _ = futex::wake(&ln.bell, futex::Flags::empty(), 1);
+            }
+        }
+    }
+
+    /// How many peers were reached by their lane.
+    pub fn posted(&self) -> usize {
+        self.posts.len()
+    }
+
+    /// The request's peer numbers reached by their lane.
+    pub fn peers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.posts.iter().map(|p| p.0)
+    }
+
+    /// The value to pass [`LaneRequest::sleep`], read before looking at the answers.
+    pub fn wake_seen(&self) -> u32 {
+        self.board.layout().ctrls[self.ctrl as usize]
+            .wake
+            .load(Ordering::Acquire)
+    }
+
+    /// A wake-up for this request, for other threads (a peer found dead, the deadline).
+    pub fn waker(&self) -> LaneWake {
+        LaneWake {
+            board: self.board.clone(),
+            ctrl: self.ctrl,
+        }
+    }
+
+    /// Hands each answer that came to `f` (the peer number and the reply's bytes, empty when
+    /// the answer went over the socket) and frees its slot; returns how many.
+    pub fn harvest(&mut self, buf: &mut [u8], mut f: impl FnMut(usize, &[u8])) -> usize {
+        let l = self.board.layout();
+        let mut n = 0;
+        self.posts.retain(|&(peer, lane, slot, tag)| {
+            let s = &l.lanes[lane as usize].slots[slot as usize];
+            if s.state.load(Ordering::Acquire) != tag | ANSWERED {
+                return true;
+            }
+            let len = copy_out(&s.rep, s.rep_len.load(Ordering::Relaxed) as usize, buf);
+            // Ours until emptied: only what was still ours is delivered.
+            if s.state
+                .compare_exchange(tag | ANSWERED, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                f(peer, &buf[..len]);
+                n += 1;
+            }
+            false
+        });
+        n
+    }
+
+    /// All lane answers came (or the secondaries said they went over the socket).
+    pub fn all_answered(&self) -> bool {
+        let w = self.board.layout().ctrls[self.ctrl as usize]
+            .word
+            .load(Ordering::Acquire);
+        w as u32 == 0
+    }
+
+    /// Sleeps until an answer completes the lanes' part, a [`LaneWake`], or `timeout`, unless
+    /// the wake word moved from `seen` already.
+    pub fn sleep(&self, seen: u32, timeout: Duration) {
+        let w = &self.board.layout().ctrls[self.ctrl as usize].wake;
+        let ts = rustix::time::Timespec {
+            tv_sec: timeout.as_secs().min(i64::MAX as u64) as i64,
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        let _ = futex::wait(w, futex::Flags::empty(), seen, Some(&ts));
+    }
+}
+
+/// Wakes a requester sleeping in [`LaneRequest::sleep`] (spuriously, harmlessly, if its
+/// request ended and the entry went to another).
+pub struct LaneWake {
+    board: Arc<Board>,
+    ctrl: u32,
+}
+
+impl LaneWake {
+    /// Wakes the requester.
+    pub fn wake(&self) {
+        let w = &self.board.layout().ctrls[self.ctrl as usize].wake;
+        w.fetch_add(1, Ordering::AcqRel);
+        wake_all(w);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A secondary's side.
+
+/// A secondary's lane: served by its lane thread, answered by [`SecondaryLane::reply`].
+pub struct SecondaryLane {
+    board: Arc<Board>,
+    lane: u32,
+    pid: u32,
+    /// The tag of each slot taken (see `STATE`), and its action while an answer is owed.
+    owed: Mutex<[(u32, Option<Name>); SLOTS]>,
+}
+
+/// How a reply went.
+pub enum Answered {
+    /// Through the lane.
+    Lane,
+    /// The request went away (given up by the primary): send it over the socket, as a late
+    /// reply would go.
+    Gone,
+    /// No request of that name waits on the lane.
+    NotHere,
+}
+
+impl SecondaryLane {
+    /// Claims a lane on `board` for this process, whose socket is named `name`.
+    pub fn claim(board: Arc<Board>, name: &str) -> Option<SecondaryLane> {
+        if name.len() > NAME_WORDS * 8 {
+            return None;
+        }
+        let pid = std::process::id();
+        let l = board.layout();
+        let lane = l.lanes.iter().position(|ln| {
+            let o = ln.owner.load(Ordering::Acquire);
+            (o == 0 || (o != pid && !alive(o)))
+                && ln
+                    .owner
+                    .compare_exchange(o, pid, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+        })?;
+        let ln = &l.lanes[lane];
+        ln.ready.store(0, Ordering::Release);
+        for s in &ln.slots {
+            s.state.store(EMPTY, Ordering::Relaxed);
+        }
+        ln.sleeping.store(0, Ordering::Relaxed);
+        copy_in(&ln.name, name.as_bytes());
+        ln.name_len.store(name.len() as u32, Ordering::Relaxed);
+        ln.ready.store(1, Ordering::Release);
+        l.header.epoch.fetch_add(1, Ordering::AcqRel);
+        Some(SecondaryLane {
+            board,
+            lane: lane as u32,
+            pid,
+            owed: Mutex::new(Default::default()),
+        })
+    }
+
+    fn lane(&self) -> &Lane {
+        &self.board.layout().lanes[self.lane as usize]
+    }
+
+    /// The primary's pid.
+    pub fn primary_pid(&self) -> u32 {
+        self.board.primary_pid()
+    }
+
+    /// Serves the lane until `stop` says so: each request posted is handed to `serve` (its
+    /// slot and bytes); `serve` returns the action's name when a handler now owes an answer,
+    /// `None` when nothing will answer through the lane (no action, a one-way message, bad
+    /// bytes). Waits on the doorbell, up to `tick` at a time, in between.
+    pub fn run(
+        &self,
+        stop: &dyn Fn() -> bool,
+        tick: Duration,
+        mut serve: impl FnMut(usize, &[u8], &dyn Fn(Name)),
+    ) {
+        let ln = self.lane();
+        let mut buf = [0u8; BUF_WORDS * 8];
+        while !stop() {
+            let rung = ln.bell.load(Ordering::SeqCst);
+            for (i, s) in ln.slots.iter().enumerate() {
+                let v = s.state.load(Ordering::Acquire);
+                if v & STATE != POSTED
+                    || s.state
+                        .compare_exchange(
+                            v,
+                            v & !STATE | TAKEN,
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        )
+                        .is_err()
+                {
+                    continue;
+                }
+                let tag = v & !STATE;
+                self.owed.lock()[i] = (tag, None);
+                let n = copy_out(&s.req, s.req_len.load(Ordering::Relaxed) as usize, &mut buf);
+                let owing = std::cell::Cell::new(false);
+                let owe = |name: Name| {
+                    owing.set(true);
+                    let mut owed = self.owed.lock();
+                    // One request of an action waits at a time: an abandoned slot of the same
+                    // action is done with.
+                    for (j, o) in owed.iter_mut().enumerate() {
+                        if j != i && o.1 == Some(name) {
+                            let sj = &ln.slots[j];
+                            if sj
+                                .state
+                                .compare_exchange(
+                                    o.0 | ABANDONED,
+                                    EMPTY,
+                                    Ordering::AcqRel,
+                                    Ordering::Relaxed,
+                                )
+                                .is_ok()
+                            {
+                                o.1 = None;
+                            }
+                        }
+                    }
+                    owed[i].1 = Some(name);
+                };
+                serve(i, &buf[..n], &owe);
+                if !owing.get() {
+                    // Nothing will answer through the lane: say so, the request need not wait
+                    // on it (an answer over the socket, if any, still counts).
+                    self.settle(i, tag, &[]);
+                }
+            }
+            ln.sleeping.store(1, Ordering::SeqCst);
+            if ln.bell.load(Ordering::SeqCst) == rung && !stop() {
+                let ts = rustix::time::Timespec {
+                    tv_sec: tick.as_secs() as i64,
+                    tv_nsec: i64::from(tick.subsec_nanos()),
+                };
+                let _ = futex::wait(&ln.bell, futex::Flags::empty(), rung, Some(&ts));
+            }
+            ln.sleeping.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Wakes the lane thread (to see its stop flag).
+    pub fn wake(&self) {
+        let ln = self.lane();
+        ln.bell.fetch_add(1, Ordering::SeqCst);
+        wake_all(&ln.bell);
+    }
+
+    /// Answers slot `i` with `reply` (empty: "answered elsewhere, or not at all") and tells
+    /// the request; returns false if the primary had given the slot up.
+    fn settle(&self, i: usize, tag: u32, reply: &[u8]) -> bool {
+        let l = self.board.layout();
+        let s = &self.lane().slots[i];
+        copy_in(&s.rep, reply);
+        s.rep_len.store(reply.len() as u32, Ordering::Relaxed);
+        let (ctrl, generation) = (
+            s.ctrl.load(Ordering::Relaxed) as usize,
+            s.ctrl_gen.load(Ordering::Relaxed),
+        );
+        if s.state
+            .compare_exchange(
+                tag | TAKEN,
+                tag | ANSWERED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            // Given up by the primary: ours to empty (anything else is not ours to touch).
+            let _ = s.state.compare_exchange(
+                tag | ABANDONED,
+                EMPTY,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            return false;
+        }
+        let Some(c) = l.ctrls.get(ctrl) else {
+            return true;
+        };
+        let mut w = c.word.load(Ordering::Acquire);
+        while (w >> 32) as u32 == generation && w as u32 != 0 {
+            match c
+                .word
+                .compare_exchange(w, w - 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    if w as u32 == 1 {
+                        c.wake.fetch_add(1, Ordering::AcqRel);
+                        wake_all(&c.wake);
+                    }
+                    break;
+                }
+                Err(now) => w = now,
+            }
+        }
+        true
+    }
+
+    /// Answers the lane request of action `name` with the encoded `reply` (empty: the answer
+    /// went over the socket).
+    pub fn reply(&self, name: &Name, reply: &[u8]) -> Answered {
+        let (i, tag) = {
+            let mut owed = self.owed.lock();
+            let Some(i) = owed.iter().position(|o| o.1.as_ref() == Some(name)) else {
+                return Answered::NotHere;
+            };
+            owed[i].1 = None;
+            (i, owed[i].0)
+        };
+        if self.settle(i, tag, reply) {
+            Answered::Lane
+        } else {
+            Answered::Gone
+        }
+    }
+
+    /// Gives the lane back (the channel closing).
+    pub fn release(&self) {
+        let ln = self.lane();
+        ln.ready.store(0, Ordering::Release);
+        let _ = ln
+            .owner
+            .compare_exchange(self.pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
