@@ -5,7 +5,7 @@
 //! rest go by socket in the same request; replies carrying fds still arrive; an unanswered
 //! lane request times out and frees its slot; a dead secondary's lane is not waited for and
 //! goes to the next secondary; a board scribbled over by a peer costs the lanes, never the
-//! answers.
+//! answers; a message sent before a request is handled before it; handlers never run at once.
 
 mod common;
 
@@ -203,4 +203,90 @@ fn a_scribbled_board_costs_the_lanes_not_the_answers() {
     for s in &mut secs {
         s.terminate_ok(LONG);
     }
+}
+
+#[test]
+fn a_message_sent_before_a_request_is_handled_first() {
+    // Over one socket, as in DPDK, a secondary handles what the primary sent in the order it
+    // was sent. A lane request could overtake a message still queued in the secondary's
+    // socket: the primary posts to a lane only while every message and request it sent that
+    // secondary by socket has been handled there.
+    let dir = test_dir();
+    let ch = primary(&dir);
+    let mut l = listener(&dir, &["--action", "m", "--action", "q"]);
+    let r = ch
+        .request(&message("q", b"\x00", Fds::none()).unwrap(), LONG)
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received), (1, 1));
+    assert_eq!(lane_counts(&ch), (1, 1));
+    // The secondary stops reading: a message waits in its socket, then comes a request.
+    memplane_testkit::stop(l.pid());
+    assert_eq!(
+        ch.send(&message("m", b"\x01", Fds::none()).unwrap())
+            .unwrap()
+            .sent,
+        1
+    );
+    let r = ch
+        .request(
+            &message("q", b"\x02", Fds::none()).unwrap(),
+            Duration::from_millis(50),
+        )
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 0, true));
+    // The request went over the socket, behind the message, not through the lane.
+    assert_eq!(lane_counts(&ch), (1, 1));
+    l.signal(libc::SIGCONT);
+    l.expect_line("name=q param=02", LONG);
+    let out = l.output();
+    let (m, q) = (out.find("name=m param=01"), out.find("name=q param=02"));
+    assert!(m.is_some() && m < q, "{out}");
+    // Once the secondary has handled both, requests take the lane again.
+    let start = std::time::Instant::now();
+    while lane_counts(&ch).0 == 1 {
+        assert!(start.elapsed() < LONG, "the lane was never used again");
+        let r = ch
+            .request(&message("q", b"\x03", Fds::none()).unwrap(), LONG)
+            .unwrap();
+        assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 1, false));
+    }
+}
+
+#[test]
+fn handlers_of_lane_and_socket_requests_never_run_at_once() {
+    // Requests to one secondary from two primary threads: one by socket (it carries an fd),
+    // one through the lane when it may (see above), over and over. The secondary runs its
+    // handlers under one lock, so `mp listen` never sees one start while another runs (it
+    // prints `overlap` if it does).
+    let dir = test_dir();
+    let ch = std::sync::Arc::new(primary(&dir));
+    let mut l = listener(&dir, &["--action", "a", "--action", "b"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c, s) = (ch.clone(), stop.clone());
+    let with_fd = std::thread::spawn(move || {
+        while !s.load(std::sync::atomic::Ordering::Acquire) {
+            let r = c
+                .request(&message("a", b"", Fds::from(memfd("x"))).unwrap(), LONG)
+                .unwrap();
+            assert_eq!((r.nb_sent, r.nb_received), (1, 1));
+        }
+    });
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while n < 300 || lane_counts(&ch).0 < 30 {
+        assert!(
+            start.elapsed() < LONG,
+            "too few lane requests: {:?}",
+            lane_counts(&ch)
+        );
+        let r = ch
+            .request(&message("b", b"", Fds::none()).unwrap(), LONG)
+            .unwrap();
+        assert_eq!((r.nb_sent, r.nb_received), (1, 1));
+        n += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    with_fd.join().unwrap();
+    l.terminate_ok(LONG);
+    assert!(!l.output().contains("overlap"), "{}", l.output());
 }

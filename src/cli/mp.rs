@@ -7,7 +7,7 @@ use std::error::Error as StdError;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -203,13 +203,17 @@ fn listen(a: ListenArgs) -> Result<()> {
     {
         actions.push(h.clone());
     }
+    let busy = Arc::new(AtomicBool::new(false));
     for name in &actions {
         let seen = seen.clone();
         let done_tx = done_tx.clone();
         let reply = reply.clone();
         let reply_memfds = reply_memfds.clone();
         let held = held.clone();
+        let busy = busy.clone();
         ch.register(name, move |ch: &MpChannel, m: Incoming| {
+            // Handlers run one at a time, as on DPDK's one thread: say so if they ever do not.
+            let _busy = HandlerRunning::enter(&busy, m.msg.name().as_str());
             let kind = if m.is_request() { "request" } else { "message" };
             out(format!(
                 "{kind} from={} name={} param={}{}",
@@ -403,6 +407,25 @@ fn peers(o: &ChannelOpts) -> Result<()> {
         out(format!("peer {} alive={alive}", p));
     }
     Ok(())
+}
+
+/// Marks a handler of `mp listen` running; prints `overlap name=...` when another one already
+/// is (the channel runs handlers one at a time, so this line means a bug).
+struct HandlerRunning<'a>(&'a AtomicBool);
+
+impl<'a> HandlerRunning<'a> {
+    fn enter(busy: &'a AtomicBool, name: &str) -> Self {
+        if busy.swap(true, Ordering::AcqRel) {
+            out(format!("overlap name={name}"));
+        }
+        HandlerRunning(busy)
+    }
+}
+
+impl Drop for HandlerRunning<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Sends on `tx` when SIGINT or SIGTERM arrives.

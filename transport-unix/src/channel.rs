@@ -533,7 +533,10 @@ pub struct MpChannel {
     peers_seen: Mutex<PeersSeen>,
     request_seq: AtomicU64,
     /// A primary's lanes to its memplane secondaries.
-    lanes: Option<PrimaryLanes>,
+    lanes: Option<Arc<PrimaryLanes>>,
+    /// In a secondary with a lane: held while a handler runs, on the receiving thread or the
+    /// lane thread, so handlers run one at a time, as on DPDK's one thread.
+    dispatch: Mutex<()>,
     /// A secondary's lane from its primary.
     lane: Option<Arc<SecondaryLane>>,
     /// Requests sent and answers received through lanes.
@@ -936,7 +939,9 @@ impl MpChannel {
         timeout: Duration,
     ) -> Option<Result<Reply<ReplyList>, Error>> {
         let lanes = self.lanes.as_ref()?;
-        if msg.num_fds() != 0 || peers.is_empty() {
+        // Something waiting in the outbox may be for one of these peers: a lane request would
+        // overtake it.
+        if msg.num_fds() != 0 || peers.is_empty() || self.ep.transport().outbox_waiting() {
             return None;
         }
         let which = lanes.lanes_for(peers.iter().map(|p| p.name()))?;
@@ -1016,41 +1021,46 @@ impl MpChannel {
     fn lane_loop(self: &Arc<Self>) {
         CHANNEL_THREAD.with(|c| c.set(true));
         let Some(lane) = &self.lane else { return };
-        let tr = self.ep.transport();
-        let pid = lane.primary_pid();
         let stop = || self.stop.load(Ordering::Acquire);
         lane.run(&stop, Duration::from_secs(1), |_, bytes, owe| {
-            let d = self.ep.receive(
-                tr.primary().clone(),
-                bytes,
-                Fds::default(),
-                RecvFlags::default(),
-                now(),
-            );
-            match d {
-                Dispatch::Action {
-                    handler,
+            let _one_at_a_time = self.dispatch.lock();
+            self.lane_dispatch(bytes, owe);
+        });
+    }
+
+    /// Runs one lane request of the primary's (`owe` tells the lane an answer is owed).
+    fn lane_dispatch(&self, bytes: &[u8], owe: &dyn Fn(Name)) {
+        let Some(lane) = &self.lane else { return };
+        let d = self.ep.receive(
+            self.ep.transport().primary().clone(),
+            bytes,
+            Fds::default(),
+            RecvFlags::default(),
+            now(),
+        );
+        match d {
+            Dispatch::Action {
+                handler,
+                kind,
+                msg,
+                from,
+            } => {
+                if kind == MsgKind::Request {
+                    owe(*msg.name());
+                }
+                let inc = Incoming {
                     kind,
                     msg,
                     from,
-                } => {
-                    if kind == MsgKind::Request {
-                        owe(*msg.name());
-                    }
-                    let inc = Incoming {
-                        kind,
-                        msg,
-                        from,
-                        pid,
-                    };
-                    if catch_unwind(AssertUnwindSafe(|| handler(self, inc))).is_err() {
-                        self.panics.fetch_add(1, Ordering::Relaxed);
-                    }
+                    pid: lane.primary_pid(),
+                };
+                if catch_unwind(AssertUnwindSafe(|| handler(self, inc))).is_err() {
+                    self.panics.fetch_add(1, Ordering::Relaxed);
                 }
-                Dispatch::Answered(Some(f)) => self.run_callback(f),
-                Dispatch::Answered(None) | Dispatch::Dropped(_) => {}
             }
-        });
+            Dispatch::Answered(Some(f)) => self.run_callback(f),
+            Dispatch::Answered(None) | Dispatch::Dropped(_) => {}
+        }
     }
 
     /// A request socket from the pool, or a new one; connected to the primary when
@@ -1265,7 +1275,35 @@ impl MpChannel {
             truncated: r.truncated,
             control_truncated: r.control_truncated,
         };
-        match self.ep.receive(from, &buf[..r.len], r.fds, flags, now()) {
+        // A secondary with a lane: lane requests posted before this datagram from the primary
+        // run first, and handlers one at a time (see `lane`).
+        let lane = self
+            .lane
+            .as_deref()
+            .filter(|l| actions && pid == l.primary_pid());
+        let _one_at_a_time = lane.map(|l| {
+            let g = self.dispatch.lock();
+            l.serve_posted(&mut |_, bytes, owe| self.lane_dispatch(bytes, owe));
+            g
+        });
+        let counted = lane.is_some() && crate::lane::counted(&buf[..r.len]);
+        self.dispatch_datagram(from, pid, &buf[..r.len], r.fds, flags, actions);
+        if counted && let Some(l) = lane {
+            l.handled();
+        }
+    }
+
+    /// Hands one received datagram to the core and runs what it dispatches.
+    fn dispatch_datagram(
+        &self,
+        from: PeerAddr,
+        pid: u32,
+        bytes: &[u8],
+        fds: Fds,
+        flags: RecvFlags,
+        actions: bool,
+    ) {
+        match self.ep.receive(from, bytes, fds, flags, now()) {
             Dispatch::Action { msg, .. } if !actions => {
                 drop(msg);
                 self.ep.stats().rx_no_action.fetch_add(1, Ordering::Relaxed);
@@ -1473,32 +1511,44 @@ impl Channel {
         rustix::fs::flock(&dir_fd, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| Error::io("lock runtime dir", e.into()))?;
         let (role, lock) = resolve_role(&cfg, &dir)?;
-        let sock = match role {
+        let uid = rustix::process::getuid().as_raw();
+        let (sock, lanes, lane) = match role {
             Role::Primary => {
                 rundir::clean_stale(&dir);
-                Socket::bind(&dir.join(rundir::PRIMARY_SOCKET))?
+                let sock = Socket::bind(&dir.join(rundir::PRIMARY_SOCKET))?;
+                let lanes = cfg
+                    .lanes
+                    .then(|| Board::create(&dir, std::process::id()).ok())
+                    .flatten()
+                    .map(|b| Arc::new(PrimaryLanes::new(b, uid, cfg.allow_root)));
+                (sock, lanes, None)
             }
-            Role::Secondary => Socket::bind(&rundir::secondary_socket(&dir))?,
-        };
-        let uid = rustix::process::getuid().as_raw();
-        let (lanes, lane) = match role {
-            _ if !cfg.lanes => (None, None),
-            Role::Primary => (
-                Board::create(&dir, std::process::id())
-                    .ok()
-                    .map(|b| PrimaryLanes::new(b, uid, cfg.allow_root)),
-                None,
-            ),
             Role::Secondary => {
-                let name = sock.path().file_name().and_then(|n| n.to_str());
-                let lane = Board::open(&dir, uid)
+                // The lane is claimed before the socket exists: every datagram the primary
+                // sends to the socket is then counted against it (see `lane`).
+                let path = rundir::secondary_socket(&dir);
+                let name = path.file_name().and_then(|n| n.to_str());
+                let lane = cfg
+                    .lanes
+                    .then(|| Board::open(&dir, uid))
+                    .flatten()
                     .zip(name)
-                    .and_then(|(b, n)| SecondaryLane::claim(b, n));
-                (None, lane.map(Arc::new))
+                    .and_then(|(b, n)| SecondaryLane::claim(b, n))
+                    .map(Arc::new);
+                let sock = Socket::bind(&path).inspect_err(|_| {
+                    if let Some(l) = &lane {
+                        l.release();
+                    }
+                })?;
+                (sock, None, lane)
             }
         };
         drop(dir_fd);
         let transport = UnixTransport::new(sock, role, dir)?;
+        if let Some(l) = &lanes {
+            let l = l.clone();
+            transport.on_accepted(Box::new(move |to, d| l.sent(to.name(), d)));
+        }
         let stop_fd = rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
@@ -1523,6 +1573,7 @@ impl Channel {
             request_seq: AtomicU64::new(0),
             lanes,
             lane,
+            dispatch: Mutex::new(()),
             lane_requests: AtomicU64::new(0),
             lane_replies: AtomicU64::new(0),
         });

@@ -16,6 +16,15 @@
 //! dead) at open. Everything in it is an atomic, and everything read from it is checked: a
 //! peer that scribbles on it can spoil its own answers, never the reader's memory.
 //!
+//! Order and one-at-a-time dispatch are DPDK's, as over one socket. A secondary runs lane
+//! requests and socket datagrams under one dispatch lock, so its handlers never run at once;
+//! its receiving thread serves posted lane requests before any later datagram from the
+//! primary; and the primary posts to a lane only while every message and request it sent that
+//! secondary over the socket has been handled there: the kernel's count of them (`tx`, counted
+//! by the primary as each is accepted) equals the secondary's (`rx`, counted after handling),
+//! and nothing waits in the primary's outbox. Otherwise the request goes over the socket,
+//! behind what went before.
+//!
 //! A slot's life: `EMPTY` → (primary posts) `POSTED` → (secondary takes) `TAKEN` →
 //! (secondary answers) `ANSWERED` → (primary reads) `EMPTY`. A primary that gives up turns
 //! `POSTED` back to `EMPTY` and `TAKEN` into `ABANDONED`, which the secondary empties when it
@@ -105,6 +114,10 @@ struct Lane {
     sleeping: AtomicU32,
     name_len: AtomicU32,
     _pad: AtomicU32,
+    /// Messages and requests the primary sent the owner over a socket (accepted by the kernel).
+    tx: AtomicU64,
+    /// Of those, how many the owner has handled.
+    rx: AtomicU64,
     name: [AtomicU64; NAME_WORDS],
     slots: [Slot; SLOTS],
 }
@@ -153,9 +166,41 @@ fn copy_out(src: &[AtomicU64], len: usize, dst: &mut [u8]) -> usize {
     len
 }
 
+/// A datagram of the kinds whose order against lane requests is kept: a message or a request
+/// (the kind is the datagram's first field, a native-endian `int`, on every ABI).
+pub fn counted(datagram: &[u8]) -> bool {
+    datagram
+        .first_chunk::<4>()
+        .is_some_and(|k| matches!(i32::from_ne_bytes(*k), 0 | 1))
+}
+
 fn alive(pid: u32) -> bool {
     rustix::process::Pid::from_raw(pid as i32)
         .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+}
+
+/// One more answer to request control `ctrl` of generation `generation` (none if the control
+/// went to another request meanwhile); the last one wakes the requester.
+fn count_answer(l: &Layout, ctrl: usize, generation: u32) {
+    let Some(c) = l.ctrls.get(ctrl) else {
+        return;
+    };
+    let mut w = c.word.load(Ordering::Acquire);
+    while (w >> 32) as u32 == generation && w as u32 != 0 {
+        match c
+            .word
+            .compare_exchange(w, w - 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                if w as u32 == 1 {
+                    c.wake.fetch_add(1, Ordering::AcqRel);
+                    wake_all(&c.wake);
+                }
+                return;
+            }
+            Err(now) => w = now,
+        }
+    }
 }
 
 fn wake_all(w: &AtomicU32) {
@@ -344,20 +389,88 @@ impl PrimaryLanes {
             .is_ok_and(|m| m.uid() == self.uid || (m.uid() == 0 && self.allow_root))
     }
 
-    /// Which of `names` (peer socket names) have a lane; `None` when none has.
+    /// Which of `names` (peer socket names) have a lane that may take a request now (all
+    /// their socket datagrams handled); `None` when none has.
     pub fn lanes_for<'a>(&self, names: impl Iterator<Item = &'a str>) -> Option<Vec<Option<u32>>> {
-        let v: Vec<Option<u32>> = names.map(|n| self.lane_of(n)).collect();
+        let lanes = &self.board.layout().lanes;
+        let v: Vec<Option<u32>> = names
+            .map(|n| {
+                self.lane_of(n).filter(|&i| {
+                    let ln = &lanes[i as usize];
+                    ln.tx.load(Ordering::Acquire) == ln.rx.load(Ordering::Acquire)
+                })
+            })
+            .collect();
         v.iter().any(Option::is_some).then_some(v)
+    }
+
+    /// The kernel accepted `datagram` for the secondary whose socket is named `name`: counted
+    /// if it is a message or a request and that secondary has a lane.
+    pub fn sent(&self, name: &str, datagram: &[u8]) {
+        if counted(datagram)
+            && let Some(i) = self.lane_of(name)
+        {
+            self.board.layout().lanes[i as usize]
+                .tx
+                .fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// The secondary whose socket is named `name` exited: its lane is free for another (the
     /// next request goes to its socket, found dead there and not counted).
+    /// What it owed is answered "not here" on its behalf: a request's last live answer must
+    /// still wake the requester.
     pub fn gone(&self, name: &str) {
-        if let Some(Known::Lane(i, pid)) = self.known.lock().remove(name) {
-            let _ = self.board.layout().lanes[i as usize]
-                .owner
-                .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+        let l = self.board.layout();
+        let cached = match self.known.lock().remove(name) {
+            Some(Known::Lane(i, pid)) => Some((i as usize, pid)),
+            _ => None,
+        };
+        let found = cached.or_else(|| {
+            l.lanes.iter().enumerate().find_map(|(i, ln)| {
+                let mut b = [0u8; NAME_WORDS * 8];
+                let n = copy_out(
+                    &ln.name,
+                    ln.name_len.load(Ordering::Relaxed) as usize,
+                    &mut b,
+                );
+                let pid = ln.owner.load(Ordering::Acquire);
+                (pid != 0 && &b[..n] == name.as_bytes()).then_some((i, pid))
+            })
+        });
+        let Some((i, pid)) = found else { return };
+        let ln = &l.lanes[i];
+        if ln.owner.load(Ordering::Acquire) != pid || alive(pid) {
+            return;
         }
+        for s in &ln.slots {
+            let v = s.state.load(Ordering::Acquire);
+            let tag = v & !STATE;
+            match v & STATE {
+                POSTED | TAKEN => {
+                    let (ctrl, generation) = (
+                        s.ctrl.load(Ordering::Relaxed) as usize,
+                        s.ctrl_gen.load(Ordering::Relaxed),
+                    );
+                    s.rep_len.store(0, Ordering::Relaxed);
+                    if s.state
+                        .compare_exchange(v, tag | ANSWERED, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        count_answer(l, ctrl, generation);
+                    }
+                }
+                ABANDONED => {
+                    let _ = s
+                        .state
+                        .compare_exchange(v, EMPTY, Ordering::AcqRel, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        let _ = ln
+            .owner
+            .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 
     /// Wakes every lane requester: a peer was withdrawn from the pending requests, and a
@@ -554,6 +667,10 @@ pub struct SecondaryLane {
     owed: Mutex<[(u32, Option<Name>); SLOTS]>,
 }
 
+/// What serves a lane request: given its slot, its bytes, and `owe`, to call with the action's
+/// name when a handler now owes an answer.
+pub type Serve<'a> = dyn FnMut(usize, &[u8], &dyn Fn(Name)) + 'a;
+
 /// How a reply went.
 pub enum Answered {
     /// Through the lane.
@@ -587,6 +704,8 @@ impl SecondaryLane {
             s.state.store(EMPTY, Ordering::Relaxed);
         }
         ln.sleeping.store(0, Ordering::Relaxed);
+        ln.tx.store(0, Ordering::Relaxed);
+        ln.rx.store(0, Ordering::Relaxed);
         copy_in(&ln.name, name.as_bytes());
         ln.name_len.store(name.len() as u32, Ordering::Relaxed);
         ln.ready.store(1, Ordering::Release);
@@ -608,9 +727,65 @@ impl SecondaryLane {
         self.board.primary_pid()
     }
 
+    /// Serves every request posted now (see [`SecondaryLane::run`] for `serve`); the lane
+    /// thread does, and the receiving thread before a later datagram from the primary.
+    pub fn serve_posted(&self, serve: &mut Serve<'_>) {
+        let ln = self.lane();
+        let mut buf = [0u8; BUF_LEN];
+        for (i, s) in ln.slots.iter().enumerate() {
+            let v = s.state.load(Ordering::Acquire);
+            if v & STATE != POSTED
+                || s.state
+                    .compare_exchange(v, v & !STATE | TAKEN, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_err()
+            {
+                continue;
+            }
+            let tag = v & !STATE;
+            self.owed.lock()[i] = (tag, None);
+            let n = copy_out(&s.req, s.req_len.load(Ordering::Relaxed) as usize, &mut buf);
+            let owing = std::cell::Cell::new(false);
+            let owe = |name: Name| {
+                owing.set(true);
+                let mut owed = self.owed.lock();
+                // One request of an action waits at a time: an abandoned slot of the same
+                // action is done with.
+                for (j, o) in owed.iter_mut().enumerate() {
+                    if j != i && o.1 == Some(name) {
+                        let sj = &ln.slots[j];
+                        if sj
+                            .state
+                            .compare_exchange(
+                                o.0 | ABANDONED,
+                                EMPTY,
+                                Ordering::AcqRel,
+                                Ordering::Relaxed,
+                            )
+                            .is_ok()
+                        {
+                            o.1 = None;
+                        }
+                    }
+                }
+                owed[i].1 = Some(name);
+            };
+            serve(i, &buf[..n], &owe);
+            if !owing.get() {
+                // Nothing will answer through the lane: say so, the request need not wait on
+                // it (an answer over the socket, if any, still counts).
+                self.settle(i, tag, &[]);
+            }
+        }
+    }
+
+    /// A message or request from the primary that came over the socket has been handled.
+    pub fn handled(&self) {
+        self.lane().rx.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Serves the lane until `stop` says so: each request posted is handed to `serve` (its
-    /// slot and bytes); `serve` returns the action's name when a handler now owes an answer,
-    /// `None` when nothing will answer through the lane (no action, a one-way message, bad
+    /// slot, its bytes, and `owe`, which `serve` calls with the action's name when a handler
+    /// now owes an answer; not called, nothing will answer through the lane: no action, bad
     /// bytes). Waits on the doorbell, up to `tick` at a time, in between.
     pub fn run(
         &self,
@@ -619,58 +794,9 @@ impl SecondaryLane {
         mut serve: impl FnMut(usize, &[u8], &dyn Fn(Name)),
     ) {
         let ln = self.lane();
-        let mut buf = [0u8; BUF_WORDS * 8];
         while !stop() {
             let rung = ln.bell.load(Ordering::SeqCst);
-            for (i, s) in ln.slots.iter().enumerate() {
-                let v = s.state.load(Ordering::Acquire);
-                if v & STATE != POSTED
-                    || s.state
-                        .compare_exchange(
-                            v,
-                            v & !STATE | TAKEN,
-                            Ordering::AcqRel,
-                            Ordering::Relaxed,
-                        )
-                        .is_err()
-                {
-                    continue;
-                }
-                let tag = v & !STATE;
-                self.owed.lock()[i] = (tag, None);
-                let n = copy_out(&s.req, s.req_len.load(Ordering::Relaxed) as usize, &mut buf);
-                let owing = std::cell::Cell::new(false);
-                let owe = |name: Name| {
-                    owing.set(true);
-                    let mut owed = self.owed.lock();
-                    // One request of an action waits at a time: an abandoned slot of the same
-                    // action is done with.
-                    for (j, o) in owed.iter_mut().enumerate() {
-                        if j != i && o.1 == Some(name) {
-                            let sj = &ln.slots[j];
-                            if sj
-                                .state
-                                .compare_exchange(
-                                    o.0 | ABANDONED,
-                                    EMPTY,
-                                    Ordering::AcqRel,
-                                    Ordering::Relaxed,
-                                )
-                                .is_ok()
-                            {
-                                o.1 = None;
-                            }
-                        }
-                    }
-                    owed[i].1 = Some(name);
-                };
-                serve(i, &buf[..n], &owe);
-                if !owing.get() {
-                    // Nothing will answer through the lane: say so, the request need not wait
-                    // on it (an answer over the socket, if any, still counts).
-                    self.settle(i, tag, &[]);
-                }
-            }
+            self.serve_posted(&mut serve);
             ln.sleeping.store(1, Ordering::SeqCst);
             if ln.bell.load(Ordering::SeqCst) == rung && !stop() {
                 let ts = rustix::time::Timespec {
@@ -719,25 +845,7 @@ impl SecondaryLane {
             );
             return false;
         }
-        let Some(c) = l.ctrls.get(ctrl) else {
-            return true;
-        };
-        let mut w = c.word.load(Ordering::Acquire);
-        while (w >> 32) as u32 == generation && w as u32 != 0 {
-            match c
-                .word
-                .compare_exchange(w, w - 1, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => {
-                    if w as u32 == 1 {
-                        c.wake.fetch_add(1, Ordering::AcqRel);
-                        wake_all(&c.wake);
-                    }
-                    break;
-                }
-                Err(now) => w = now,
-            }
-        }
+        count_answer(l, ctrl, generation);
         true
     }
 
@@ -766,5 +874,151 @@ impl SecondaryLane {
         let _ = ln
             .owner
             .compare_exchange(self.pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn dir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "mp-lane-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn uid() -> u32 {
+        rustix::process::getuid().as_raw()
+    }
+
+    /// A secondary's lane thread in this process: answers each request with its own bytes
+    /// reversed, unless `silent`.
+    fn serve(
+        lane: Arc<SecondaryLane>,
+        stop: Arc<AtomicBool>,
+        silent: bool,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let stopping = || stop.load(Ordering::Acquire);
+            lane.run(&stopping, Duration::from_millis(50), |_, bytes, owe| {
+                let name = Name::new("q").unwrap();
+                owe(name);
+                if !silent {
+                    let r: Vec<u8> = bytes.iter().rev().copied().collect();
+                    assert!(matches!(lane.reply(&name, &r), Answered::Lane));
+                }
+            });
+        })
+    }
+
+    #[test]
+    fn a_request_posted_to_a_lane_is_answered_through_it() {
+        let d = dir();
+        let board = Board::create(&d, std::process::id()).unwrap();
+        let lanes = PrimaryLanes::new(board, uid(), false);
+        let lane = Arc::new(
+            SecondaryLane::claim(Board::open(&d, uid()).unwrap(), "mp_socket_1_a").unwrap(),
+        );
+        let which = lanes.lanes_for(["mp_socket_1_a", "mp_socket_2_b"].into_iter());
+        let Some([Some(l), None]) = which.as_deref() else {
+            panic!("{which:?}")
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = serve(lane.clone(), stop.clone(), false);
+        // More requests than a lane has slots, one after the other: slots are freed.
+        for i in 0..3 * SLOTS as u8 {
+            let mut r = lanes.begin().unwrap();
+            assert!(r.post(0, *l, &[i, 1, 2]));
+            r.ring();
+            let mut got = Vec::new();
+            let mut buf = [0u8; BUF_LEN];
+            while got.is_empty() {
+                let seen = r.wake_seen();
+                if r.harvest(&mut buf, |p, b| got.push((p, b.to_vec()))) == 0 {
+                    r.sleep(seen, Duration::from_secs(5));
+                }
+            }
+            assert_eq!(got, [(0, vec![2, 1, i])]);
+            assert!(r.all_answered());
+            lanes.finish(r);
+        }
+        stop.store(true, Ordering::Release);
+        lane.wake();
+        t.join().unwrap();
+        lane.release();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_request_given_up_frees_its_slots_and_a_late_answer_goes_nowhere() {
+        let d = dir();
+        let board = Board::create(&d, std::process::id()).unwrap();
+        let lanes = PrimaryLanes::new(board.clone(), uid(), false);
+        let lane = Arc::new(
+            SecondaryLane::claim(Board::open(&d, uid()).unwrap(), "mp_socket_1_a").unwrap(),
+        );
+        let l = lanes.lanes_for(["mp_socket_1_a"].into_iter()).unwrap()[0].unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = serve(lane.clone(), stop.clone(), true);
+        let q = Name::new("q").unwrap();
+        for _ in 0..3 * SLOTS {
+            let mut r = lanes.begin().unwrap();
+            assert!(r.post(0, l, b"x"));
+            r.ring();
+            // Wait until the secondary took it (it owes the answer), then give up.
+            let ln = &board.layout().lanes[l as usize];
+            while !ln
+                .slots
+                .iter()
+                .any(|s| s.state.load(Ordering::Acquire) & STATE == TAKEN)
+            {
+                std::thread::yield_now();
+            }
+            lanes.finish(r);
+        }
+        // Each new post of the same action emptied the abandoned slot of the one before: at
+        // most one is still owed, and its late answer goes nowhere.
+        assert!(matches!(lane.reply(&q, b"late"), Answered::Gone));
+        assert!(matches!(lane.reply(&q, b"again"), Answered::NotHere));
+        let ln = &board.layout().lanes[l as usize];
+        assert!(
+            ln.slots
+                .iter()
+                .all(|s| s.state.load(Ordering::Acquire) & STATE == EMPTY)
+        );
+        stop.store(true, Ordering::Release);
+        lane.wake();
+        t.join().unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_board_of_another_build_or_a_dead_primary_is_not_used() {
+        let d = dir();
+        let board = Board::create(&d, std::process::id()).unwrap();
+        board.layout().header.size.store(1, Ordering::Relaxed);
+        assert!(Board::open(&d, uid()).is_none());
+        board
+            .layout()
+            .header
+            .size
+            .store(size_of::<Layout>() as u64, Ordering::Relaxed);
+        assert!(Board::open(&d, uid()).is_some());
+        // No process has pid 0x7fff_fff0 (above the kernel's pid_max limit).
+        board
+            .layout()
+            .header
+            .primary_pid
+            .store(0x7fff_fff0, Ordering::Relaxed);
+        assert!(Board::open(&d, uid()).is_none());
+        // Another user's board is not opened.
+        assert!(Board::open(&d, uid() + 1).is_none());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -112,7 +112,13 @@ pub struct UnixTransport {
     wake: OwnedFd,
     /// The primary's list of secondary sockets.
     peers: Mutex<PeerDir>,
+    /// Told of each datagram the kernel accepted, and for whom (see
+    /// [`UnixTransport::on_accepted`]).
+    accepted: std::sync::OnceLock<AcceptedHook>,
 }
+
+/// What [`UnixTransport::on_accepted`] installs.
+pub type AcceptedHook = Box<dyn Fn(&PeerAddr, &[u8]) + Send + Sync>;
 
 /// The primary's list of secondary sockets, sorted, read from the runtime directory again only
 /// when inotify says it changed.
@@ -352,7 +358,21 @@ impl UnixTransport {
             waiting: AtomicUsize::new(0),
             wake,
             peers,
+            accepted: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Installs `f`, told of each datagram the kernel accepts from here on (the first call
+    /// wins): the channel counts a primary's messages and requests to each secondary with a
+    /// lane ([`crate::lane`]).
+    pub fn on_accepted(&self, f: AcceptedHook) {
+        let _ = self.accepted.set(f);
+    }
+
+    fn note_accepted(&self, to: &PeerAddr, datagram: &[u8]) {
+        if let Some(f) = self.accepted.get() {
+            f(to, datagram);
+        }
     }
 
     /// Removes this process's socket files (at close).
@@ -489,6 +509,7 @@ impl UnixTransport {
                 let from = item.from.as_deref().unwrap_or(&self.sock);
                 match from.send_to_peer(peer, &item.bytes[..item.len], &item.fds.borrowed()) {
                     Ok(()) => {
+                        self.note_accepted(peer, &item.bytes[..item.len]);
                         q.items.pop_front();
                         *total -= 1;
                         stats.delivered += 1;
@@ -627,7 +648,10 @@ impl UnixTransport {
         fds: &Fds,
     ) -> Option<Result<(), SendError>> {
         match sock.send_to_peer(to, datagram, &fds.borrowed()) {
-            Ok(()) => Some(Ok(())),
+            Ok(()) => {
+                self.note_accepted(to, datagram);
+                Some(Ok(()))
+            }
             Err(Errno::AGAIN) => None,
             Err(e) => Some(Err(self.classify(to, e))),
         }
@@ -655,6 +679,7 @@ impl UnixTransport {
                 .send_many(chunk, datagram, &fds.borrowed())
                 .unwrap_or(0);
             for p in &chunk[..n] {
+                self.note_accepted(p, datagram);
                 done(p, Ok(()));
             }
             rest = &rest[n..];
@@ -707,7 +732,10 @@ impl UnixTransport {
                 self.outbox.lock().wait_probes.remove(to);
             }
             match sock.send_to_peer(to, datagram, &fds.borrowed()) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.note_accepted(to, datagram);
+                    return Ok(());
+                }
                 Err(Errno::AGAIN) => refused = ready,
                 Err(e) => {
                     self.outbox.lock().wait_probes.remove(to);
