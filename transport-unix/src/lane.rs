@@ -5,7 +5,7 @@
 //! `recvmsg` and a `sendmsg` in the secondary and a `recvmsg` back, and on a shared CPU a
 //! switch back to the primary after each answer. Between memplane processes the primary
 //! instead writes the request's datagram (the same bytes, same codec) into a slot of each
-//! secondary's lane in a shared file, rings the lane's doorbell (a futex), and sleeps once;
+//! secondary's lane in a shared file, rings the lanes' doorbell (a futex), and sleeps once;
 //! each secondary writes its reply into the slot, and the last one to answer wakes the
 //! primary. DPDK processes and requests carrying fds still go over the sockets; so does a
 //! reply with fds, or an "ignore", to a lane request (the lane then only says "answered").
@@ -79,6 +79,17 @@ struct Header {
     primary_pid: AtomicU32,
     /// Bumped whenever a lane is claimed: a primary's "this peer has no lane" holds until then.
     epoch: AtomicU32,
+    /// The doorbell, one for every lane: bumped by the primary after posting. Lane threads
+    /// sleep on it with a bit of their own (`FUTEX_WAIT_BITSET`), so one `FUTEX_WAKE_BITSET`
+    /// wakes the lanes of a whole broadcast: one system call, and on a shared CPU the
+    /// secondaries then run one after the other instead of each taking the CPU from the
+    /// primary in turn.
+    bell: AtomicU32,
+}
+
+/// A lane's bit on the bell (lanes 32 apart share one, and may wake for each other).
+fn bell_bit(lane: usize) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(1 << (lane % 32)).unwrap_or(std::num::NonZeroU32::MIN)
 }
 
 /// One lane request in flight: `word` is (generation << 32) | answers still to come.
@@ -108,9 +119,7 @@ struct Lane {
     owner: AtomicU32,
     /// The owner has written its name and serves the lane.
     ready: AtomicU32,
-    /// The doorbell: bumped by the primary after posting.
-    bell: AtomicU32,
-    /// The owner's lane thread is about to sleep or sleeps on `bell`.
+    /// The owner's lane thread is about to sleep or sleeps on the board's bell.
     sleeping: AtomicU32,
     name_len: AtomicU32,
     _pad: AtomicU32,
@@ -556,17 +565,15 @@ impl LaneRequest {
     /// run one after the other while the primary sleeps once).
     pub fn ring(&self) {
         let l = self.board.layout();
-        let mut last = u32::MAX;
-        for &(_, lane, _, _) in &self.posts {
-            if lane == last {
-                continue;
-            }
-            last = lane;
-            let ln = &l.lanes[lane as usize];
-            ln.bell.fetch_add(1, Ordering::SeqCst);
-            if ln.sleeping.load(Ordering::SeqCst) != 0 {
-                let _ = futex::wake(&ln.bell, futex::Flags::empty(), 1);
-            }
+        l.header.bell.fetch_add(1, Ordering::SeqCst);
+        let sleepers = self
+            .posts
+            .iter()
+            .filter(|p| l.lanes[p.1 as usize].sleeping.load(Ordering::SeqCst) != 0)
+            .fold(0u32, |m, p| m | bell_bit(p.1 as usize).get());
+        if let Some(bits) = std::num::NonZeroU32::new(sleepers) {
+            let _ =
+                futex::wake_bitset(&l.header.bell, futex::Flags::empty(), i32::MAX as u32, bits);
         }
     }
 
@@ -794,16 +801,21 @@ impl SecondaryLane {
         mut serve: impl FnMut(usize, &[u8], &dyn Fn(Name)),
     ) {
         let ln = self.lane();
+        let bell = &self.board.layout().header.bell;
+        let bit = bell_bit(self.lane as usize);
         while !stop() {
-            let rung = ln.bell.load(Ordering::SeqCst);
+            let rung = bell.load(Ordering::SeqCst);
             self.serve_posted(&mut serve);
             ln.sleeping.store(1, Ordering::SeqCst);
-            if ln.bell.load(Ordering::SeqCst) == rung && !stop() {
-                let ts = rustix::time::Timespec {
-                    tv_sec: tick.as_secs() as i64,
-                    tv_nsec: i64::from(tick.subsec_nanos()),
+            if bell.load(Ordering::SeqCst) == rung && !stop() {
+                // FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC time.
+                let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+                let ns = now.tv_nsec + i64::from(tick.subsec_nanos());
+                let until = rustix::time::Timespec {
+                    tv_sec: now.tv_sec + tick.as_secs() as i64 + ns / 1_000_000_000,
+                    tv_nsec: ns % 1_000_000_000,
                 };
-                let _ = futex::wait(&ln.bell, futex::Flags::empty(), rung, Some(&ts));
+                let _ = futex::wait_bitset(bell, futex::Flags::empty(), rung, Some(&until), bit);
             }
             ln.sleeping.store(0, Ordering::SeqCst);
         }
@@ -811,9 +823,14 @@ impl SecondaryLane {
 
     /// Wakes the lane thread (to see its stop flag).
     pub fn wake(&self) {
-        let ln = self.lane();
-        ln.bell.fetch_add(1, Ordering::SeqCst);
-        wake_all(&ln.bell);
+        let bell = &self.board.layout().header.bell;
+        bell.fetch_add(1, Ordering::SeqCst);
+        let _ = futex::wake_bitset(
+            bell,
+            futex::Flags::empty(),
+            i32::MAX as u32,
+            bell_bit(self.lane as usize),
+        );
     }
 
     /// Answers slot `i` with `reply` (empty: "answered elsewhere, or not at all") and tells
