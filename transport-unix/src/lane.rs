@@ -915,17 +915,19 @@ mod tests {
     }
 
     /// A secondary's lane thread in this process: answers each request with its own bytes
-    /// reversed, unless `silent`.
+    /// reversed, unless `silent`; says on `owing` when it owes one.
     fn serve(
         lane: Arc<SecondaryLane>,
         stop: Arc<AtomicBool>,
         silent: bool,
+        owing: std::sync::mpsc::Sender<()>,
     ) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             let stopping = || stop.load(Ordering::Acquire);
             lane.run(&stopping, Duration::from_millis(50), |_, bytes, owe| {
                 let name = Name::new("q").unwrap();
                 owe(name);
+                let _ = owing.send(());
                 if !silent {
                     let r: Vec<u8> = bytes.iter().rev().copied().collect();
                     assert!(matches!(lane.reply(&name, &r), Answered::Lane));
@@ -947,7 +949,12 @@ mod tests {
             panic!("{which:?}")
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let t = serve(lane.clone(), stop.clone(), false);
+        let t = serve(
+            lane.clone(),
+            stop.clone(),
+            false,
+            std::sync::mpsc::channel().0,
+        );
         // More requests than a lane has slots, one after the other: slots are freed.
         for i in 0..3 * SLOTS as u8 {
             let mut r = lanes.begin().unwrap();
@@ -982,21 +989,15 @@ mod tests {
         );
         let l = lanes.lanes_for(["mp_socket_1_a"].into_iter()).unwrap()[0].unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let t = serve(lane.clone(), stop.clone(), true);
+        let (tx, owing) = std::sync::mpsc::channel();
+        let t = serve(lane.clone(), stop.clone(), true, tx);
         let q = Name::new("q").unwrap();
         for _ in 0..3 * SLOTS {
             let mut r = lanes.begin().unwrap();
             assert!(r.post(0, l, b"x"));
             r.ring();
             // Wait until the secondary took it (it owes the answer), then give up.
-            let ln = &board.layout().lanes[l as usize];
-            while !ln
-                .slots
-                .iter()
-                .any(|s| s.state.load(Ordering::Acquire) & STATE == TAKEN)
-            {
-                std::thread::yield_now();
-            }
+            owing.recv_timeout(Duration::from_secs(10)).unwrap();
             lanes.finish(r);
         }
         // Each new post of the same action emptied the abandoned slot of the one before: at
