@@ -290,3 +290,228 @@ fn handlers_of_lane_and_socket_requests_never_run_at_once() {
     l.terminate_ok(LONG);
     assert!(!l.output().contains("overlap"), "{}", l.output());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Upstream: a secondary's sync requests to the primary.
+
+fn secondary_lib(dir: &TestDir) -> Channel {
+    Channel::open(
+        ChannelConfig::new()
+            .runtime_dir(dir.path())
+            .proc_type(ProcType::Secondary),
+    )
+    .expect("open secondary")
+}
+
+/// A primary `memplane mp listen` in `dir` answering each of `actions`, ready.
+fn primary_listener(dir: &TestDir, actions: &[&str]) -> Proc {
+    let d = dir.arg();
+    let mut args = vec![
+        "mp",
+        "listen",
+        "--runtime-dir",
+        &d,
+        "--proc-type",
+        "primary",
+    ];
+    for a in actions {
+        args.extend(["--action", a]);
+    }
+    let mut p = Proc::memplane(&args);
+    p.expect_line("ready role=Primary", LONG);
+    p
+}
+
+#[test]
+fn a_secondarys_requests_to_the_primary_go_through_its_lane() {
+    let dir = test_dir();
+    let ch = primary(&dir);
+    ch.register("up", |ch: &MpChannel, m: memplane::unix::Incoming| {
+        let mut p = m.msg.param().to_vec();
+        p.reverse();
+        ch.reply(&m.from, &message("up", &p, Fds::none()).unwrap())
+            .unwrap();
+    })
+    .unwrap();
+    ch.register("up_fd", |ch: &MpChannel, m: memplane::unix::Incoming| {
+        let r = message("up_fd", b"", Fds::from(memfd("from-primary"))).unwrap();
+        ch.reply(&m.from, &r).unwrap();
+    })
+    .unwrap();
+    ch.register(
+        "memplane_ping",
+        |ch: &MpChannel, m: memplane::unix::Incoming| {
+            let r = message("memplane_ping", m.msg.param(), Fds::none()).unwrap();
+            ch.reply(&m.from, &r).unwrap();
+        },
+    )
+    .unwrap();
+    let d = dir.arg();
+    // `mp ping` makes sync requests to the primary, one after the other.
+    let (code, _, err) = common::run(&[
+        "mp",
+        "ping",
+        "--count",
+        "50",
+        "--warmup",
+        "0",
+        "--runtime-dir",
+        &d,
+        "--proc-type",
+        "secondary",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // (The primary counts an answer just after giving it: wait for the count to settle.)
+    let answered = || ch.stats().lanes.answered;
+    assert_eq!(memplane_testkit::settles_at(50, answered), 50);
+    // A request and its answer, through the lane.
+    let (code, out, err) = common::run(&[
+        "mp",
+        "request",
+        "up",
+        "--param",
+        "0102",
+        "--runtime-dir",
+        &d,
+        "--proc-type",
+        "secondary",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.iter().any(|l| l.contains("name=up param=0201")),
+        "{out:?}"
+    );
+    assert_eq!(memplane_testkit::settles_at(51, answered), 51);
+    // An answer with an fd comes over the socket, with its fd.
+    let (code, out, err) = common::run(&[
+        "mp",
+        "request",
+        "up_fd",
+        "--show-fds",
+        "--runtime-dir",
+        &d,
+        "--proc-type",
+        "secondary",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.iter()
+            .any(|l| l.contains("name=up_fd param= fds=1 fd0=\"from-primary\"")),
+        "{out:?}"
+    );
+    assert_eq!(ch.stats().lanes.answered, 51);
+    assert_eq!(ch.stats().endpoint.rx_rejected(), 0);
+}
+
+#[test]
+fn a_secondarys_message_sent_before_its_request_is_handled_first() {
+    let dir = test_dir();
+    let mut p = primary_listener(&dir, &["m", "q"]);
+    let ch = secondary_lib(&dir);
+    let r = ch
+        .request(&message("q", b"\x00", Fds::none()).unwrap(), LONG)
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received), (1, 1));
+    assert_eq!(lane_counts(&ch), (1, 1));
+    // The primary stops reading: a message waits in its socket, then comes a request.
+    memplane_testkit::stop(p.pid());
+    assert_eq!(
+        ch.send(&message("m", b"\x01", Fds::none()).unwrap())
+            .unwrap()
+            .sent,
+        1
+    );
+    let r = ch
+        .request(
+            &message("q", b"\x02", Fds::none()).unwrap(),
+            Duration::from_millis(50),
+        )
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 0, true));
+    // It went over the socket, behind the message.
+    assert_eq!(lane_counts(&ch), (1, 1));
+    p.signal(libc::SIGCONT);
+    p.expect_line("name=q param=02", LONG);
+    let out = p.output();
+    let (m, q) = (out.find("name=m param=01"), out.find("name=q param=02"));
+    assert!(m.is_some() && m < q, "{out}");
+    let start = std::time::Instant::now();
+    while lane_counts(&ch).0 == 1 {
+        assert!(start.elapsed() < LONG, "the lane was never used again");
+        let r = ch
+            .request(&message("q", b"\x03", Fds::none()).unwrap(), LONG)
+            .unwrap();
+        assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 1, false));
+    }
+}
+
+#[test]
+fn the_primarys_handlers_of_lane_and_socket_requests_never_run_at_once() {
+    let dir = test_dir();
+    let mut p = primary_listener(&dir, &["a", "b"]);
+    let ch = std::sync::Arc::new(secondary_lib(&dir));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c, s) = (ch.clone(), stop.clone());
+    let with_fd = std::thread::spawn(move || {
+        while !s.load(std::sync::atomic::Ordering::Acquire) {
+            let r = c
+                .request(&message("a", b"", Fds::from(memfd("x"))).unwrap(), LONG)
+                .unwrap();
+            assert_eq!((r.nb_sent, r.nb_received), (1, 1));
+        }
+    });
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while n < 300 || lane_counts(&ch).0 < 30 {
+        assert!(
+            start.elapsed() < LONG,
+            "too few lane requests: {:?}",
+            lane_counts(&ch)
+        );
+        let r = ch
+            .request(&message("b", b"", Fds::none()).unwrap(), LONG)
+            .unwrap();
+        assert_eq!((r.nb_sent, r.nb_received), (1, 1));
+        n += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    with_fd.join().unwrap();
+    drop(ch);
+    p.terminate_ok(LONG);
+    assert!(!p.output().contains("overlap"), "{}", p.output());
+}
+
+#[test]
+fn unanswered_requests_to_the_primary_time_out_and_free_their_slots() {
+    let dir = test_dir();
+    let ch = primary(&dir);
+    ch.register("silent", |_: &MpChannel, _: memplane::unix::Incoming| {})
+        .unwrap();
+    ch.register("up", |ch: &MpChannel, m: memplane::unix::Incoming| {
+        ch.reply(&m.from, &message("up", b"", Fds::none()).unwrap())
+            .unwrap();
+    })
+    .unwrap();
+    let sec = secondary_lib(&dir);
+    // More than a lane has slots.
+    for round in 1..=20u64 {
+        let r = sec
+            .request(
+                &message("silent", b"", Fds::none()).unwrap(),
+                Duration::from_millis(20),
+            )
+            .unwrap();
+        assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 0, true));
+        assert_eq!(lane_counts(&sec), (round, 0));
+    }
+    let r = sec
+        .request(&message("up", b"", Fds::none()).unwrap(), LONG)
+        .unwrap();
+    assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 1, false));
+    assert_eq!(lane_counts(&sec), (21, 1));
+    assert_eq!(
+        memplane_testkit::settles_at(1, || ch.stats().lanes.answered),
+        1
+    );
+    assert_eq!(sec.pending_requests(), 0);
+}

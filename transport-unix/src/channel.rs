@@ -42,7 +42,9 @@ use memplane_core::{Abi, Name};
 
 use crate::clock::now;
 use crate::error::Error;
-use crate::lane::{Answered, Board, LaneRequest, LaneWake, PrimaryLanes, SecondaryLane};
+use crate::lane::{
+    Answered, Board, LaneRequest, LaneWake, PrimaryLanes, SecondaryLane, UpRequest, UpWake,
+};
 use crate::rundir::{self, PrimaryLock};
 use crate::socket::{Fds, PeerAddr, RECV_BUF, Socket};
 use crate::spin::{SpinStats, Spinner};
@@ -278,6 +280,8 @@ enum Wake {
     Socket(SocketWake),
     /// On its lane request's wake word.
     Lane(LaneWake),
+    /// On its request-to-the-primary's slot.
+    Up(UpWake),
 }
 
 /// What [`Unpark`] needs to wake a waiter blocked on its request socket, and only while that
@@ -336,6 +340,7 @@ impl Notify for Unpark {
                 }
             }
             Some(Wake::Lane(w)) => w.wake(),
+            Some(Wake::Up(w)) => w.wake(),
             None => {}
         }
     }
@@ -483,19 +488,21 @@ pub struct ChannelStats {
     pub peers_exited: u64,
     /// What busy polling did ([`ChannelConfig::busy_poll`]).
     pub busy_poll: BusyPollStats,
-    /// Through shared-memory lanes ([`ChannelConfig::lanes`]): in a primary, requests posted
-    /// to a secondary's lane (one per secondary reached) and answers taken from them; in a
-    /// secondary, whether it serves a lane (1) or not (0), and the answers it gave there.
+    /// What went through shared-memory lanes ([`ChannelConfig::lanes`]).
     pub lanes: LaneStats,
 }
 
 /// What went through shared-memory lanes; see [`ChannelStats::lanes`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LaneStats {
-    /// Primary: requests posted to lanes. Secondary: 1 while it serves a lane.
+    /// This process has lanes: a primary made its board, a secondary holds a lane on it.
+    pub active: bool,
+    /// Requests this process posted to lanes (a primary's broadcast: one per secondary).
     pub requests: u64,
-    /// Answers through lanes (taken by the primary, given by a secondary).
+    /// Answers to them taken from the lanes (not those that came over a socket).
     pub replies: u64,
+    /// Answers this process gave through lanes, to the other side's requests.
+    pub answered: u64,
 }
 
 /// What the channel's busy polling did since it opened, summed over its waiting threads.
@@ -542,6 +549,7 @@ pub struct MpChannel {
     /// Requests sent and answers received through lanes.
     lane_requests: AtomicU64,
     lane_replies: AtomicU64,
+    lane_answered: AtomicU64,
 }
 
 /// A socket a synchronous requester sends from and receives its replies on, directly: no
@@ -674,6 +682,39 @@ impl Waiter for LaneWaiter<'_> {
     }
 }
 
+/// Answers a request that came through a lane with the encoded reply.
+type AnswerThrough<'a> = dyn Fn(&[u8]) -> Answered + 'a;
+
+/// Waits for the answer to a secondary's request through its lane.
+struct UpWaiter<'a> {
+    ch: &'a MpChannel,
+    req: &'a UpRequest,
+}
+
+impl Waiter for UpWaiter<'_> {
+    type Notify = Unpark;
+    fn notifier(&self) -> Unpark {
+        Unpark::current(None)
+    }
+    fn wait_until(&self, deadline: Instant) -> Instant {
+        let n = now();
+        if deadline <= n {
+            return n;
+        }
+        let mut buf = [0u8; crate::lane::BUF_LEN];
+        let seen = self.req.wake_seen();
+        if let Some(len) = self.req.take(&mut buf) {
+            self.ch.up_answer(&buf[..len]);
+            return now();
+        }
+        self.req.sleep(seen, deadline.saturating_duration_since(n));
+        if let Some(len) = self.req.take(&mut buf) {
+            self.ch.up_answer(&buf[..len]);
+        }
+        now()
+    }
+}
+
 impl MpChannel {
     /// This process's role.
     pub fn role(&self) -> Role {
@@ -715,12 +756,10 @@ impl MpChannel {
                 polled_us: self.spin_stats.nanos.load(Ordering::Relaxed) / 1000,
             },
             lanes: LaneStats {
-                requests: if self.lane.is_some() {
-                    1
-                } else {
-                    self.lane_requests.load(Ordering::Relaxed)
-                },
+                active: self.lane.is_some() || self.lanes.is_some(),
+                requests: self.lane_requests.load(Ordering::Relaxed),
                 replies: self.lane_replies.load(Ordering::Relaxed),
+                answered: self.lane_answered.load(Ordering::Relaxed),
             },
         }
     }
@@ -787,21 +826,30 @@ impl MpChannel {
 
     /// Answers a request from `to`.
     pub fn reply(&self, to: &PeerAddr, msg: &Message<Fds>) -> Result<(), Error> {
-        if let Some(lane) = &self.lane
-            && to == self.ep.transport().primary()
-        {
+        // A request that came through a lane is answered there: a secondary's from the
+        // primary (`to` is the primary), a primary's from a secondary (`to` names its socket).
+        let through: Option<&AnswerThrough<'_>> = match (&self.lane, &self.lanes) {
+            (Some(lane), _) if lane.owing() && to == self.ep.transport().primary() => {
+                Some(&|b: &[u8]| lane.reply(msg.name(), b))
+            }
+            (_, Some(lanes)) if lanes.owing_up() => {
+                Some(&|b: &[u8]| lanes.reply_up(to.name(), msg.name(), b))
+            }
+            _ => None,
+        };
+        if let Some(answer) = through {
             if msg.num_fds() == 0 {
                 let d = memplane_core::wire::Datagram::encode(self.ep.abi(), MsgKind::Reply, msg)
                     .map_err(memplane_core::EndpointError::from)?;
-                if let Answered::Lane = lane.reply(msg.name(), d.as_bytes()) {
-                    self.lane_replies.fetch_add(1, Ordering::Relaxed);
+                if let Answered::Lane = answer(d.as_bytes()) {
+                    self.lane_answered.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
             } else {
                 // fds cross only with a datagram: the answer goes over the socket, and the
                 // lane is told it went there.
                 let r = self.ep.reply(to, msg, self.send_deadline());
-                lane.reply(msg.name(), &[]);
+                answer(&[]);
                 return Ok(r?);
             }
         }
@@ -851,6 +899,9 @@ impl MpChannel {
             return Err(Error::WouldDeadlock);
         }
         if let Some(r) = self.request_lanes(peers, msg, timeout) {
+            return r;
+        }
+        if let Some(r) = self.request_up(peers, msg, timeout) {
             return r;
         }
         // A secondary's request to the primary alone (nearly all of them) goes from a socket
@@ -996,6 +1047,113 @@ impl MpChannel {
             });
         lanes.finish(lr);
         Some(r)
+    }
+
+    /// A secondary's sync request to the primary alone, through its lane: posted to one of
+    /// the lane's slots; the requester sleeps on the slot until the answer. `None`: the lane
+    /// cannot take it (no lane, fds attached, not to the primary alone, the primary has not
+    /// handled everything sent it by socket yet, no free slot): the caller goes by socket.
+    fn request_up(
+        &self,
+        peers: &[PeerAddr],
+        msg: &Message<Fds>,
+        timeout: Duration,
+    ) -> Option<Result<Reply<ReplyList>, Error>> {
+        let lane = self.lane.as_ref()?;
+        let tr = self.ep.transport();
+        if msg.num_fds() != 0 || tr.outbox_waiting() || !matches!(peers, [p] if p == tr.primary()) {
+            return None;
+        }
+        let slot = lane.reserve_up()?;
+        let t = now();
+        let p = match self.ep.prepare_request(
+            peers,
+            msg,
+            t,
+            timeout,
+            Waiting::Sync(Unpark::current(Some(Wake::Up(slot.waker())))),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                slot.cancel();
+                return Some(Err(e.into()));
+            }
+        };
+        let req = slot.post(p.datagram.as_bytes());
+        self.ep.sent(p.id, tr.primary(), Ok(()));
+        self.lane_requests.fetch_add(1, Ordering::Relaxed);
+        let r = self
+            .ep
+            .sending_done(p.id, t)
+            .map_err(Error::from)
+            .and_then(|_| {
+                let waiter = UpWaiter {
+                    ch: self,
+                    req: &req,
+                };
+                Ok(self.ep.wait(p.id, t, &waiter)?)
+            });
+        req.finish();
+        Some(r)
+    }
+
+    /// Runs one of a secondary's requests to us that came through its lane (in the primary).
+    fn up_dispatch(&self, pid: u32, name: &str, bytes: &[u8], owe: &dyn Fn(Name)) {
+        // The sender is the secondary's own socket, as for its datagrams: the path, from the
+        // cache of senders (no allocation once seen).
+        let mut path = Vec::with_capacity(128);
+        path.extend_from_slice(self.dir().as_os_str().as_bytes());
+        path.push(b'/');
+        path.extend_from_slice(name.as_bytes());
+        let from = self.peer_of(&path, pid);
+        match self
+            .ep
+            .receive(from, bytes, Fds::default(), RecvFlags::default(), now())
+        {
+            Dispatch::Action {
+                handler,
+                kind,
+                msg,
+                from,
+            } => {
+                if kind == MsgKind::Request {
+                    owe(*msg.name());
+                }
+                let inc = Incoming {
+                    kind,
+                    msg,
+                    from,
+                    pid,
+                };
+                if catch_unwind(AssertUnwindSafe(|| handler(self, inc))).is_err() {
+                    self.panics.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Dispatch::Answered(Some(f)) => self.run_callback(f),
+            Dispatch::Answered(None) | Dispatch::Dropped(_) => {}
+        }
+    }
+
+    /// The primary's lane thread: serves secondaries' requests posted to their lanes.
+    fn up_loop(self: &Arc<Self>) {
+        CHANNEL_THREAD.with(|c| c.set(true));
+        let Some(lanes) = &self.lanes else { return };
+        let stop = || self.stop.load(Ordering::Acquire);
+        lanes.run_up(
+            &stop,
+            Duration::from_secs(1),
+            &mut |_, pid, name, bytes, owe| {
+                let _one_at_a_time = self.dispatch.lock();
+                self.up_dispatch(pid, name, bytes, owe);
+            },
+        );
+    }
+
+    /// Feeds the primary's answer taken from our lane to the pending requests (empty: it
+    /// went over the socket).
+    fn up_answer(&self, bytes: &[u8]) {
+        let primary = self.ep.transport().primary().clone();
+        self.lane_answer(&primary, bytes);
     }
 
     /// Feeds an answer taken from a lane to the pending requests (empty: it went over the
@@ -1275,21 +1433,37 @@ impl MpChannel {
             truncated: r.truncated,
             control_truncated: r.control_truncated,
         };
-        // A secondary with a lane: lane requests posted before this datagram from the primary
-        // run first, and handlers one at a time (see `lane`).
+        // With lanes, handlers run one at a time, as on DPDK's one thread (the lane threads
+        // take the same lock), and requests posted to a lane before this datagram run first:
+        // in a secondary, the primary's; in a primary, the sender's (see `lane`).
+        let _one_at_a_time = (actions && (self.lane.is_some() || self.lanes.is_some()))
+            .then(|| self.dispatch.lock());
         let lane = self
             .lane
             .as_deref()
             .filter(|l| actions && pid == l.primary_pid());
-        let _one_at_a_time = lane.map(|l| {
-            let g = self.dispatch.lock();
+        if let Some(l) = lane {
             l.serve_posted(&mut |_, bytes, owe| self.lane_dispatch(bytes, owe));
-            g
-        });
-        let counted = lane.is_some() && crate::lane::counted(&buf[..r.len]);
+        }
+        let up = self
+            .lanes
+            .as_deref()
+            .filter(|_| actions)
+            .and_then(|l| Some((l, l.lane_of_pid(pid)?)));
+        if let Some((l, i)) = up {
+            l.serve_up(i, &mut |_, pid, name, bytes, owe| {
+                self.up_dispatch(pid, name, bytes, owe)
+            });
+        }
+        let counted = crate::lane::counted(&buf[..r.len]);
         self.dispatch_datagram(from, pid, &buf[..r.len], r.fds, flags, actions);
-        if counted && let Some(l) = lane {
-            l.handled();
+        if counted {
+            if let Some(l) = lane {
+                l.handled();
+            }
+            if let Some((l, i)) = up {
+                l.handled_up(i);
+            }
         }
     }
 
@@ -1427,6 +1601,9 @@ impl MpChannel {
         if let Some(l) = &self.lane {
             l.wake();
         }
+        if let Some(l) = &self.lanes {
+            l.wake_up_thread();
+        }
         let me = thread::current().id();
         for t in self.threads.lock().drain(..) {
             if t.thread().id() != me {
@@ -1549,6 +1726,14 @@ impl Channel {
             let l = l.clone();
             transport.on_accepted(Box::new(move |to, d| l.sent(to.name(), d)));
         }
+        if let Some(l) = &lane {
+            let (l, primary) = (l.clone(), transport.primary().clone());
+            transport.on_accepted(Box::new(move |to, d| {
+                if *to == primary {
+                    l.sent_up(d);
+                }
+            }));
+        }
         let stop_fd = rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
@@ -1576,6 +1761,7 @@ impl Channel {
             dispatch: Mutex::new(()),
             lane_requests: AtomicU64::new(0),
             lane_replies: AtomicU64::new(0),
+            lane_answered: AtomicU64::new(0),
         });
         let batch = cfg.batch_scheduling;
         let spawn = |name: &str, f: fn(&Arc<MpChannel>)| {
@@ -1598,6 +1784,10 @@ impl Channel {
         inner.threads.lock().extend([r, s]);
         if inner.lane.is_some() {
             let l = spawn("mp-lane", MpChannel::lane_loop)?;
+            inner.threads.lock().push(l);
+        }
+        if inner.lanes.is_some() {
+            let l = spawn("mp-lanes", MpChannel::up_loop)?;
             inner.threads.lock().push(l);
         }
         if cfg.ready {

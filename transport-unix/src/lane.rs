@@ -35,7 +35,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use memplane_core::Name;
@@ -47,7 +47,7 @@ use rustix::thread::futex;
 pub const BOARD_FILE: &str = "memplane_lanes";
 /// Lanes on a board: secondaries past this many are served over their sockets.
 pub const LANES: usize = 64;
-/// Requests one lane holds at once.
+/// Requests one lane holds at once, each way.
 pub const SLOTS: usize = 8;
 /// Lane requests one primary has in flight at once.
 const CTRLS: usize = 128;
@@ -85,6 +85,12 @@ struct Header {
     /// secondaries then run one after the other instead of each taking the CPU from the
     /// primary in turn.
     bell: AtomicU32,
+    /// The primary's doorbell, for secondaries' requests: bumped by a secondary after posting.
+    up_bell: AtomicU32,
+    /// The primary's lane thread is about to sleep or sleeps on `up_bell`.
+    up_sleeping: AtomicU32,
+    /// Lanes with requests posted to the primary (bit `lane`): its lane thread serves those.
+    up_work: AtomicU64,
 }
 
 /// A lane's bit on the bell (lanes 32 apart share one, and may wake for each other).
@@ -108,7 +114,9 @@ struct Slot {
     ctrl_gen: AtomicU32,
     req_len: AtomicU32,
     rep_len: AtomicU32,
-    _pad: AtomicU32,
+    /// A secondary's request to the primary: the requester sleeps on it; bumped by the answer
+    /// and by [`UpWake`].
+    wake: AtomicU32,
     req: [AtomicU64; BUF_WORDS],
     rep: [AtomicU64; BUF_WORDS],
 }
@@ -129,6 +137,12 @@ struct Lane {
     rx: AtomicU64,
     name: [AtomicU64; NAME_WORDS],
     slots: [Slot; SLOTS],
+    /// Messages and requests the owner sent the primary over a socket (accepted by the kernel).
+    up_tx: AtomicU64,
+    /// Of those, how many the primary has handled.
+    up_rx: AtomicU64,
+    /// The owner's requests to the primary.
+    up: [Slot; SLOTS],
 }
 
 #[repr(C)]
@@ -309,6 +323,16 @@ pub struct PrimaryLanes {
     known: Mutex<std::collections::HashMap<Box<str>, Known>>,
     /// The next post's tag.
     tags: AtomicU32,
+    /// Sender pid → (lane, owner pid), or no lane as of a board epoch.
+    by_pid: Mutex<std::collections::HashMap<u32, Known>>,
+    /// The last pid found to own a lane, and the lane: (pid << 32) | lane. Datagrams come in
+    /// runs from one sender: no lock for those.
+    last_pid: AtomicU64,
+    /// Per lane: the tag of each of its requests to us taken, and its action while an answer
+    /// is owed.
+    up_owed: Mutex<Vec<Owed>>,
+    /// How many entries of `up_owed` owe an answer.
+    up_owing: AtomicUsize,
 }
 
 #[derive(Clone, Copy)]
@@ -340,6 +364,10 @@ impl PrimaryLanes {
             ctrls: Mutex::new((0..CTRLS as u32).rev().map(|i| (i, 1)).collect()),
             known: Mutex::default(),
             tags: AtomicU32::new(1),
+            by_pid: Mutex::default(),
+            last_pid: AtomicU64::new(0),
+            up_owed: Mutex::new(vec![Default::default(); LANES]),
+            up_owing: AtomicUsize::new(0),
         }
     }
 
@@ -477,6 +505,10 @@ impl PrimaryLanes {
                 _ => {}
             }
         }
+        for o in &mut self.up_owed.lock()[i] {
+            set_owed(o, (0, None), &self.up_owing);
+        }
+        self.by_pid.lock().remove(&pid);
         let _ = ln
             .owner
             .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
@@ -665,13 +697,36 @@ impl LaneWake {
 // ---------------------------------------------------------------------------------------------
 // A secondary's side.
 
+/// Per slot of a lane: the tag of the request taken from it, and its action while an answer
+/// is owed.
+type Owed = [(u32, Option<Name>); SLOTS];
+
+/// Sets an entry of an [`Owed`] table, keeping `count` (the entries owing an answer, read
+/// without the table's lock: a reply with nothing owed skips the table) in step.
+fn set_owed(o: &mut (u32, Option<Name>), v: (u32, Option<Name>), count: &AtomicUsize) {
+    match (o.1.is_some(), v.1.is_some()) {
+        (false, true) => {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        (true, false) => {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+    *o = v;
+}
+
 /// A secondary's lane: served by its lane thread, answered by [`SecondaryLane::reply`].
 pub struct SecondaryLane {
     board: Arc<Board>,
     lane: u32,
     pid: u32,
     /// The tag of each slot taken (see `STATE`), and its action while an answer is owed.
-    owed: Mutex<[(u32, Option<Name>); SLOTS]>,
+    owed: Mutex<Owed>,
+    /// How many entries of `owed` owe an answer.
+    owing: AtomicUsize,
+    /// The next tag of a request to the primary.
+    up_tags: AtomicU32,
 }
 
 /// What serves a lane request: given its slot, its bytes, and `owe`, to call with the action's
@@ -713,6 +768,11 @@ impl SecondaryLane {
         ln.sleeping.store(0, Ordering::Relaxed);
         ln.tx.store(0, Ordering::Relaxed);
         ln.rx.store(0, Ordering::Relaxed);
+        ln.up_tx.store(0, Ordering::Relaxed);
+        ln.up_rx.store(0, Ordering::Relaxed);
+        for s in &ln.up {
+            s.state.store(EMPTY, Ordering::Relaxed);
+        }
         copy_in(&ln.name, name.as_bytes());
         ln.name_len.store(name.len() as u32, Ordering::Relaxed);
         ln.ready.store(1, Ordering::Release);
@@ -722,6 +782,8 @@ impl SecondaryLane {
             lane: lane as u32,
             pid,
             owed: Mutex::new(Default::default()),
+            owing: AtomicUsize::new(0),
+            up_tags: AtomicU32::new(1),
         })
     }
 
@@ -749,7 +811,7 @@ impl SecondaryLane {
                 continue;
             }
             let tag = v & !STATE;
-            self.owed.lock()[i] = (tag, None);
+            set_owed(&mut self.owed.lock()[i], (tag, None), &self.owing);
             let n = copy_out(&s.req, s.req_len.load(Ordering::Relaxed) as usize, &mut buf);
             let owing = std::cell::Cell::new(false);
             let owe = |name: Name| {
@@ -770,11 +832,11 @@ impl SecondaryLane {
                             )
                             .is_ok()
                         {
-                            o.1 = None;
+                            set_owed(o, (o.0, None), &self.owing);
                         }
                     }
                 }
-                owed[i].1 = Some(name);
+                set_owed(&mut owed[i], (tag, Some(name)), &self.owing);
             };
             serve(i, &buf[..n], &owe);
             if !owing.get() {
@@ -866,15 +928,24 @@ impl SecondaryLane {
         true
     }
 
+    /// Whether any lane request owes an answer (else a reply need not look).
+    pub fn owing(&self) -> bool {
+        self.owing.load(Ordering::Relaxed) != 0
+    }
+
     /// Answers the lane request of action `name` with the encoded `reply` (empty: the answer
     /// went over the socket).
     pub fn reply(&self, name: &Name, reply: &[u8]) -> Answered {
         let (i, tag) = {
+            if self.owing.load(Ordering::Relaxed) == 0 {
+                return Answered::NotHere;
+            }
             let mut owed = self.owed.lock();
             let Some(i) = owed.iter().position(|o| o.1.as_ref() == Some(name)) else {
                 return Answered::NotHere;
             };
-            owed[i].1 = None;
+            let tag = owed[i].0;
+            set_owed(&mut owed[i], (tag, None), &self.owing);
             (i, owed[i].0)
         };
         if self.settle(i, tag, reply) {
@@ -892,6 +963,376 @@ impl SecondaryLane {
             .owner
             .compare_exchange(self.pid, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream: a secondary's synchronous requests to the primary.
+//
+// The same board, the other way: a secondary writes its request into one of its lane's `up`
+// slots and sleeps on the slot's wake word; the primary's lane thread (woken through the
+// header's `up_bell`, told which lanes have work by `up_work`) runs the handler, and the reply
+// goes into the slot. Order against the secondary's socket datagrams is kept as downstream:
+// the secondary posts only while `up_tx == up_rx`, and the primary's receiving thread serves a
+// secondary's posted requests before a later datagram of that secondary.
+
+/// Serves one of a secondary's requests to the primary: given its lane, the owner's pid and
+/// socket name, the bytes, and `owe`, to call with the action's name when a handler now owes
+/// an answer.
+pub type ServeUp<'a> = dyn FnMut(u32, u32, &str, &[u8], &dyn Fn(Name)) + 'a;
+
+/// A slot of a secondary's lane reserved for a request to the primary, not posted yet.
+pub struct UpSlot {
+    board: Arc<Board>,
+    lane: u32,
+    slot: u32,
+    tag: u32,
+}
+
+/// A secondary's request to the primary, posted.
+pub struct UpRequest(UpSlot);
+
+/// Wakes a requester sleeping in [`UpRequest::sleep`].
+pub struct UpWake {
+    board: Arc<Board>,
+    lane: u32,
+    slot: u32,
+}
+
+impl UpWake {
+    /// Wakes the requester.
+    pub fn wake(&self) {
+        let s = &self.board.layout().lanes[self.lane as usize].up[self.slot as usize];
+        s.wake.fetch_add(1, Ordering::AcqRel);
+        wake_all(&s.wake);
+    }
+}
+
+impl SecondaryLane {
+    /// The kernel accepted `datagram` for the primary: counted if a message or a request.
+    pub fn sent_up(&self, datagram: &[u8]) {
+        if counted(datagram) {
+            self.lane().up_tx.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Reserves a slot for a request to the primary: `None` when every slot is in use, or
+    /// the primary has not yet handled everything this process sent it by socket.
+    pub fn reserve_up(&self) -> Option<UpSlot> {
+        let ln = self.lane();
+        if ln.up_tx.load(Ordering::Acquire) != ln.up_rx.load(Ordering::Acquire) {
+            return None;
+        }
+        let (i, _) = ln.up.iter().enumerate().find(|(_, s)| {
+            let v = s.state.load(Ordering::Relaxed);
+            v & STATE == EMPTY
+                && s.state
+                    .compare_exchange(v, WRITING, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+        })?;
+        let tag = (self.up_tags.fetch_add(1, Ordering::Relaxed) & (u32::MAX >> 4)) << 4;
+        Some(UpSlot {
+            board: self.board.clone(),
+            lane: self.lane,
+            slot: i as u32,
+            tag,
+        })
+    }
+}
+
+impl UpSlot {
+    fn slot(&self) -> &Slot {
+        &self.board.layout().lanes[self.lane as usize].up[self.slot as usize]
+    }
+
+    /// A wake-up for the request, for other threads (the primary found dead, the deadline).
+    pub fn waker(&self) -> UpWake {
+        UpWake {
+            board: self.board.clone(),
+            lane: self.lane,
+            slot: self.slot,
+        }
+    }
+
+    /// Gives the slot back unposted.
+    pub fn cancel(self) {
+        self.slot().state.store(EMPTY, Ordering::Release);
+    }
+
+    /// Posts `datagram` to the primary and rings its bell.
+    pub fn post(self, datagram: &[u8]) -> UpRequest {
+        let h = &self.board.layout().header;
+        let s = self.slot();
+        copy_in(&s.req, datagram);
+        s.req_len.store(datagram.len() as u32, Ordering::Relaxed);
+        s.rep_len.store(0, Ordering::Relaxed);
+        s.state.store(self.tag | POSTED, Ordering::Release);
+        h.up_work.fetch_or(1 << self.lane, Ordering::SeqCst);
+        h.up_bell.fetch_add(1, Ordering::SeqCst);
+        if h.up_sleeping.load(Ordering::SeqCst) != 0 {
+            let _ = futex::wake(&h.up_bell, futex::Flags::empty(), 1);
+        }
+        UpRequest(self)
+    }
+}
+
+impl UpRequest {
+    /// The value to pass [`UpRequest::sleep`], read before looking for the answer.
+    pub fn wake_seen(&self) -> u32 {
+        self.0.slot().wake.load(Ordering::Acquire)
+    }
+
+    /// The answer, if it came: its length in `buf` (0: it went over the socket); the slot is
+    /// free again then.
+    pub fn take(&self, buf: &mut [u8]) -> Option<usize> {
+        let s = self.0.slot();
+        let answered = self.0.tag | ANSWERED;
+        if s.state.load(Ordering::Acquire) != answered {
+            return None;
+        }
+        let n = copy_out(&s.rep, s.rep_len.load(Ordering::Relaxed) as usize, buf);
+        s.state
+            .compare_exchange(answered, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+            .then_some(n)
+    }
+
+    /// Sleeps until the answer, an [`UpWake`], or `timeout`, unless the wake word moved from
+    /// `seen` already.
+    pub fn sleep(&self, seen: u32, timeout: Duration) {
+        let ts = rustix::time::Timespec {
+            tv_sec: timeout.as_secs().min(i64::MAX as u64) as i64,
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        let _ = futex::wait(&self.0.slot().wake, futex::Flags::empty(), seen, Some(&ts));
+    }
+
+    /// Ends the request: a slot not answered is given up.
+    pub fn finish(self) {
+        let s = self.0.slot();
+        let tag = self.0.tag;
+        let cas = |from: u32, to: u32| {
+            s.state
+                .compare_exchange(tag | from, to, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        };
+        let _ = cas(POSTED, EMPTY) || cas(TAKEN, tag | ABANDONED) || cas(ANSWERED, EMPTY);
+    }
+}
+
+impl PrimaryLanes {
+    /// The lane of the secondary process `pid`, if it serves one.
+    pub fn lane_of_pid(&self, pid: u32) -> Option<u32> {
+        let l = self.board.layout();
+        let last = self.last_pid.load(Ordering::Relaxed);
+        if (last >> 32) as u32 == pid && pid != 0 {
+            let i = last as u32;
+            let lane = &l.lanes[(i as usize) % LANES];
+            if lane.owner.load(Ordering::Acquire) == pid && lane.ready.load(Ordering::Acquire) == 1
+            {
+                return Some(i % LANES as u32);
+            }
+        }
+        let epoch = l.header.epoch.load(Ordering::Acquire);
+        let mut by_pid = self.by_pid.lock();
+        match by_pid.get(&pid) {
+            Some(&Known::Lane(i, owner)) => {
+                let lane = &l.lanes[i as usize];
+                if lane.owner.load(Ordering::Acquire) == owner
+                    && lane.ready.load(Ordering::Acquire) == 1
+                {
+                    self.last_pid
+                        .store((u64::from(pid) << 32) | u64::from(i), Ordering::Relaxed);
+                    return Some(i);
+                }
+            }
+            Some(&Known::None(e)) if e == epoch => return None,
+            _ => {}
+        }
+        let found = l.lanes.iter().position(|lane| {
+            lane.owner.load(Ordering::Acquire) == pid
+                && lane.ready.load(Ordering::Acquire) == 1
+                && self.owner_trusted(pid)
+        });
+        if by_pid.len() >= 4 * LANES {
+            by_pid.clear();
+        }
+        by_pid.insert(
+            pid,
+            match found {
+                Some(i) => Known::Lane(i as u32, pid),
+                None => Known::None(epoch),
+            },
+        );
+        if let Some(i) = found {
+            self.last_pid
+                .store((u64::from(pid) << 32) | i as u64, Ordering::Relaxed);
+        }
+        found.map(|i| i as u32)
+    }
+
+    /// A message or request from lane `lane`'s owner that came over a socket was handled.
+    pub fn handled_up(&self, lane: u32) {
+        self.board.layout().lanes[lane as usize]
+            .up_rx
+            .fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Serves every request posted now on lane `lane` (the primary's lane thread does, and
+    /// its receiving thread before a later datagram from that secondary).
+    pub fn serve_up(&self, lane: u32, serve: &mut ServeUp<'_>) {
+        let l = self.board.layout();
+        let ln = &l.lanes[lane as usize];
+        let pid = ln.owner.load(Ordering::Acquire);
+        if pid == 0
+            || ln.ready.load(Ordering::Acquire) != 1
+            || !ln
+                .up
+                .iter()
+                .any(|s| s.state.load(Ordering::Acquire) & STATE == POSTED)
+        {
+            return;
+        }
+        let mut name = [0u8; NAME_WORDS * 8];
+        let n = copy_out(
+            &ln.name,
+            ln.name_len.load(Ordering::Relaxed) as usize,
+            &mut name,
+        );
+        let Ok(name) = std::str::from_utf8(&name[..n]) else {
+            return;
+        };
+        let mut buf = [0u8; BUF_LEN];
+        for (i, s) in ln.up.iter().enumerate() {
+            let v = s.state.load(Ordering::Acquire);
+            if v & STATE != POSTED
+                || s.state
+                    .compare_exchange(v, v & !STATE | TAKEN, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_err()
+            {
+                continue;
+            }
+            let tag = v & !STATE;
+            set_owed(
+                &mut self.up_owed.lock()[lane as usize][i],
+                (tag, None),
+                &self.up_owing,
+            );
+            let len = copy_out(&s.req, s.req_len.load(Ordering::Relaxed) as usize, &mut buf);
+            let owing = std::cell::Cell::new(false);
+            let owe = |action: Name| {
+                owing.set(true);
+                let mut all = self.up_owed.lock();
+                let owed = &mut all[lane as usize];
+                for (j, o) in owed.iter_mut().enumerate() {
+                    if j != i
+                        && o.1 == Some(action)
+                        && ln.up[j]
+                            .state
+                            .compare_exchange(
+                                o.0 | ABANDONED,
+                                EMPTY,
+                                Ordering::AcqRel,
+                                Ordering::Relaxed,
+                            )
+                            .is_ok()
+                    {
+                        set_owed(o, (o.0, None), &self.up_owing);
+                    }
+                }
+                set_owed(&mut owed[i], (tag, Some(action)), &self.up_owing);
+            };
+            serve(lane, pid, name, &buf[..len], &owe);
+            if !owing.get() {
+                settle_up(s, tag, &[]);
+            }
+        }
+    }
+
+    /// Whether any secondary's request to us owes an answer (else a reply need not look).
+    pub fn owing_up(&self) -> bool {
+        self.up_owing.load(Ordering::Relaxed) != 0
+    }
+
+    /// Answers the request of action `action` that the secondary whose socket is named `to`
+    /// posted to us, with the encoded `reply` (empty: the answer went over the socket).
+    pub fn reply_up(&self, to: &str, action: &Name, reply: &[u8]) -> Answered {
+        let Some(lane) = self.lane_of(to) else {
+            return Answered::NotHere;
+        };
+        let (i, tag) = {
+            let mut all = self.up_owed.lock();
+            let owed = &mut all[lane as usize];
+            let Some(i) = owed.iter().position(|o| o.1.as_ref() == Some(action)) else {
+                return Answered::NotHere;
+            };
+            let tag = owed[i].0;
+            set_owed(&mut owed[i], (tag, None), &self.up_owing);
+            (i, owed[i].0)
+        };
+        let s = &self.board.layout().lanes[lane as usize].up[i];
+        if settle_up(s, tag, reply) {
+            Answered::Lane
+        } else {
+            Answered::Gone
+        }
+    }
+
+    /// Serves secondaries' requests until `stop` says so (the primary's lane thread), waiting
+    /// on the up bell, up to `tick` at a time, in between.
+    pub fn run_up(&self, stop: &dyn Fn() -> bool, tick: Duration, serve: &mut ServeUp<'_>) {
+        let h = &self.board.layout().header;
+        while !stop() {
+            let rung = h.up_bell.load(Ordering::SeqCst);
+            let mut work = h.up_work.swap(0, Ordering::SeqCst);
+            while work != 0 {
+                let lane = work.trailing_zeros();
+                work &= work - 1;
+                if (lane as usize) < LANES {
+                    self.serve_up(lane, serve);
+                }
+            }
+            h.up_sleeping.store(1, Ordering::SeqCst);
+            if h.up_bell.load(Ordering::SeqCst) == rung && !stop() {
+                let ts = rustix::time::Timespec {
+                    tv_sec: tick.as_secs() as i64,
+                    tv_nsec: i64::from(tick.subsec_nanos()),
+                };
+                let _ = futex::wait(&h.up_bell, futex::Flags::empty(), rung, Some(&ts));
+            }
+            h.up_sleeping.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Wakes the primary's lane thread (to see its stop flag).
+    pub fn wake_up_thread(&self) {
+        let h = &self.board.layout().header;
+        h.up_bell.fetch_add(1, Ordering::SeqCst);
+        wake_all(&h.up_bell);
+    }
+}
+
+/// Answers a secondary's request in slot `s` (tag `tag`) and wakes the requester; false if it
+/// had given the slot up.
+fn settle_up(s: &Slot, tag: u32, reply: &[u8]) -> bool {
+    copy_in(&s.rep, reply);
+    s.rep_len.store(reply.len() as u32, Ordering::Relaxed);
+    if s.state
+        .compare_exchange(
+            tag | TAKEN,
+            tag | ANSWERED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .is_err()
+    {
+        let _ =
+            s.state
+                .compare_exchange(tag | ABANDONED, EMPTY, Ordering::AcqRel, Ordering::Relaxed);
+        return false;
+    }
+    s.wake.fetch_add(1, Ordering::AcqRel);
+    wake_all(&s.wake);
+    true
 }
 
 #[cfg(test)]
