@@ -197,9 +197,16 @@ pub fn counted(datagram: &[u8]) -> bool {
         .is_some_and(|k| matches!(i32::from_ne_bytes(*k), 0 | 1))
 }
 
+/// Process `pid` exists and has not exited (a zombie, exited but not yet reaped, has).
 fn alive(pid: u32) -> bool {
-    rustix::process::Pid::from_raw(pid as i32)
-        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+    let exists = rustix::process::Pid::from_raw(pid as i32)
+        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
+    exists
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+            // The state follows the parenthesised command name.
+            st.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X']))
+        })
 }
 
 /// One more answer to request control `ctrl` of generation `generation` (none if the control
@@ -453,8 +460,8 @@ impl PrimaryLanes {
         }
     }
 
-    /// The secondary whose socket is named `name` exited: its lane is free for another (the
-    /// next request goes to its socket, found dead there and not counted).
+    /// The secondary whose socket is named `name` exited (its pidfd said so): its lane is free
+    /// for another (the next request goes to its socket, found dead there and not counted).
     /// What it owed is answered "not here" on its behalf: a request's last live answer must
     /// still wake the requester.
     pub fn gone(&self, name: &str) {
@@ -477,7 +484,9 @@ impl PrimaryLanes {
         });
         let Some((i, pid)) = found else { return };
         let ln = &l.lanes[i];
-        if ln.owner.load(Ordering::Acquire) != pid || alive(pid) {
+        // The caller saw the process exit (its pidfd): a zombie not yet reaped still answers
+        // kill(pid, 0), so that is not asked.
+        if ln.owner.load(Ordering::Acquire) != pid {
             return;
         }
         for s in &ln.slots {
