@@ -244,7 +244,7 @@ record() {
       *) grep '^bench=' "$logf" ;;
     esac | tee -a "$RESULTS" >&2
     # memplane's channel counters (outbox use), kept as comments under the results
-    grep '^stats ' "$logf" | sed "s/^/# $what: /" >>"$RESULTS" || true
+    grep '^stats ' "$logf" | sed "s|^|# $what: |" >>"$RESULTS" || true
   else
     echo "FAILED: $what" | tee -a "$FAILURES" >&2
     tail -n 8 "$logf" | sed 's/^/    /' >&2
@@ -324,7 +324,7 @@ p2p() { # PLACEMENT
     echo "FAILED: primaries did not start ($pl)" >>"$FAILURES"
   fi
   stop "$pid" "$mpid" "$bpid"
-  grep '^stats ' "$WORK/mp-serve-$SEQ0.log" 2>/dev/null | sed "s/^/# memplane primary $pl: /" >>"$RESULTS" || true
+  grep '^stats ' "$WORK/mp-serve-$SEQ0.log" 2>/dev/null | sed "s|^|# memplane primary $pl: |" >>"$RESULTS" || true
   rm -rf "/var/run/dpdk/$prefix" "$rt" "$rtb"
   rm -f /dev/hugepages/"$prefix"map_*
 }
