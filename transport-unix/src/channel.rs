@@ -541,6 +541,8 @@ pub struct MpChannel {
     request_seq: AtomicU64,
     /// A primary's lanes to its memplane secondaries.
     lanes: Option<Arc<PrimaryLanes>>,
+    /// Polling windows of lane requesters not waiting now (see [`MpChannel::take_spinner`]).
+    spinners: Mutex<Vec<Spinner>>,
     /// In a secondary with a lane: held while a handler runs, on the receiving thread or the
     /// lane thread, so handlers run one at a time, as on DPDK's one thread.
     dispatch: Mutex<()>,
@@ -656,6 +658,7 @@ struct LaneWaiter<'a> {
     ch: &'a MpChannel,
     peers: &'a [PeerAddr],
     lr: std::cell::RefCell<&'a mut LaneRequest>,
+    spin: std::cell::RefCell<&'a mut Spinner>,
 }
 
 impl Waiter for LaneWaiter<'_> {
@@ -674,10 +677,16 @@ impl Waiter for LaneWaiter<'_> {
         let take = |lr: &mut LaneRequest, buf: &mut [u8]| {
             lr.harvest(buf, |i, bytes| self.ch.lane_answer(&self.peers[i], bytes))
         };
-        if take(&mut lr, &mut buf) == 0 {
-            lr.sleep(seen, deadline.saturating_duration_since(n));
-            take(&mut lr, &mut buf);
+        if take(&mut lr, &mut buf) > 0 {
+            return now();
         }
+        // Where it may, poll for the last answer a while before sleeping.
+        let past = |t: Instant| t >= deadline;
+        let done = || lr.all_answered().then_some(());
+        if self.spin.borrow_mut().poll(done, past).is_none() {
+            lr.sleep(seen, deadline.saturating_duration_since(n));
+        }
+        take(&mut lr, &mut buf);
         now()
     }
 }
@@ -689,6 +698,7 @@ type AnswerThrough<'a> = dyn Fn(&[u8]) -> Answered + 'a;
 struct UpWaiter<'a> {
     ch: &'a MpChannel,
     req: &'a UpRequest,
+    spin: std::cell::RefCell<&'a mut Spinner>,
 }
 
 impl Waiter for UpWaiter<'_> {
@@ -707,8 +717,17 @@ impl Waiter for UpWaiter<'_> {
             self.ch.up_answer(&buf[..len]);
             return now();
         }
-        self.req.sleep(seen, deadline.saturating_duration_since(n));
-        if let Some(len) = self.req.take(&mut buf) {
+        // Where it may, poll for the answer a while before sleeping.
+        let past = |t: Instant| t >= deadline;
+        let got = self
+            .spin
+            .borrow_mut()
+            .poll(|| self.req.take(&mut buf), past);
+        let got = got.or_else(|| {
+            self.req.sleep(seen, deadline.saturating_duration_since(n));
+            self.req.take(&mut buf)
+        });
+        if let Some(len) = got {
             self.ch.up_answer(&buf[..len]);
         }
         now()
@@ -1038,12 +1057,16 @@ impl MpChannel {
             .sending_done(p.id, t)
             .map_err(Error::from)
             .and_then(|_| {
+                let mut spin = self.take_spinner();
                 let waiter = LaneWaiter {
                     ch: self,
                     peers,
                     lr: std::cell::RefCell::new(&mut lr),
+                    spin: std::cell::RefCell::new(&mut spin),
                 };
-                Ok(self.ep.wait(p.id, t, &waiter)?)
+                let r = self.ep.wait(p.id, t, &waiter);
+                self.spinners.lock().push(spin);
+                Ok(r?)
             });
         lanes.finish(lr);
         Some(r)
@@ -1087,11 +1110,15 @@ impl MpChannel {
             .sending_done(p.id, t)
             .map_err(Error::from)
             .and_then(|_| {
+                let mut spin = self.take_spinner();
                 let waiter = UpWaiter {
                     ch: self,
                     req: &req,
+                    spin: std::cell::RefCell::new(&mut spin),
                 };
-                Ok(self.ep.wait(p.id, t, &waiter)?)
+                let r = self.ep.wait(p.id, t, &waiter);
+                self.spinners.lock().push(spin);
+                Ok(r?)
             });
         req.finish();
         Some(r)
@@ -1139,14 +1166,24 @@ impl MpChannel {
         CHANNEL_THREAD.with(|c| c.set(true));
         let Some(lanes) = &self.lanes else { return };
         let stop = || self.stop.load(Ordering::Acquire);
+        let mut spin = Spinner::new(self.config().busy_poll, self.spin_stats.clone());
         lanes.run_up(
             &stop,
             Duration::from_secs(1),
+            &mut spin,
             &mut |_, pid, name, bytes, owe| {
                 let _one_at_a_time = self.dispatch.lock();
                 self.up_dispatch(pid, name, bytes, owe);
             },
         );
+    }
+
+    /// A polling window for a lane requester, from the pool (each keeps what it learned).
+    fn take_spinner(&self) -> Spinner {
+        self.spinners
+            .lock()
+            .pop()
+            .unwrap_or_else(|| Spinner::new(self.config().busy_poll, self.spin_stats.clone()))
     }
 
     /// Feeds the primary's answer taken from our lane to the pending requests (empty: it
@@ -1180,7 +1217,8 @@ impl MpChannel {
         CHANNEL_THREAD.with(|c| c.set(true));
         let Some(lane) = &self.lane else { return };
         let stop = || self.stop.load(Ordering::Acquire);
-        lane.run(&stop, Duration::from_secs(1), |_, bytes, owe| {
+        let mut spin = Spinner::new(self.config().busy_poll, self.spin_stats.clone());
+        lane.run(&stop, Duration::from_secs(1), &mut spin, |_, bytes, owe| {
             let _one_at_a_time = self.dispatch.lock();
             self.lane_dispatch(bytes, owe);
         });
@@ -1759,6 +1797,7 @@ impl Channel {
             lanes,
             lane,
             dispatch: Mutex::new(()),
+            spinners: Mutex::new(Vec::new()),
             lane_requests: AtomicU64::new(0),
             lane_replies: AtomicU64::new(0),
             lane_answered: AtomicU64::new(0),
