@@ -415,10 +415,11 @@ fn a_secondarys_message_sent_before_its_request_is_handled_first() {
         .unwrap();
     assert_eq!((r.nb_sent, r.nb_received), (1, 1));
     assert_eq!(lane_counts(&ch), (1, 1));
-    // The primary stops reading: a message waits in its socket, then comes a request.
+    // The primary stops reading: a message waits in its socket (it carries an fd, so it goes
+    // by socket), then comes a request.
     memplane_testkit::stop(p.pid());
     assert_eq!(
-        ch.send(&message("m", b"\x01", Fds::none()).unwrap())
+        ch.send(&message("m", b"\x01", Fds::from(memfd("x"))).unwrap())
             .unwrap()
             .sent,
         1
@@ -516,4 +517,47 @@ fn unanswered_requests_to_the_primary_time_out_and_free_their_slots() {
         1
     );
     assert_eq!(sec.pending_requests(), 0);
+}
+
+#[test]
+fn a_secondarys_messages_go_through_its_ring_and_arrive_in_order() {
+    // One-way messages from a secondary go through its lane's ring while there is room; when
+    // the primary stops reading, the ring fills and the rest go by socket. Whatever way each
+    // went, the primary handles them in the order they were sent.
+    let dir = test_dir();
+    let mut p = primary_listener(&dir, &["m"]);
+    let ch = secondary_lib(&dir);
+    let send = |i: u32| {
+        let r = ch
+            .send(&message("m", &i.to_le_bytes(), Fds::none()).unwrap())
+            .unwrap();
+        assert_eq!(r.sent, 1);
+    };
+    for i in 0..100 {
+        send(i);
+    }
+    // Once the primary has handled them all, the ring is empty: the next 64 fill it, and
+    // the rest go by socket (5 fit in the primary's socket queue while it is stopped).
+    p.expect_line(&format!("param={}", hex(&99u32.to_le_bytes())), LONG);
+    let before = ch.stats().lanes.messages;
+    memplane_testkit::stop(p.pid());
+    for i in 100..169 {
+        send(i);
+    }
+    assert_eq!(ch.stats().lanes.messages - before, 64);
+    p.signal(libc::SIGCONT);
+    p.expect_line(&format!("param={}", hex(&168u32.to_le_bytes())), LONG);
+    let seen: Vec<u32> = p
+        .output()
+        .lines()
+        .filter(|l| l.starts_with("message "))
+        .filter_map(|l| l.split("param=").nth(1))
+        .map(|h| {
+            let b: Vec<u8> = (0..4)
+                .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap())
+                .collect();
+            u32::from_le_bytes(b.try_into().unwrap())
+        })
+        .collect();
+    assert_eq!(seen, (0..169).collect::<Vec<u32>>());
 }

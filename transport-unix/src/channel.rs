@@ -503,6 +503,9 @@ pub struct LaneStats {
     pub replies: u64,
     /// Answers this process gave through lanes, to the other side's requests.
     pub answered: u64,
+    /// One-way messages this process sent through its lane's ring (a secondary's to the
+    /// primary).
+    pub messages: u64,
 }
 
 /// What the channel's busy polling did since it opened, summed over its waiting threads.
@@ -552,6 +555,7 @@ pub struct MpChannel {
     lane_requests: AtomicU64,
     lane_replies: AtomicU64,
     lane_answered: AtomicU64,
+    lane_messages: AtomicU64,
 }
 
 /// A socket a synchronous requester sends from and receives its replies on, directly: no
@@ -779,6 +783,7 @@ impl MpChannel {
                 requests: self.lane_requests.load(Ordering::Relaxed),
                 replies: self.lane_replies.load(Ordering::Relaxed),
                 answered: self.lane_answered.load(Ordering::Relaxed),
+                messages: self.lane_messages.load(Ordering::Relaxed),
             },
         }
     }
@@ -825,6 +830,12 @@ impl MpChannel {
     /// may wait for as [`MpChannel::send_to`] does; from the primary, never waiting on one
     /// secondary at the others' expense (a busy one's datagram waits in the outbox).
     pub fn send(&self, msg: &Message<Fds>) -> Result<SendReport, Error> {
+        if self.role() == Role::Secondary && self.send_up(msg) {
+            return Ok(SendReport {
+                sent: 1,
+                ..SendReport::default()
+            });
+        }
         let r = self.ep.send(msg, self.send_deadline())?;
         if self.role() == Role::Secondary && r.sent == 0 {
             return Err(Error::PrimaryGone);
@@ -838,9 +849,30 @@ impl MpChannel {
     /// socket does but bounded; on the channel's own threads the datagram waits in the outbox
     /// instead, so a handler never stalls the channel.
     pub fn send_to(&self, to: &PeerAddr, msg: &Message<Fds>) -> Result<(), Error> {
+        if to == self.ep.transport().primary() && self.send_up(msg) {
+            return Ok(());
+        }
         Ok(self
             .ep
             .send_to(to, MsgKind::Msg, msg, self.send_deadline())?)
+    }
+
+    /// A secondary's one-way message to the primary through its lane's ring, if it can go
+    /// there (a lane, no fds, nothing waiting in the outbox, room, and everything sent by
+    /// socket handled; else it goes by socket, behind the ring's).
+    fn send_up(&self, msg: &Message<Fds>) -> bool {
+        let Some(lane) = &self.lane else { return false };
+        if msg.num_fds() != 0 || self.ep.transport().outbox_waiting() {
+            return false;
+        }
+        let Ok(d) = memplane_core::wire::Datagram::encode(self.ep.abi(), MsgKind::Msg, msg) else {
+            return false;
+        };
+        let sent = lane.push_up(d.as_bytes());
+        if sent {
+            self.lane_messages.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
     }
 
     /// Answers a request from `to`.
@@ -1167,15 +1199,12 @@ impl MpChannel {
         let Some(lanes) = &self.lanes else { return };
         let stop = || self.stop.load(Ordering::Acquire);
         let mut spin = Spinner::new(self.config().busy_poll, self.spin_stats.clone());
-        lanes.run_up(
-            &stop,
-            Duration::from_secs(1),
-            &mut spin,
-            &mut |_, pid, name, bytes, owe| {
-                let _one_at_a_time = self.dispatch.lock();
-                self.up_dispatch(pid, name, bytes, owe);
-            },
-        );
+        lanes.run_up(&stop, Duration::from_secs(1), &mut spin, &mut |lane| {
+            let _one_at_a_time = self.dispatch.lock();
+            lanes.serve_up(lane, &mut |_, pid, name, bytes, owe| {
+                self.up_dispatch(pid, name, bytes, owe)
+            });
+        });
     }
 
     /// A polling window for a lane requester, from the pool (each keeps what it learned).
@@ -1218,9 +1247,9 @@ impl MpChannel {
         let Some(lane) = &self.lane else { return };
         let stop = || self.stop.load(Ordering::Acquire);
         let mut spin = Spinner::new(self.config().busy_poll, self.spin_stats.clone());
-        lane.run(&stop, Duration::from_secs(1), &mut spin, |_, bytes, owe| {
+        lane.run(&stop, Duration::from_secs(1), &mut spin, &mut || {
             let _one_at_a_time = self.dispatch.lock();
-            self.lane_dispatch(bytes, owe);
+            lane.serve_posted(&mut |_, bytes, owe| self.lane_dispatch(bytes, owe));
         });
     }
 
@@ -1586,6 +1615,11 @@ impl MpChannel {
                 if let Some(l) = &self.lanes {
                     l.gone(p.name());
                 }
+                if let Some(l) = &self.lane
+                    && p == *tr.primary()
+                {
+                    l.set_primary_gone();
+                }
                 self.ep.peer_gone(&p, |f| self.run_callback(f));
                 if let Some(l) = &self.lanes {
                     l.nudge();
@@ -1801,6 +1835,7 @@ impl Channel {
             lane_requests: AtomicU64::new(0),
             lane_replies: AtomicU64::new(0),
             lane_answered: AtomicU64::new(0),
+            lane_messages: AtomicU64::new(0),
         });
         let batch = cfg.batch_scheduling;
         let spawn = |name: &str, f: fn(&Arc<MpChannel>)| {

@@ -51,6 +51,8 @@ pub const BOARD_FILE: &str = "memplane_lanes";
 pub const LANES: usize = 64;
 /// Requests one lane holds at once, each way.
 pub const SLOTS: usize = 8;
+/// One-way messages one lane holds, secondary to primary (a ring).
+pub const RING: usize = 64;
 /// Lane requests one primary has in flight at once.
 const CTRLS: usize = 128;
 const MAGIC: u64 = u64::from_le_bytes(*b"mplanes1");
@@ -145,6 +147,24 @@ struct Lane {
     up_rx: AtomicU64,
     /// The owner's requests to the primary.
     up: [Slot; SLOTS],
+    /// The owner's one-way messages to the primary: a ring of cells, each with a sequence
+    /// number saying whose turn it is (the producers' or the consumer's).
+    ring_head: AtomicU64,
+    ring_tail: AtomicU64,
+    ring: [Cell; RING],
+    /// The pid of the process that claimed the lane last (kept after it left: its messages
+    /// still in the ring are its).
+    pid: AtomicU32,
+    _pad2: AtomicU32,
+}
+
+#[repr(C)]
+struct Cell {
+    /// `pos + 1` once a message for position `pos` is in; `pos + RING` once it is taken.
+    seq: AtomicU64,
+    len: AtomicU32,
+    _pad: AtomicU32,
+    data: [AtomicU64; BUF_WORDS],
 }
 
 #[repr(C)]
@@ -281,6 +301,13 @@ impl Board {
             .open(&path)?;
         file.set_len(size_of::<Layout>() as u64)?;
         let b = Board::map(file)?;
+        // Each ring cell starts out free for its first position (made once: the rings are not
+        // reset when a lane changes hands, see `SecondaryLane::claim`).
+        for ln in &b.layout().lanes {
+            for (i, c) in ln.ring.iter().enumerate() {
+                c.seq.store(i as u64, Ordering::Relaxed);
+            }
+        }
         let h = &b.layout().header;
         h.primary_pid.store(pid, Ordering::Relaxed);
         h.size.store(size_of::<Layout>() as u64, Ordering::Relaxed);
@@ -738,6 +765,8 @@ pub struct SecondaryLane {
     owing: AtomicUsize,
     /// The next tag of a request to the primary.
     up_tags: AtomicU32,
+    /// The primary exited: nothing goes up the lane any more (it would never be taken).
+    primary_gone: std::sync::atomic::AtomicBool,
 }
 
 /// What serves a lane request: given its slot, its bytes, and `owe`, to call with the action's
@@ -763,9 +792,14 @@ impl SecondaryLane {
         }
         let pid = std::process::id();
         let l = board.layout();
+        // A lane whose ring still holds messages of its last owner (who may have sent them
+        // just before it exited) is left until the primary has taken them.
         let lane = l.lanes.iter().position(|ln| {
             let o = ln.owner.load(Ordering::Acquire);
-            (o == 0 || (o != pid && !alive(o)))
+            let drained =
+                ln.ring_head.load(Ordering::Acquire) == ln.ring_tail.load(Ordering::Acquire);
+            drained
+                && (o == 0 || (o != pid && !alive(o)))
                 && ln
                     .owner
                     .compare_exchange(o, pid, Ordering::AcqRel, Ordering::Relaxed)
@@ -784,6 +818,7 @@ impl SecondaryLane {
         for s in &ln.up {
             s.state.store(EMPTY, Ordering::Relaxed);
         }
+        ln.pid.store(pid, Ordering::Relaxed);
         copy_in(&ln.name, name.as_bytes());
         ln.name_len.store(name.len() as u32, Ordering::Relaxed);
         ln.ready.store(1, Ordering::Release);
@@ -795,6 +830,7 @@ impl SecondaryLane {
             owed: Mutex::new(Default::default()),
             owing: AtomicUsize::new(0),
             up_tags: AtomicU32::new(1),
+            primary_gone: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -863,23 +899,23 @@ impl SecondaryLane {
         self.lane().rx.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Serves the lane until `stop` says so: each request posted is handed to `serve` (its
-    /// slot, its bytes, and `owe`, which `serve` calls with the action's name when a handler
-    /// now owes an answer; not called, nothing will answer through the lane: no action, bad
-    /// bytes). Waits on the doorbell, up to `tick` at a time, in between.
+    /// Serves the lane until `stop` says so: `serve_posted` runs [`SecondaryLane::serve_posted`]
+    /// whenever the bell rang (under the lock that keeps the process's handlers one at a time,
+    /// so that what it takes from the lane is also handled in that order). Waits on the
+    /// doorbell, up to `tick` at a time, in between.
     pub(crate) fn run(
         &self,
         stop: &dyn Fn() -> bool,
         tick: Duration,
         spin: &mut Spinner,
-        mut serve: impl FnMut(usize, &[u8], &dyn Fn(Name)),
+        serve_posted: &mut dyn FnMut(),
     ) {
         let ln = self.lane();
         let bell = &self.board.layout().header.bell;
         let bit = bell_bit(self.lane as usize);
         while !stop() {
             let rung = bell.load(Ordering::SeqCst);
-            self.serve_posted(&mut serve);
+            serve_posted();
             // Where it may (two CPUs), poll the bell a while before sleeping: waking a
             // sleeping vCPU costs tens of microseconds here.
             let rang = || (bell.load(Ordering::Acquire) != rung).then_some(());
@@ -1026,6 +1062,12 @@ impl UpWake {
 }
 
 impl SecondaryLane {
+    /// The primary exited (its pidfd said so): what this process sends it from now on goes by
+    /// socket, and finds it gone there.
+    pub fn set_primary_gone(&self) {
+        self.primary_gone.store(true, Ordering::Release);
+    }
+
     /// The kernel accepted `datagram` for the primary: counted if a message or a request.
     pub fn sent_up(&self, datagram: &[u8]) {
         if counted(datagram) {
@@ -1033,11 +1075,59 @@ impl SecondaryLane {
         }
     }
 
+    /// Puts a one-way message (its encoded datagram) in the ring to the primary and rings its
+    /// bell; false when the ring is full, or the primary has not yet handled everything this
+    /// process sent it by socket (send it by socket then: it comes after the ring's).
+    pub fn push_up(&self, datagram: &[u8]) -> bool {
+        let ln = self.lane();
+        if self.primary_gone.load(Ordering::Acquire)
+            || ln.up_tx.load(Ordering::Acquire) != ln.up_rx.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        for _ in 0..RING {
+            let pos = ln.ring_tail.load(Ordering::Relaxed);
+            let c = &ln.ring[(pos % RING as u64) as usize];
+            let seq = c.seq.load(Ordering::Acquire);
+            if seq == pos {
+                if ln
+                    .ring_tail
+                    .compare_exchange_weak(
+                        pos,
+                        pos.wrapping_add(1),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_err()
+                {
+                    continue;
+                }
+                copy_in(&c.data, datagram);
+                c.len.store(datagram.len() as u32, Ordering::Relaxed);
+                c.seq.store(pos.wrapping_add(1), Ordering::Release);
+                self.ring_primary();
+                return true;
+            }
+            if seq.wrapping_sub(pos) as i64 <= 0 {
+                // The cell still holds a message the primary has not taken: full.
+                return false;
+            }
+            // Another thread took this position meanwhile: look again.
+        }
+        false
+    }
+
+    fn ring_primary(&self) {
+        ring_primary(&self.board, self.lane);
+    }
+
     /// Reserves a slot for a request to the primary: `None` when every slot is in use, or
     /// the primary has not yet handled everything this process sent it by socket.
     pub fn reserve_up(&self) -> Option<UpSlot> {
         let ln = self.lane();
-        if ln.up_tx.load(Ordering::Acquire) != ln.up_rx.load(Ordering::Acquire) {
+        if self.primary_gone.load(Ordering::Acquire)
+            || ln.up_tx.load(Ordering::Acquire) != ln.up_rx.load(Ordering::Acquire)
+        {
             return None;
         }
         let (i, _) = ln.up.iter().enumerate().find(|(_, s)| {
@@ -1078,17 +1168,12 @@ impl UpSlot {
 
     /// Posts `datagram` to the primary and rings its bell.
     pub fn post(self, datagram: &[u8]) -> UpRequest {
-        let h = &self.board.layout().header;
         let s = self.slot();
         copy_in(&s.req, datagram);
         s.req_len.store(datagram.len() as u32, Ordering::Relaxed);
         s.rep_len.store(0, Ordering::Relaxed);
         s.state.store(self.tag | POSTED, Ordering::Release);
-        h.up_work.fetch_or(1 << self.lane, Ordering::SeqCst);
-        h.up_bell.fetch_add(1, Ordering::SeqCst);
-        if h.up_sleeping.load(Ordering::SeqCst) != 0 {
-            let _ = futex::wake(&h.up_bell, futex::Flags::empty(), 1);
-        }
+        ring_primary(&self.board, self.lane);
         UpRequest(self)
     }
 }
@@ -1200,13 +1285,22 @@ impl PrimaryLanes {
     pub fn serve_up(&self, lane: u32, serve: &mut ServeUp<'_>) {
         let l = self.board.layout();
         let ln = &l.lanes[lane as usize];
-        let pid = ln.owner.load(Ordering::Acquire);
+        // The lane's last owner: it may have left since (what it put in the lane before it
+        // exited is still handled, as its datagrams would be).
+        let pid = ln.pid.load(Ordering::Acquire);
+        let head = ln.ring_head.load(Ordering::Relaxed);
+        let ring_ready = |head: u64| {
+            ln.ring[(head % RING as u64) as usize]
+                .seq
+                .load(Ordering::Acquire)
+                == head.wrapping_add(1)
+        };
         if pid == 0
-            || ln.ready.load(Ordering::Acquire) != 1
-            || !ln
-                .up
-                .iter()
-                .any(|s| s.state.load(Ordering::Acquire) & STATE == POSTED)
+            || !(ring_ready(head)
+                || ln
+                    .up
+                    .iter()
+                    .any(|s| s.state.load(Ordering::Acquire) & STATE == POSTED))
         {
             return;
         }
@@ -1220,6 +1314,21 @@ impl PrimaryLanes {
             return;
         };
         let mut buf = [0u8; BUF_LEN];
+        // One-way messages first: a thread's message sent before its request (which waits for
+        // its answer) comes before it. At most a ring's worth: a cell a peer scribbled on ends
+        // the turn, it never loops.
+        for _ in 0..RING {
+            let head = ln.ring_head.load(Ordering::Relaxed);
+            if !ring_ready(head) {
+                break;
+            }
+            let c = &ln.ring[(head % RING as u64) as usize];
+            let len = copy_out(&c.data, c.len.load(Ordering::Relaxed) as usize, &mut buf);
+            c.seq
+                .store(head.wrapping_add(RING as u64), Ordering::Release);
+            ln.ring_head.store(head.wrapping_add(1), Ordering::Relaxed);
+            serve(lane, pid, name, &buf[..len], &|_| {});
+        }
         for (i, s) in ln.up.iter().enumerate() {
             let v = s.state.load(Ordering::Acquire);
             if v & STATE != POSTED
@@ -1295,14 +1404,17 @@ impl PrimaryLanes {
         }
     }
 
-    /// Serves secondaries' requests until `stop` says so (the primary's lane thread), waiting
-    /// on the up bell, up to `tick` at a time, in between.
+    /// Serves secondaries' requests and messages until `stop` says so (the primary's lane
+    /// thread): `serve_lane` runs [`PrimaryLanes::serve_up`] for each lane with work (under
+    /// the lock that keeps the process's handlers one at a time: taking from a lane and
+    /// handling it must not be split, or another thread could handle later entries first).
+    /// Waits on the up bell, up to `tick` at a time, in between.
     pub(crate) fn run_up(
         &self,
         stop: &dyn Fn() -> bool,
         tick: Duration,
         spin: &mut Spinner,
-        serve: &mut ServeUp<'_>,
+        serve_lane: &mut dyn FnMut(u32),
     ) {
         let h = &self.board.layout().header;
         while !stop() {
@@ -1312,7 +1424,7 @@ impl PrimaryLanes {
                 let lane = work.trailing_zeros();
                 work &= work - 1;
                 if (lane as usize) < LANES {
-                    self.serve_up(lane, serve);
+                    serve_lane(lane);
                 }
             }
             // Where it may, poll a while before sleeping (see `SecondaryLane::run`).
@@ -1337,6 +1449,16 @@ impl PrimaryLanes {
         let h = &self.board.layout().header;
         h.up_bell.fetch_add(1, Ordering::SeqCst);
         wake_all(&h.up_bell);
+    }
+}
+
+/// Tells the primary's lane thread that lane `lane` has work, waking it if it sleeps.
+fn ring_primary(board: &Board, lane: u32) {
+    let h = &board.layout().header;
+    h.up_work.fetch_or(1 << lane, Ordering::SeqCst);
+    h.up_bell.fetch_add(1, Ordering::SeqCst);
+    if h.up_sleeping.load(Ordering::SeqCst) != 0 {
+        let _ = futex::wake(&h.up_bell, futex::Flags::empty(), 1);
     }
 }
 
@@ -1395,20 +1517,18 @@ mod tests {
         std::thread::spawn(move || {
             let stopping = || stop.load(Ordering::Acquire);
             let mut spin = Spinner::new(Duration::ZERO, Arc::default());
-            lane.run(
-                &stopping,
-                Duration::from_millis(50),
-                &mut spin,
-                |_, bytes, owe| {
-                    let name = Name::new("q").unwrap();
-                    owe(name);
-                    let _ = owing.send(());
-                    if !silent {
-                        let r: Vec<u8> = bytes.iter().rev().copied().collect();
-                        assert!(matches!(lane.reply(&name, &r), Answered::Lane));
-                    }
-                },
-            );
+            let mut serve = |_: usize, bytes: &[u8], owe: &dyn Fn(Name)| {
+                let name = Name::new("q").unwrap();
+                owe(name);
+                let _ = owing.send(());
+                if !silent {
+                    let r: Vec<u8> = bytes.iter().rev().copied().collect();
+                    assert!(matches!(lane.reply(&name, &r), Answered::Lane));
+                }
+            };
+            lane.run(&stopping, Duration::from_millis(50), &mut spin, &mut || {
+                lane.serve_posted(&mut serve)
+            });
         })
     }
 
@@ -1574,6 +1694,7 @@ mod tests {
             let _ = lane.reply(&q, b"r");
             lane.handled();
             lane.sent_up(&[0, 0, 0, 0]);
+            let _ = lane.push_up(b"message");
             if let Some(slot) = lane.reserve_up() {
                 let r = slot.post(b"up");
                 let _ = r.take(&mut buf);
