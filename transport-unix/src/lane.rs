@@ -160,7 +160,9 @@ struct Lane {
 
 #[repr(C)]
 struct Cell {
-    /// `pos + 1` once a message for position `pos` is in; `pos + RING` once it is taken.
+    /// Whose turn the cell is, for position `pos` (cell `pos % RING`, lap `pos / RING`):
+    /// `2 * lap` free for it, `2 * lap + 1` holding its message; taking it makes it free for
+    /// the next lap. A new board's zeros are "free for the first lap": nothing to set up.
     seq: AtomicU64,
     len: AtomicU32,
     _pad: AtomicU32,
@@ -301,13 +303,6 @@ impl Board {
             .open(&path)?;
         file.set_len(size_of::<Layout>() as u64)?;
         let b = Board::map(file)?;
-        // Each ring cell starts out free for its first position (made once: the rings are not
-        // reset when a lane changes hands, see `SecondaryLane::claim`).
-        for ln in &b.layout().lanes {
-            for (i, c) in ln.ring.iter().enumerate() {
-                c.seq.store(i as u64, Ordering::Relaxed);
-            }
-        }
         let h = &b.layout().header;
         h.primary_pid.store(pid, Ordering::Relaxed);
         h.size.store(size_of::<Layout>() as u64, Ordering::Relaxed);
@@ -1088,8 +1083,9 @@ impl SecondaryLane {
         for _ in 0..RING {
             let pos = ln.ring_tail.load(Ordering::Relaxed);
             let c = &ln.ring[(pos % RING as u64) as usize];
+            let free = ring_free(pos);
             let seq = c.seq.load(Ordering::Acquire);
-            if seq == pos {
+            if seq == free {
                 if ln
                     .ring_tail
                     .compare_exchange_weak(
@@ -1104,11 +1100,11 @@ impl SecondaryLane {
                 }
                 copy_in(&c.data, datagram);
                 c.len.store(datagram.len() as u32, Ordering::Relaxed);
-                c.seq.store(pos.wrapping_add(1), Ordering::Release);
+                c.seq.store(free.wrapping_add(1), Ordering::Release);
                 self.ring_primary();
                 return true;
             }
-            if seq.wrapping_sub(pos) as i64 <= 0 {
+            if (seq.wrapping_sub(free) as i64) < 0 {
                 // The cell still holds a message the primary has not taken: full.
                 return false;
             }
@@ -1293,7 +1289,7 @@ impl PrimaryLanes {
             ln.ring[(head % RING as u64) as usize]
                 .seq
                 .load(Ordering::Acquire)
-                == head.wrapping_add(1)
+                == ring_free(head).wrapping_add(1)
         };
         if pid == 0
             || !(ring_ready(head)
@@ -1325,7 +1321,7 @@ impl PrimaryLanes {
             let c = &ln.ring[(head % RING as u64) as usize];
             let len = copy_out(&c.data, c.len.load(Ordering::Relaxed) as usize, &mut buf);
             c.seq
-                .store(head.wrapping_add(RING as u64), Ordering::Release);
+                .store(ring_free(head).wrapping_add(2), Ordering::Release);
             ln.ring_head.store(head.wrapping_add(1), Ordering::Relaxed);
             serve(lane, pid, name, &buf[..len], &|_| {});
         }
@@ -1450,6 +1446,11 @@ impl PrimaryLanes {
         h.up_bell.fetch_add(1, Ordering::SeqCst);
         wake_all(&h.up_bell);
     }
+}
+
+/// A ring cell's turn word when it is free for position `pos` (see `Cell::seq`).
+fn ring_free(pos: u64) -> u64 {
+    (pos / RING as u64).wrapping_mul(2)
 }
 
 /// Tells the primary's lane thread that lane `lane` has work, waking it if it sleeps.
