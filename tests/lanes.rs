@@ -17,30 +17,30 @@ use common::{LONG, Proc, TestDir, test_dir};
 use memplane::unix::lane::BOARD_FILE;
 use memplane::unix::{Channel, ChannelConfig, Fds, MpChannel, ProcType, message};
 
+/// A channel of this process in `dir`, as `role`.
+fn lib(dir: &TestDir, role: ProcType) -> Channel {
+    Channel::open(ChannelConfig::new().runtime_dir(dir.path()).proc_type(role))
+        .expect("open channel")
+}
+
 fn primary(dir: &TestDir) -> Channel {
-    Channel::open(
-        ChannelConfig::new()
-            .runtime_dir(dir.path())
-            .proc_type(ProcType::Primary),
-    )
-    .expect("open primary")
+    lib(dir, ProcType::Primary)
+}
+
+/// `memplane mp listen` in `dir` as `role` (`primary` or `secondary`) with `extra` options,
+/// ready.
+fn listen(dir: &TestDir, role: &str, extra: &[&str]) -> Proc {
+    let d = dir.arg();
+    let mut args = vec!["mp", "listen", "--runtime-dir", &d, "--proc-type", role];
+    args.extend_from_slice(extra);
+    let mut p = Proc::memplane(&args);
+    p.expect_line("ready role=", LONG);
+    p
 }
 
 /// A secondary `memplane mp listen` in `dir` with `extra` options, ready.
 fn listener(dir: &TestDir, extra: &[&str]) -> Proc {
-    let d = dir.arg();
-    let mut args = vec![
-        "mp",
-        "listen",
-        "--runtime-dir",
-        &d,
-        "--proc-type",
-        "secondary",
-    ];
-    args.extend_from_slice(extra);
-    let mut p = Proc::memplane(&args);
-    p.expect_line("ready role=Secondary", LONG);
-    p
+    listen(dir, "secondary", extra)
 }
 
 fn read_fd(fd: impl AsFd) -> String {
@@ -216,15 +216,22 @@ fn a_message_sent_before_a_request_is_handled_first() {
     let dir = test_dir();
     let ch = primary(&dir);
     let mut l = listener(&dir, &["--action", "m", "--action", "q"]);
+    message_then_request(&ch, &mut l);
+}
+
+/// `ch` makes a request through its lane to the process `to` (whose `mp listen` answers `q`
+/// and takes `m`); `to` stops reading; `ch` sends a message by socket (it carries an fd), then
+/// a request: it must go by socket too, behind the message, and be handled after it. Once `to`
+/// has handled both, requests take the lane again.
+fn message_then_request(ch: &Channel, to: &mut Proc) {
     let r = ch
         .request(&message("q", b"\x00", Fds::none()).unwrap(), LONG)
         .unwrap();
     assert_eq!((r.nb_sent, r.nb_received), (1, 1));
-    assert_eq!(lane_counts(&ch), (1, 1));
-    // The secondary stops reading: a message waits in its socket, then comes a request.
-    memplane_testkit::stop(l.pid());
+    assert_eq!(lane_counts(ch), (1, 1));
+    memplane_testkit::stop(to.pid());
     assert_eq!(
-        ch.send(&message("m", b"\x01", Fds::none()).unwrap())
+        ch.send(&message("m", b"\x01", Fds::from(memfd("x"))).unwrap())
             .unwrap()
             .sent,
         1
@@ -236,16 +243,14 @@ fn a_message_sent_before_a_request_is_handled_first() {
         )
         .unwrap();
     assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 0, true));
-    // The request went over the socket, behind the message, not through the lane.
-    assert_eq!(lane_counts(&ch), (1, 1));
-    l.signal(libc::SIGCONT);
-    l.expect_line("name=q param=02", LONG);
-    let out = l.output();
+    assert_eq!(lane_counts(ch), (1, 1), "the request went through the lane");
+    to.signal(libc::SIGCONT);
+    to.expect_line("name=q param=02", LONG);
+    let out = to.output();
     let (m, q) = (out.find("name=m param=01"), out.find("name=q param=02"));
     assert!(m.is_some() && m < q, "{out}");
-    // Once the secondary has handled both, requests take the lane again.
     let start = std::time::Instant::now();
-    while lane_counts(&ch).0 == 1 {
+    while lane_counts(ch).0 == 1 {
         assert!(start.elapsed() < LONG, "the lane was never used again");
         let r = ch
             .request(&message("q", b"\x03", Fds::none()).unwrap(), LONG)
@@ -256,13 +261,17 @@ fn a_message_sent_before_a_request_is_handled_first() {
 
 #[test]
 fn handlers_of_lane_and_socket_requests_never_run_at_once() {
-    // Requests to one secondary from two primary threads: one by socket (it carries an fd),
-    // one through the lane when it may (see above), over and over. The secondary runs its
-    // handlers under one lock, so `mp listen` never sees one start while another runs (it
-    // prints `overlap` if it does).
     let dir = test_dir();
     let ch = std::sync::Arc::new(primary(&dir));
-    let mut l = listener(&dir, &["--action", "a", "--action", "b"]);
+    let l = listener(&dir, &["--action", "a", "--action", "b"]);
+    requests_from_two_threads(ch, l);
+}
+
+/// Requests from `ch` to the process `to` (whose `mp listen` answers `a` and `b`) from two
+/// threads: one by socket (it carries an fd), one through the lane when it may, over and
+/// over. Handlers run under one lock, so `mp listen` never sees one start while another runs
+/// (it prints `overlap` if it does).
+fn requests_from_two_threads(ch: std::sync::Arc<Channel>, mut to: Proc) {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (c, s) = (ch.clone(), stop.clone());
     let with_fd = std::thread::spawn(move || {
@@ -289,39 +298,22 @@ fn handlers_of_lane_and_socket_requests_never_run_at_once() {
     }
     stop.store(true, std::sync::atomic::Ordering::Release);
     with_fd.join().unwrap();
-    l.terminate_ok(LONG);
-    assert!(!l.output().contains("overlap"), "{}", l.output());
+    drop(ch);
+    to.terminate_ok(LONG);
+    assert!(!to.output().contains("overlap"), "{}", to.output());
 }
 
 // ---------------------------------------------------------------------------------------------
 // Upstream: a secondary's sync requests to the primary.
 
 fn secondary_lib(dir: &TestDir) -> Channel {
-    Channel::open(
-        ChannelConfig::new()
-            .runtime_dir(dir.path())
-            .proc_type(ProcType::Secondary),
-    )
-    .expect("open secondary")
+    lib(dir, ProcType::Secondary)
 }
 
 /// A primary `memplane mp listen` in `dir` answering each of `actions`, ready.
 fn primary_listener(dir: &TestDir, actions: &[&str]) -> Proc {
-    let d = dir.arg();
-    let mut args = vec![
-        "mp",
-        "listen",
-        "--runtime-dir",
-        &d,
-        "--proc-type",
-        "primary",
-    ];
-    for a in actions {
-        args.extend(["--action", a]);
-    }
-    let mut p = Proc::memplane(&args);
-    p.expect_line("ready role=Primary", LONG);
-    p
+    let args: Vec<&str> = actions.iter().flat_map(|a| ["--action", a]).collect();
+    listen(dir, "primary", &args)
 }
 
 #[test]
@@ -410,78 +402,14 @@ fn a_secondarys_message_sent_before_its_request_is_handled_first() {
     let dir = test_dir();
     let mut p = primary_listener(&dir, &["m", "q"]);
     let ch = secondary_lib(&dir);
-    let r = ch
-        .request(&message("q", b"\x00", Fds::none()).unwrap(), LONG)
-        .unwrap();
-    assert_eq!((r.nb_sent, r.nb_received), (1, 1));
-    assert_eq!(lane_counts(&ch), (1, 1));
-    // The primary stops reading: a message waits in its socket (it carries an fd, so it goes
-    // by socket), then comes a request.
-    memplane_testkit::stop(p.pid());
-    assert_eq!(
-        ch.send(&message("m", b"\x01", Fds::from(memfd("x"))).unwrap())
-            .unwrap()
-            .sent,
-        1
-    );
-    let r = ch
-        .request(
-            &message("q", b"\x02", Fds::none()).unwrap(),
-            Duration::from_millis(50),
-        )
-        .unwrap();
-    assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 0, true));
-    // It went over the socket, behind the message.
-    assert_eq!(lane_counts(&ch), (1, 1));
-    p.signal(libc::SIGCONT);
-    p.expect_line("name=q param=02", LONG);
-    let out = p.output();
-    let (m, q) = (out.find("name=m param=01"), out.find("name=q param=02"));
-    assert!(m.is_some() && m < q, "{out}");
-    let start = std::time::Instant::now();
-    while lane_counts(&ch).0 == 1 {
-        assert!(start.elapsed() < LONG, "the lane was never used again");
-        let r = ch
-            .request(&message("q", b"\x03", Fds::none()).unwrap(), LONG)
-            .unwrap();
-        assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 1, false));
-    }
+    message_then_request(&ch, &mut p);
 }
 
 #[test]
 fn the_primarys_handlers_of_lane_and_socket_requests_never_run_at_once() {
     let dir = test_dir();
-    let mut p = primary_listener(&dir, &["a", "b"]);
-    let ch = std::sync::Arc::new(secondary_lib(&dir));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (c, s) = (ch.clone(), stop.clone());
-    let with_fd = std::thread::spawn(move || {
-        while !s.load(std::sync::atomic::Ordering::Acquire) {
-            let r = c
-                .request(&message("a", b"", Fds::from(memfd("x"))).unwrap(), LONG)
-                .unwrap();
-            assert_eq!((r.nb_sent, r.nb_received), (1, 1));
-        }
-    });
-    let start = std::time::Instant::now();
-    let mut n = 0;
-    while n < 300 || lane_counts(&ch).0 < 30 {
-        assert!(
-            start.elapsed() < LONG,
-            "too few lane requests: {:?}",
-            lane_counts(&ch)
-        );
-        let r = ch
-            .request(&message("b", b"", Fds::none()).unwrap(), LONG)
-            .unwrap();
-        assert_eq!((r.nb_sent, r.nb_received), (1, 1));
-        n += 1;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    with_fd.join().unwrap();
-    drop(ch);
-    p.terminate_ok(LONG);
-    assert!(!p.output().contains("overlap"), "{}", p.output());
+    let p = primary_listener(&dir, &["a", "b"]);
+    requests_from_two_threads(std::sync::Arc::new(secondary_lib(&dir)), p);
 }
 
 #[test]

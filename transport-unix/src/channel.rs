@@ -1165,32 +1165,10 @@ impl MpChannel {
         path.push(b'/');
         path.extend_from_slice(name.as_bytes());
         let from = self.peer_of(&path, pid);
-        match self
+        let d = self
             .ep
-            .receive(from, bytes, Fds::default(), RecvFlags::default(), now())
-        {
-            Dispatch::Action {
-                handler,
-                kind,
-                msg,
-                from,
-            } => {
-                if kind == MsgKind::Request {
-                    owe(*msg.name());
-                }
-                let inc = Incoming {
-                    kind,
-                    msg,
-                    from,
-                    pid,
-                };
-                if catch_unwind(AssertUnwindSafe(|| handler(self, inc))).is_err() {
-                    self.panics.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Dispatch::Answered(Some(f)) => self.run_callback(f),
-            Dispatch::Answered(None) | Dispatch::Dropped(_) => {}
-        }
+            .receive(from, bytes, Fds::default(), RecvFlags::default(), now());
+        self.run_dispatched(d, pid, Some(owe));
     }
 
     /// The primary's lane thread: serves secondaries' requests posted to their lanes.
@@ -1263,29 +1241,7 @@ impl MpChannel {
             RecvFlags::default(),
             now(),
         );
-        match d {
-            Dispatch::Action {
-                handler,
-                kind,
-                msg,
-                from,
-            } => {
-                if kind == MsgKind::Request {
-                    owe(*msg.name());
-                }
-                let inc = Incoming {
-                    kind,
-                    msg,
-                    from,
-                    pid: lane.primary_pid(),
-                };
-                if catch_unwind(AssertUnwindSafe(|| handler(self, inc))).is_err() {
-                    self.panics.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Dispatch::Answered(Some(f)) => self.run_callback(f),
-            Dispatch::Answered(None) | Dispatch::Dropped(_) => {}
-        }
+        self.run_dispatched(d, lane.primary_pid(), Some(owe));
     }
 
     /// A request socket from the pool, or a new one; connected to the primary when
@@ -1549,12 +1505,26 @@ impl MpChannel {
                 drop(msg);
                 self.ep.stats().rx_no_action.fetch_add(1, Ordering::Relaxed);
             }
+            d => self.run_dispatched(d, pid, None),
+        }
+    }
+
+    /// Runs what the core dispatched from process `pid`: an action's handler (first telling
+    /// `owe`, for a request that came through a lane, that its answer is owed there), or the
+    /// callback of an async request it completed.
+    fn run_dispatched(&self, d: Dispatch<UnixHost>, pid: u32, owe: Option<&dyn Fn(Name)>) {
+        match d {
             Dispatch::Action {
                 handler,
                 kind,
                 msg,
                 from,
             } => {
+                if kind == MsgKind::Request
+                    && let Some(owe) = owe
+                {
+                    owe(*msg.name());
+                }
                 let inc = Incoming {
                     kind,
                     msg,

@@ -749,6 +749,41 @@ fn set_owed(o: &mut (u32, Option<Name>), v: (u32, Option<Name>), count: &AtomicU
     *o = v;
 }
 
+/// Takes slot `s` if a request is posted in it: its tag (see `STATE`).
+fn take_posted(s: &Slot) -> Option<u32> {
+    let v = s.state.load(Ordering::Acquire);
+    (v & STATE == POSTED
+        && s.state
+            .compare_exchange(v, v & !STATE | TAKEN, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok())
+    .then_some(v & !STATE)
+}
+
+/// Records that the request of `action` taken from slot `i` (tag `tag`) of `slots` owes an
+/// answer. One request of an action waits at a time: an abandoned slot of the same action is
+/// done with, and emptied.
+fn owe_in(
+    owed: &mut Owed,
+    slots: &[Slot; SLOTS],
+    i: usize,
+    tag: u32,
+    action: Name,
+    count: &AtomicUsize,
+) {
+    for (j, o) in owed.iter_mut().enumerate() {
+        if j != i
+            && o.1 == Some(action)
+            && slots[j]
+                .state
+                .compare_exchange(o.0 | ABANDONED, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            set_owed(o, (o.0, None), count);
+        }
+    }
+    set_owed(&mut owed[i], (tag, Some(action)), count);
+}
+
 /// A secondary's lane: served by its lane thread, answered by [`SecondaryLane::reply`].
 pub struct SecondaryLane {
     board: Arc<Board>,
@@ -844,41 +879,15 @@ impl SecondaryLane {
         let ln = self.lane();
         let mut buf = [0u8; BUF_LEN];
         for (i, s) in ln.slots.iter().enumerate() {
-            let v = s.state.load(Ordering::Acquire);
-            if v & STATE != POSTED
-                || s.state
-                    .compare_exchange(v, v & !STATE | TAKEN, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_err()
-            {
+            let Some(tag) = take_posted(s) else {
                 continue;
-            }
-            let tag = v & !STATE;
+            };
             set_owed(&mut self.owed.lock()[i], (tag, None), &self.owing);
             let n = copy_out(&s.req, s.req_len.load(Ordering::Relaxed) as usize, &mut buf);
             let owing = std::cell::Cell::new(false);
             let owe = |name: Name| {
                 owing.set(true);
-                let mut owed = self.owed.lock();
-                // One request of an action waits at a time: an abandoned slot of the same
-                // action is done with.
-                for (j, o) in owed.iter_mut().enumerate() {
-                    if j != i && o.1 == Some(name) {
-                        let sj = &ln.slots[j];
-                        if sj
-                            .state
-                            .compare_exchange(
-                                o.0 | ABANDONED,
-                                EMPTY,
-                                Ordering::AcqRel,
-                                Ordering::Relaxed,
-                            )
-                            .is_ok()
-                        {
-                            set_owed(o, (o.0, None), &self.owing);
-                        }
-                    }
-                }
-                set_owed(&mut owed[i], (tag, Some(name)), &self.owing);
+                owe_in(&mut self.owed.lock(), &ln.slots, i, tag, name, &self.owing);
             };
             serve(i, &buf[..n], &owe);
             if !owing.get() {
@@ -1326,15 +1335,9 @@ impl PrimaryLanes {
             serve(lane, pid, name, &buf[..len], &|_| {});
         }
         for (i, s) in ln.up.iter().enumerate() {
-            let v = s.state.load(Ordering::Acquire);
-            if v & STATE != POSTED
-                || s.state
-                    .compare_exchange(v, v & !STATE | TAKEN, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_err()
-            {
+            let Some(tag) = take_posted(s) else {
                 continue;
-            }
-            let tag = v & !STATE;
+            };
             set_owed(
                 &mut self.up_owed.lock()[lane as usize][i],
                 (tag, None),
@@ -1345,24 +1348,14 @@ impl PrimaryLanes {
             let owe = |action: Name| {
                 owing.set(true);
                 let mut all = self.up_owed.lock();
-                let owed = &mut all[lane as usize];
-                for (j, o) in owed.iter_mut().enumerate() {
-                    if j != i
-                        && o.1 == Some(action)
-                        && ln.up[j]
-                            .state
-                            .compare_exchange(
-                                o.0 | ABANDONED,
-                                EMPTY,
-                                Ordering::AcqRel,
-                                Ordering::Relaxed,
-                            )
-                            .is_ok()
-                    {
-                        set_owed(o, (o.0, None), &self.up_owing);
-                    }
-                }
-                set_owed(&mut owed[i], (tag, Some(action)), &self.up_owing);
+                owe_in(
+                    &mut all[lane as usize],
+                    &ln.up,
+                    i,
+                    tag,
+                    action,
+                    &self.up_owing,
+                );
             };
             serve(lane, pid, name, &buf[..len], &owe);
             if !owing.get() {
