@@ -1485,7 +1485,23 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
 
-    fn dir() -> std::path::PathBuf {
+    /// A directory of this test's own, removed when dropped (also when the test fails).
+    struct Dir(std::path::PathBuf);
+
+    impl std::ops::Deref for Dir {
+        type Target = std::path::Path;
+        fn deref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir() -> Dir {
         let d = std::env::temp_dir().join(format!(
             "mp-lane-{}-{:?}",
             std::process::id(),
@@ -1493,7 +1509,7 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        Dir(d)
     }
 
     fn uid() -> u32 {
@@ -1566,7 +1582,6 @@ mod tests {
         lane.wake();
         t.join().unwrap();
         lane.release();
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -1603,7 +1618,6 @@ mod tests {
         stop.store(true, Ordering::Release);
         lane.wake();
         t.join().unwrap();
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -1627,7 +1641,6 @@ mod tests {
         assert!(Board::open(&d, uid()).is_none());
         // Another user's board is not opened.
         assert!(Board::open(&d, uid() + 1).is_none());
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     /// Every operation either side makes, on a board a peer filled with garbage: nothing
@@ -1698,6 +1711,5 @@ mod tests {
                 lanes.gone("mp_socket_1_a");
             }
         }
-        std::fs::remove_dir_all(&d).unwrap();
     }
 }
