@@ -1717,6 +1717,16 @@ fn resolve_role(cfg: &ChannelConfig, dir: &Path) -> Result<(Role, Option<Primary
     }
 }
 
+/// Whether this kernel gives pidfds. Lanes rely on them: a peer's death is learned from its
+/// pidfd, where a socket would learn it from a refused send (which a lane never makes).
+fn pidfds_work() -> bool {
+    rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .is_ok()
+}
+
 impl Channel {
     /// Opens the channel: resolves the role, binds the socket, starts the threads.
     pub fn open(cfg: ChannelConfig) -> Result<Channel, Error> {
@@ -1735,8 +1745,7 @@ impl Channel {
             Role::Primary => {
                 rundir::clean_stale(&dir);
                 let sock = Socket::bind(&dir.join(rundir::PRIMARY_SOCKET))?;
-                let lanes = cfg
-                    .lanes
+                let lanes = (cfg.lanes && pidfds_work())
                     .then(|| Board::create(&dir, std::process::id()).ok())
                     .flatten()
                     .map(|b| Arc::new(PrimaryLanes::new(b, uid, cfg.allow_root)));
@@ -1747,8 +1756,7 @@ impl Channel {
                 // sends to the socket is then counted against it (see `lane`).
                 let path = rundir::secondary_socket(&dir);
                 let name = path.file_name().and_then(|n| n.to_str());
-                let lane = cfg
-                    .lanes
+                let lane = (cfg.lanes && pidfds_work())
                     .then(|| Board::open(&dir, uid))
                     .flatten()
                     .zip(name)
