@@ -122,18 +122,23 @@ fn an_unanswered_lane_request_times_out_and_frees_its_slot() {
     let dir = test_dir();
     let ch = primary(&dir);
     let _silent = listener(&dir, &["--action", "q", "--no-reply"]);
-    // More rounds than a lane has slots: each one finds a free slot again.
+    unanswered_rounds(&ch, "q");
+    assert_eq!(ch.pending_requests(), 0);
+}
+
+/// Twenty requests of `action`, which is never answered, through `ch`'s lane: more rounds
+/// than a lane has slots, so each one must find a free slot again.
+fn unanswered_rounds(ch: &Channel, action: &str) {
     for round in 1..=20u64 {
         let r = ch
             .request(
-                &message("q", b"", Fds::none()).unwrap(),
+                &message(action, b"", Fds::none()).unwrap(),
                 Duration::from_millis(20),
             )
             .unwrap();
         assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 0, true));
-        assert_eq!(lane_counts(&ch), (round, 0));
+        assert_eq!(lane_counts(ch), (round, 0));
     }
-    assert_eq!(ch.pending_requests(), 0);
 }
 
 #[test]
@@ -424,17 +429,7 @@ fn unanswered_requests_to_the_primary_time_out_and_free_their_slots() {
     })
     .unwrap();
     let sec = secondary_lib(&dir);
-    // More than a lane has slots.
-    for round in 1..=20u64 {
-        let r = sec
-            .request(
-                &message("silent", b"", Fds::none()).unwrap(),
-                Duration::from_millis(20),
-            )
-            .unwrap();
-        assert_eq!((r.nb_sent, r.nb_received, r.timed_out), (1, 0, true));
-        assert_eq!(lane_counts(&sec), (round, 0));
-    }
+    unanswered_rounds(&sec, "silent");
     let r = sec
         .request(&message("up", b"", Fds::none()).unwrap(), LONG)
         .unwrap();

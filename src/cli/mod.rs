@@ -80,8 +80,8 @@ pub struct ChannelOpts {
     /// blocks (adaptive; never on a thread bound to one CPU; 0: off).
     #[arg(long = "busy-poll", value_name = "US", default_value_t = memplane_unix::channel::DEFAULT_BUSY_POLL.as_micros() as u64)]
     pub busy_poll_us: u64,
-    /// Send every message over the sockets: no shared-memory lanes for the primary's sync
-    /// requests to memplane secondaries.
+    /// Send every message over the sockets: no shared-memory lanes between memplane
+    /// processes.
     #[arg(long = "no-lanes")]
     pub no_lanes: bool,
 }

@@ -9,9 +9,10 @@
 //!   them (DPDK's "dummy request"), and drains the outbox when busy peers have room again (what
 //!   other threads queued).
 //!
-//! In a secondary of a memplane primary a third thread, the *lane thread*, serves the
-//! primary's synchronous requests that come through shared memory instead of a datagram
-//! (see [`crate::lane`]).
+//! Between memplane processes a third thread serves what comes through shared memory instead
+//! of a datagram (see [`crate::lane`]): in a secondary the *lane thread* (`mp-lane`, the
+//! primary's sync requests), in the primary `mp-lanes` (secondaries' sync requests and one-way
+//! messages).
 //!
 //! A synchronous requester parks its own thread until its replies are in or its deadline passes.
 //! Handlers and callbacks run on the channel's threads and may send, reply and start async
@@ -106,9 +107,10 @@ pub struct ChannelConfig {
     /// arriving within it and closes when they stop. Never used by a thread that may run on
     /// one CPU only. Zero turns polling off.
     pub busy_poll: Duration,
-    /// Serve a memplane primary's synchronous requests through shared memory ([`crate::lane`])
-    /// where both ends are memplane processes (on by default): a broadcast then costs each
-    /// secondary no datagram. Off, every message goes over the sockets, as with DPDK peers.
+    /// Carry sync requests (both ways) and a secondary's one-way messages through shared
+    /// memory ([`crate::lane`]) where both ends are memplane processes (on by default): a
+    /// broadcast then costs each secondary no datagram. Off, every message goes over the
+    /// sockets, as with DPDK peers.
     pub lanes: bool,
 }
 
@@ -546,12 +548,12 @@ pub struct MpChannel {
     lanes: Option<Arc<PrimaryLanes>>,
     /// Polling windows of lane requesters not waiting now (see [`MpChannel::take_spinner`]).
     spinners: Mutex<Vec<Spinner>>,
-    /// In a secondary with a lane: held while a handler runs, on the receiving thread or the
-    /// lane thread, so handlers run one at a time, as on DPDK's one thread.
+    /// With lanes: held while a handler runs, on the receiving thread or a lane thread, so
+    /// handlers run one at a time, as on DPDK's one thread.
     dispatch: Mutex<()>,
     /// A secondary's lane from its primary.
     lane: Option<Arc<SecondaryLane>>,
-    /// Requests sent and answers received through lanes.
+    /// What went through lanes (see [`LaneStats`]).
     lane_requests: AtomicU64,
     lane_replies: AtomicU64,
     lane_answered: AtomicU64,
@@ -862,7 +864,7 @@ impl MpChannel {
     /// socket handled; else it goes by socket, behind the ring's).
     fn send_up(&self, msg: &Message<Fds>) -> bool {
         let Some(lane) = &self.lane else { return false };
-        if msg.num_fds() != 0 || self.ep.transport().outbox_waiting() {
+        if msg.num_fds() != 0 || self.ep.transport().outbox_waiting() || !lane.up_open() {
             return false;
         }
         let Ok(d) = memplane_core::wire::Datagram::encode(self.ep.abi(), MsgKind::Msg, msg) else {
@@ -1158,20 +1160,30 @@ impl MpChannel {
 
     /// Runs one of a secondary's requests to us that came through its lane (in the primary).
     fn up_dispatch(&self, pid: u32, name: &str, bytes: &[u8], owe: &dyn Fn(Name)) {
-        // The sender is the secondary's own socket, as for its datagrams: the path, from the
-        // cache of senders (no allocation once seen).
-        let mut path = Vec::with_capacity(128);
-        path.extend_from_slice(self.dir().as_os_str().as_bytes());
-        path.push(b'/');
-        path.extend_from_slice(name.as_bytes());
-        let from = self.peer_of(&path, pid);
+        // The sender is the secondary's own socket, as for its datagrams: its path, built on
+        // the stack, looked up in the cache of senders (no allocation once seen).
+        let dir = self.dir().as_os_str().as_bytes();
+        let n = dir.len() + 1 + name.len();
+        let (mut stack, mut heap) = ([0u8; 128], Vec::new());
+        // A socket path fits in 108 bytes: the heap is for form's sake.
+        let p: &mut [u8] = match stack.get_mut(..n) {
+            Some(p) => p,
+            None => {
+                heap.resize(n, 0);
+                &mut heap
+            }
+        };
+        p[..dir.len()].copy_from_slice(dir);
+        p[dir.len()] = b'/';
+        p[dir.len() + 1..].copy_from_slice(name.as_bytes());
+        let from = self.peer_of(p, pid);
         let d = self
             .ep
             .receive(from, bytes, Fds::default(), RecvFlags::default(), now());
         self.run_dispatched(d, pid, Some(owe));
     }
 
-    /// The primary's lane thread: serves secondaries' requests posted to their lanes.
+    /// The primary's lane thread: serves secondaries' requests and messages in their lanes.
     fn up_loop(self: &Arc<Self>) {
         CHANNEL_THREAD.with(|c| c.set(true));
         let Some(lanes) = &self.lanes else { return };

@@ -1,14 +1,19 @@
-//! Shared-memory lanes: a primary's synchronous requests to memplane secondaries without a
-//! datagram each way.
+//! Shared-memory lanes: requests and messages between memplane processes without a datagram
+//! each way.
 //!
 //! A broadcast over sockets costs every secondary a `sendmsg` by path in the primary, a
 //! `recvmsg` and a `sendmsg` in the secondary and a `recvmsg` back, and on a shared CPU a
-//! switch back to the primary after each answer. Between memplane processes the primary
-//! instead writes the request's datagram (the same bytes, same codec) into a slot of each
-//! secondary's lane in a shared file, rings the lanes' doorbell (a futex), and sleeps once;
-//! each secondary writes its reply into the slot, and the last one to answer wakes the
-//! primary. DPDK processes and requests carrying fds still go over the sockets; so does a
-//! reply with fds, or an "ignore", to a lane request (the lane then only says "answered").
+//! switch back to the primary after each answer. Between memplane processes the same datagram
+//! bytes (same codec) go into a shared file instead, and a futex wakes the other side:
+//! - a primary's sync request: a slot of each secondary's lane, one `FUTEX_WAKE_BITSET` for
+//!   all of them, one sleep until the last answer, which comes back in the slot;
+//! - a secondary's sync request: one of its lane's `up` slots, answered there by the
+//!   primary's lane thread;
+//! - a secondary's one-way message: its lane's ring, drained in order by the primary.
+//!
+//! DPDK processes, async requests, the primary's one-way messages and anything carrying fds
+//! still go over the sockets; so does a reply with fds, or an "ignore", to a lane request (the
+//! lane then only says "answered").
 //!
 //! The board, `memplane_lanes` in the runtime directory (mode 0600 in a 0700 directory), is
 //! made by the primary: a header, request controls (one per lane request in flight) and
@@ -16,14 +21,14 @@
 //! dead) at open. Everything in it is an atomic, and everything read from it is checked: a
 //! peer that scribbles on it can spoil its own answers, never the reader's memory.
 //!
-//! Order and one-at-a-time dispatch are DPDK's, as over one socket. A secondary runs lane
-//! requests and socket datagrams under one dispatch lock, so its handlers never run at once;
-//! its receiving thread serves posted lane requests before any later datagram from the
-//! primary; and the primary posts to a lane only while every message and request it sent that
-//! secondary over the socket has been handled there: the kernel's count of them (`tx`, counted
-//! by the primary as each is accepted) equals the secondary's (`rx`, counted after handling),
-//! and nothing waits in the primary's outbox. Otherwise the request goes over the socket,
-//! behind what went before.
+//! Order and one-at-a-time dispatch are DPDK's, as over one socket. Each side takes from a lane
+//! and handles what it took, and handles its socket datagrams, under one dispatch lock, so its
+//! handlers never run at once; its receiving thread serves what a sender posted to its lane
+//! before that sender's later datagrams; and a sender posts to a lane only while everything it
+//! sent the other side over the socket has been handled there: the kernel's count of those
+//! messages and requests (`tx` / `up_tx`, counted by the sender as each is accepted) equals the
+//! receiver's (`rx` / `up_rx`, counted after handling), and nothing waits in the sender's
+//! outbox. Otherwise it goes over the socket, behind what went before.
 //!
 //! A slot's life: `EMPTY` → (primary posts) `POSTED` → (secondary takes) `TAKEN` →
 //! (secondary answers) `ANSWERED` → (primary reads) `EMPTY`. A primary that gives up turns
@@ -167,6 +172,28 @@ struct Cell {
     len: AtomicU32,
     _pad: AtomicU32,
     data: [AtomicU64; BUF_WORDS],
+}
+
+/// A lane's owner socket name, read out of the board.
+type NameBuf = [u8; NAME_WORDS * 8];
+
+impl Lane {
+    /// Owned by `pid` (not 0), which serves it.
+    fn served_by(&self, pid: u32) -> bool {
+        pid != 0
+            && self.owner.load(Ordering::Acquire) == pid
+            && self.ready.load(Ordering::Acquire) == 1
+    }
+
+    /// The owner's socket name, copied into `buf`.
+    fn name<'b>(&self, buf: &'b mut NameBuf) -> &'b [u8] {
+        let n = copy_out(
+            &self.name,
+            self.name_len.load(Ordering::Relaxed) as usize,
+            buf,
+        );
+        &buf[..n]
+    }
 }
 
 #[repr(C)]
@@ -351,7 +378,7 @@ pub struct PrimaryLanes {
     /// Free control entries and their next generation.
     ctrls: Mutex<Vec<(u32, u32)>>,
     /// Peer socket name → (lane, owner pid), or no lane as of a board epoch.
-    known: Mutex<std::collections::HashMap<Box<str>, Known>>,
+    known: Mutex<std::collections::HashMap<String, Known>>,
     /// The next post's tag.
     tags: AtomicU32,
     /// Sender pid → (lane, owner pid), or no lane as of a board epoch.
@@ -402,46 +429,43 @@ impl PrimaryLanes {
         }
     }
 
-    /// The board.
-    pub fn board(&self) -> &Arc<Board> {
-        &self.board
-    }
-
     /// The lane of the secondary whose socket is named `name`, if it serves one.
     fn lane_of(&self, name: &str) -> Option<u32> {
+        self.lookup(&self.known, name, |lane, pid| {
+            lane.name(&mut [0; NAME_WORDS * 8]) == name.as_bytes() && self.owner_trusted(pid)
+        })
+    }
+
+    /// The lane that `matches` (given the lane and its owner) picks, through `cache`: a hit
+    /// is checked against the board (still that owner's, still served); a miss is cached with
+    /// the board's epoch, and the lanes are scanned again only once a lane was claimed since.
+    fn lookup<K, Q>(
+        &self,
+        cache: &Mutex<std::collections::HashMap<K, Known>>,
+        key: &Q,
+        matches: impl Fn(&Lane, u32) -> bool,
+    ) -> Option<u32>
+    where
+        K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+        Q: ?Sized + std::hash::Hash + Eq + ToOwned<Owned = K>,
+    {
         let l = self.board.layout();
         let epoch = l.header.epoch.load(Ordering::Acquire);
-        let mut known = self.known.lock();
-        match known.get(name) {
-            Some(&Known::Lane(i, pid)) => {
-                let lane = &l.lanes[i as usize];
-                if lane.owner.load(Ordering::Acquire) == pid
-                    && lane.ready.load(Ordering::Acquire) == 1
-                {
-                    return Some(i);
-                }
-            }
+        let mut cache = cache.lock();
+        match cache.get(key) {
+            Some(&Known::Lane(i, pid)) if l.lanes[i as usize].served_by(pid) => return Some(i),
             Some(&Known::None(e)) if e == epoch => return None,
             _ => {}
         }
         let found = l.lanes.iter().enumerate().find_map(|(i, lane)| {
             let pid = lane.owner.load(Ordering::Acquire);
-            if pid == 0 || lane.ready.load(Ordering::Acquire) != 1 {
-                return None;
-            }
-            let mut b = [0u8; NAME_WORDS * 8];
-            let n = copy_out(
-                &lane.name,
-                lane.name_len.load(Ordering::Relaxed) as usize,
-                &mut b,
-            );
-            (&b[..n] == name.as_bytes() && self.owner_trusted(pid)).then_some((i as u32, pid))
+            (lane.served_by(pid) && matches(lane, pid)).then_some((i as u32, pid))
         });
-        if known.len() >= 4 * LANES {
-            known.clear();
+        if cache.len() >= 4 * LANES {
+            cache.clear();
         }
-        known.insert(
-            name.into(),
+        cache.insert(
+            key.to_owned(),
             match found {
                 Some((i, pid)) => Known::Lane(i, pid),
                 None => Known::None(epoch),
@@ -496,14 +520,9 @@ impl PrimaryLanes {
         };
         let found = cached.or_else(|| {
             l.lanes.iter().enumerate().find_map(|(i, ln)| {
-                let mut b = [0u8; NAME_WORDS * 8];
-                let n = copy_out(
-                    &ln.name,
-                    ln.name_len.load(Ordering::Relaxed) as usize,
-                    &mut b,
-                );
                 let pid = ln.owner.load(Ordering::Acquire);
-                (pid != 0 && &b[..n] == name.as_bytes()).then_some((i, pid))
+                (pid != 0 && ln.name(&mut [0; NAME_WORDS * 8]) == name.as_bytes())
+                    .then_some((i, pid))
             })
         });
         let Some((i, pid)) = found else { return };
@@ -645,11 +664,6 @@ impl LaneRequest {
     /// How many peers were reached by their lane.
     pub fn posted(&self) -> usize {
         self.posts.len()
-    }
-
-    /// The request's peer numbers reached by their lane.
-    pub fn peers(&self) -> impl Iterator<Item = usize> + '_ {
-        self.posts.iter().map(|p| p.0)
     }
 
     /// The value to pass [`LaneRequest::sleep`], read before looking at the answers.
@@ -1079,14 +1093,20 @@ impl SecondaryLane {
         }
     }
 
+    /// Whether something may go up the lane now: the primary is alive and has handled all
+    /// this process sent it by socket (else it goes by socket too, behind the rest).
+    pub fn up_open(&self) -> bool {
+        let ln = self.lane();
+        !self.primary_gone.load(Ordering::Acquire)
+            && ln.up_tx.load(Ordering::Acquire) == ln.up_rx.load(Ordering::Acquire)
+    }
+
     /// Puts a one-way message (its encoded datagram) in the ring to the primary and rings its
     /// bell; false when the ring is full, or the primary has not yet handled everything this
     /// process sent it by socket (send it by socket then: it comes after the ring's).
     pub fn push_up(&self, datagram: &[u8]) -> bool {
         let ln = self.lane();
-        if self.primary_gone.load(Ordering::Acquire)
-            || ln.up_tx.load(Ordering::Acquire) != ln.up_rx.load(Ordering::Acquire)
-        {
+        if !self.up_open() {
             return false;
         }
         for _ in 0..RING {
@@ -1130,9 +1150,7 @@ impl SecondaryLane {
     /// the primary has not yet handled everything this process sent it by socket.
     pub fn reserve_up(&self) -> Option<UpSlot> {
         let ln = self.lane();
-        if self.primary_gone.load(Ordering::Acquire)
-            || ln.up_tx.load(Ordering::Acquire) != ln.up_rx.load(Ordering::Acquire)
-        {
+        if !self.up_open() {
             return None;
         }
         let (i, _) = ln.up.iter().enumerate().find(|(_, s)| {
@@ -1230,52 +1248,17 @@ impl UpRequest {
 impl PrimaryLanes {
     /// The lane of the secondary process `pid`, if it serves one.
     pub fn lane_of_pid(&self, pid: u32) -> Option<u32> {
-        let l = self.board.layout();
         let last = self.last_pid.load(Ordering::Relaxed);
-        if (last >> 32) as u32 == pid && pid != 0 {
-            let i = last as u32;
-            let lane = &l.lanes[(i as usize) % LANES];
-            if lane.owner.load(Ordering::Acquire) == pid && lane.ready.load(Ordering::Acquire) == 1
-            {
-                return Some(i % LANES as u32);
-            }
+        let i = (last as u32) % LANES as u32;
+        if (last >> 32) as u32 == pid && self.board.layout().lanes[i as usize].served_by(pid) {
+            return Some(i);
         }
-        let epoch = l.header.epoch.load(Ordering::Acquire);
-        let mut by_pid = self.by_pid.lock();
-        match by_pid.get(&pid) {
-            Some(&Known::Lane(i, owner)) => {
-                let lane = &l.lanes[i as usize];
-                if lane.owner.load(Ordering::Acquire) == owner
-                    && lane.ready.load(Ordering::Acquire) == 1
-                {
-                    self.last_pid
-                        .store((u64::from(pid) << 32) | u64::from(i), Ordering::Relaxed);
-                    return Some(i);
-                }
-            }
-            Some(&Known::None(e)) if e == epoch => return None,
-            _ => {}
-        }
-        let found = l.lanes.iter().position(|lane| {
-            lane.owner.load(Ordering::Acquire) == pid
-                && lane.ready.load(Ordering::Acquire) == 1
-                && self.owner_trusted(pid)
-        });
-        if by_pid.len() >= 4 * LANES {
-            by_pid.clear();
-        }
-        by_pid.insert(
-            pid,
-            match found {
-                Some(i) => Known::Lane(i as u32, pid),
-                None => Known::None(epoch),
-            },
-        );
-        if let Some(i) = found {
-            self.last_pid
-                .store((u64::from(pid) << 32) | i as u64, Ordering::Relaxed);
-        }
-        found.map(|i| i as u32)
+        let found = self.lookup(&self.by_pid, &pid, |_, owner| {
+            owner == pid && self.owner_trusted(pid)
+        })?;
+        self.last_pid
+            .store((u64::from(pid) << 32) | u64::from(found), Ordering::Relaxed);
+        Some(found)
     }
 
     /// A message or request from lane `lane`'s owner that came over a socket was handled.
@@ -1310,12 +1293,7 @@ impl PrimaryLanes {
             return;
         }
         let mut name = [0u8; NAME_WORDS * 8];
-        let n = copy_out(
-            &ln.name,
-            ln.name_len.load(Ordering::Relaxed) as usize,
-            &mut name,
-        );
-        let Ok(name) = std::str::from_utf8(&name[..n]) else {
+        let Ok(name) = std::str::from_utf8(ln.name(&mut name)) else {
             return;
         };
         let mut buf = [0u8; BUF_LEN];
@@ -1660,11 +1638,11 @@ mod tests {
             x
         };
         let words = size_of::<Layout>() / 8;
+        let base = board.map.as_ptr().cast::<AtomicU64>();
         // SAFETY: the mapping is `size_of::<Layout>()` bytes of atomics, 8-aligned (page
         // aligned), alive as long as `board`; viewing it as AtomicU64 words is what a peer's
         // writes through its own mapping amount to.
-        let all =
-            unsafe { std::slice::from_raw_parts(board.map.as_ptr().cast::<AtomicU64>(), words) };
+        let all = unsafe { std::slice::from_raw_parts(base, words) };
         let mut buf = [0u8; BUF_LEN];
         for round in 0..200 {
             // Garbage everywhere, or in a few words only (states, counts, lengths).

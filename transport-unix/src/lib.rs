@@ -7,8 +7,8 @@
 //! - [`socket`]: one datagram socket with `SCM_RIGHTS` fds and `SO_PASSCRED` credentials;
 //! - [`transport`]: the core's `Transport` over that socket, with an outbox so that no thread
 //!   ever blocks on a busy peer;
-//! - [`lane`]: shared-memory lanes for a memplane primary's sync requests to memplane
-//!   secondaries;
+//! - [`lane`]: shared-memory lanes for sync requests and messages between memplane
+//!   processes;
 //! - [`channel`]: the process's channel, its receiving and service threads, and the API
 //!   (actions, messages, sync and async requests, replies).
 //!
