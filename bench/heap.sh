@@ -6,8 +6,9 @@
 #   malloc_perf     DPDK's malloc_perf_autotest protocol on memplane's heap (hugepages and
 #                   --no-huge), next to `dpdk-test`'s own malloc_perf_autotest, with ratios;
 #   alloc_pairs     alloc+free pairs of 16/64/256 B, working set 16, 1 and 2 threads: memplane's
-#                   global allocator (global_pairs), the heap directly, glibc, jemalloc, mimalloc,
-#                   DPDK rte_malloc/rte_free;
+#                   global allocator (installed: global_pairs; and through GlobalAlloc), jemalloc
+#                   (installed: jemalloc_pairs; and through GlobalAlloc), the heap directly,
+#                   glibc, mimalloc, DPDK rte_malloc/rte_free, a no-allocator control;
 #   memzone_lookup  lookup among 2000 memzones, memplane vs rte_memzone_lookup;
 #   page_grow       one 2 MiB page allocated+published and freed, primary (0/1/3 secondaries)
 #                   and secondary (0/3 others), memplane vs the kernel floor vs DPDK heap growth.
@@ -24,6 +25,7 @@
 # Usage: bench/heap.sh [--reps R] [--quick] [--only "malloc_perf alloc_pairs ..."] [--out FILE]
 #                      [--placements "float cpu0"] [--no-build] [--no-wait-idle]
 #   --reps R        repetitions inside each benchmark (medians are reported); default 3
+#                   (alloc_pairs: 31 of its fast rows, R of the heap-direct and DPDK rows)
 #   --quick         small counts, one rep (a smoke run)
 #   --only LIST     run only these benchmarks (default: all four)
 #   --out FILE      also write the tables (markdown) to FILE
@@ -152,7 +154,7 @@ fi
 bin() { # bench name -> its executable, from cargo's "Executable benches/NAME.rs (PATH)" line
   sed -n "s|.*Executable benches/$1\.rs (\(.*\))|\1|p" "$BUILD_LOG" | tail -n 1
 }
-for b in malloc_perf alloc_pairs global_pairs memzone_lookup page_grow; do
+for b in malloc_perf alloc_pairs global_pairs jemalloc_pairs memzone_lookup page_grow; do
   p=$(bin "$b")
   [ -n "$p" ] && [ -x "$ROOT/$p" ] || die "no executable for bench $b (see $BUILD_LOG)"
 done
@@ -161,7 +163,7 @@ done
 others() { # other benchmark processes that would disturb ours (not ours, not our ancestors)
   ps -eo pid=,args= | awk -v me=$$ '
     $1 != me && ($0 ~ /memplane-ipc-bench/ || $0 ~ /bench[/]ipc[.]sh/ || $0 ~ /dpdk-test/ || $0 ~ /dpdk_bench/ ||
-                 $0 ~ /unix_pingpong/ || $0 ~ /[/]deps[/](malloc_perf|alloc_pairs|global_pairs|memzone_lookup|page_grow)-/) &&
+                 $0 ~ /unix_pingpong/ || $0 ~ /[/]deps[/](malloc_perf|alloc_pairs|global_pairs|jemalloc_pairs|memzone_lookup|page_grow)-/) &&
     $0 !~ /awk/ { print }' | grep -v -E "^ *($(IFS='|'; echo "${PIDS[*]:-0}"))( |$)" || true
 }
 busy_pct() { # CPU busy over half a second, in percent
@@ -233,8 +235,12 @@ for b in $ONLY; do
         run malloc_perf --reps "$REPS" --no-dpdk
       fi ;;
     alloc_pairs)
-      if [ "$QUICK" = 1 ]; then Q=(--count 1000000 --slow-count 100000); else Q=(); fi
-      run alloc_pairs --reps "$REPS" --global-bin "$ROOT/$(bin global_pairs)" "${DPDK_ARGS[@]}" "${Q[@]}" ;;
+      # Many short repetitions of the fast rows (31 by default: this VM's speed changes by up to
+      # 2x for a second or so at a time, and a median of many short 1-/2-thread pairs is not
+      # moved by it), R of the slow ones (the heap directly, DPDK).
+      if [ "$QUICK" = 1 ]; then Q=(--reps 3 --count 500000 --slow-count 100000); else Q=(); fi
+      run alloc_pairs --slow-reps "$REPS" --global-bin "$ROOT/$(bin global_pairs)" \
+        --jemalloc-bin "$ROOT/$(bin jemalloc_pairs)" "${DPDK_ARGS[@]}" "${Q[@]}" ;;
     memzone_lookup)
       if [ "$QUICK" = 1 ]; then Q=(--count 100000 --dpdk-count 1000); else Q=(); fi
       for pl in $PLACEMENTS; do

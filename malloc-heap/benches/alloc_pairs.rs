@@ -9,6 +9,9 @@
 //! - `memplane-global-direct`: the same allocator (installed on this process's heap with
 //!   `global::install`, its thread caches and all) called through its `GlobalAlloc` impl, as the
 //!   jemalloc and mimalloc rows are: the like-for-like comparison with them;
+//! - `jemalloc-installed`: jemalloc as the `#[global_allocator]` of the `jemalloc_pairs` bench
+//!   binary (`--jemalloc-bin`), the same loop as `global_pairs`: the like-for-like comparison
+//!   with `memplane-global` (both through `std::alloc`, each in a process of its own);
 //! - `memplane-heap`: the shared heap directly (`Heap::malloc` / `Heap::free`);
 //! - `glibc`: the system allocator; `jemalloc` (`tikv_jemallocator::Jemalloc`) and `mimalloc`
 //!   (`mimalloc::MiMalloc`), each called through its `GlobalAlloc` impl, not installed;
@@ -18,55 +21,41 @@
 //!   pushes): the same loop with the least work a thread cache could do. Its two-thread
 //!   speedup is what this machine gives the loop, the ceiling for every allocator's.
 //!
-//! Every implementation runs `--reps` times (interleaved); the table shows medians of the
-//! nanoseconds per pair (the slowest thread's time / pairs per thread) and of the two-thread
-//! speedup in throughput. `bench=pairs ...` lines carry every sample.
+//! Repetitions: `--reps` (31) short runs of every fast row (`--count` 2,000,000 pairs per thread,
+//! about 15 ms), interleaved; the slow rows (the heap directly and DPDK, `--slow-count` pairs)
+//! run in the first `--slow-reps` (5) of them only. This VM's speed changes by up to 2x for a
+//! second or so at a time (a thread alone sometimes runs a pair in half its usual time, two
+//! threads never do), so a figure is the median of many short runs, each ratio against jemalloc
+//! is the median of the per-repetition ratios of runs taken a moment apart, and each fast
+//! allocator's 1- and 2-thread runs are bracketed by the control's (`common::pairs::bracket`):
+//! the two-thread speedup is reported over every bracket and over the brackets in which the
+//! machine gave the control loop at least 1.8x. The table shows medians of the nanoseconds per
+//! pair (the slowest thread's time / pairs per thread) and of the throughput ratio;
+//! `bench=pairs` and `bench=bracket` lines carry every sample.
 //!
-//! `cargo bench -p memplane-heap --bench alloc_pairs -- [--reps R] [--global-bin PATH]
-//! [--dpdk-bin PATH] [--no-huge] [--only NAME] [--threads N]`
+//! `cargo bench -p memplane-heap --bench alloc_pairs -- [--reps R] [--slow-reps S] [--count N]
+//! [--slow-count N] [--global-bin PATH] [--jemalloc-bin PATH] [--dpdk-bin PATH] [--no-huge]
+//! [--only A,B] [--threads N]`
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::System;
 use std::collections::BTreeMap;
 use std::ptr::{NonNull, null_mut};
-use std::sync::Barrier;
-use std::time::Instant;
 
-use common::{Args, MpPrimary, Proc, RunDir, dpdk_cleanup, dpdk_cmd, median, parse_kv, pin_to_cpu};
+use common::pairs::{Alloc, Control, Sample, Via, bracket, line, run};
+use common::{Args, MpPrimary, Proc, RunDir, dpdk_cleanup, dpdk_cmd, median, parse_kv};
 use memplane_heap::Heap;
 use memplane_heap::global::{self, MemplaneAlloc};
 use memplane_unix::MpChannel;
 
-const RING: usize = 16;
 const SIZES: [usize; 3] = [16, 64, 256];
+/// The two-thread speedup the issue asks for, and the control's that makes a bracket count.
+const TARGET_SPEEDUP: f64 = 1.8;
+/// Brackets needed before the speedup verdict is given.
+const MIN_BRACKETS: usize = 5;
 
-/// One allocator under test.
-trait Alloc: Sync {
-    fn alloc(&self, size: usize) -> *mut u8;
-    /// # Safety
-    /// `p` came from `alloc(size)` of this allocator and is live.
-    unsafe fn free(&self, p: *mut u8, size: usize);
-}
-
-struct Via<A: GlobalAlloc + Sync>(A);
-
-impl<A: GlobalAlloc + Sync> Alloc for Via<A> {
-    #[inline]
-    fn alloc(&self, size: usize) -> *mut u8 {
-        // SAFETY: a non-zero size with alignment 8 is a valid layout.
-        unsafe { self.0.alloc(Layout::from_size_align_unchecked(size, 8)) }
-    }
-    #[inline]
-    unsafe fn free(&self, p: *mut u8, size: usize) {
-        // SAFETY: caller's guarantee: allocated here with this layout.
-        unsafe {
-            self.0
-                .dealloc(p, Layout::from_size_align_unchecked(size, 8))
-        }
-    }
-}
-
+/// The shared heap directly.
 struct Direct<'a>(&'a Heap<MpChannel>);
 
 impl Alloc for Direct<'_> {
@@ -82,124 +71,96 @@ impl Alloc for Direct<'_> {
     }
 }
 
-/// The control: each thread keeps its freed blocks on a stack of its own and takes them back
-/// from it; the blocks themselves come from the system allocator once, at the start of the
-/// loop, and stay on the stack at the end (a few KiB per thread, for the whole run).
-struct Control;
-
-thread_local! {
-    static STACK: std::cell::RefCell<Vec<*mut u8>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Everything measured.
+#[derive(Default)]
+struct Results {
+    /// The runs, by (allocator, size, threads).
+    runs: BTreeMap<(String, usize, usize), Vec<Sample>>,
+    /// The brackets, by (allocator, size): (its speedup, the control's).
+    brackets: BTreeMap<(String, usize), Vec<(f64, f64)>>,
 }
 
-impl Alloc for Control {
-    #[inline]
-    fn alloc(&self, size: usize) -> *mut u8 {
-        STACK.with_borrow_mut(|s| s.pop()).unwrap_or_else(|| {
-            // SAFETY: a non-zero size with alignment 8 is a valid layout.
-            unsafe { System.alloc(Layout::from_size_align_unchecked(size.max(256), 8)) }
+impl Results {
+    /// Prints a result line (of this process or of a child) and records it.
+    fn take(&mut self, l: &str) {
+        let m = parse_kv(l);
+        let (imp, size) = match (m.get("impl"), m.get("size")) {
+            (Some(i), Some(_)) => (i.clone(), common::field(&m, "size") as usize),
+            _ => return,
+        };
+        match m.get("bench").map(String::as_str) {
+            Some("pairs") => {
+                let threads = common::field(&m, "threads") as usize;
+                let r = Sample {
+                    ns: common::field(&m, "ns_per_pair"),
+                    mpps: common::field(&m, "mpairs_per_s"),
+                };
+                self.runs.entry((imp, size, threads)).or_default().push(r);
+            }
+            Some("bracket") => {
+                let b = (
+                    common::field(&m, "speedup"),
+                    common::field(&m, "control_speedup"),
+                );
+                self.brackets.entry((imp, size)).or_default().push(b);
+            }
+            _ => return,
+        }
+        println!("{l}");
+    }
+
+    /// Median ns per pair and Mpairs/s of (imp, size, threads).
+    fn median(&self, imp: &str, size: usize, threads: usize) -> Option<Sample> {
+        let v = self.runs.get(&(imp.to_owned(), size, threads))?;
+        let mut a: Vec<f64> = v.iter().map(|x| x.ns).collect();
+        let mut b: Vec<f64> = v.iter().map(|x| x.mpps).collect();
+        Some(Sample {
+            ns: median(&mut a),
+            mpps: median(&mut b),
         })
     }
-    #[inline]
-    unsafe fn free(&self, p: *mut u8, _size: usize) {
-        STACK.with_borrow_mut(|s| s.push(p));
+
+    fn samples(&self, imp: &str, size: usize, threads: usize) -> &[Sample] {
+        self.runs
+            .get(&(imp.to_owned(), size, threads))
+            .map_or(&[], Vec::as_slice)
     }
 }
 
-/// One thread's loop: returns the nanoseconds of `n` measured pairs.
-fn worker<A: Alloc>(a: &A, size: usize, n: u64, start: &Barrier) -> u64 {
-    let mut ring = [null_mut::<u8>(); RING];
-    let pair = |ring: &mut [*mut u8; RING], i: u64| {
-        let k = i as usize % RING;
-        // SAFETY: ring[k] is a live block of `size` bytes from `a`.
-        unsafe { a.free(ring[k], size) };
-        let p = std::hint::black_box(a.alloc(size));
-        assert!(!p.is_null(), "allocation failed");
-        // SAFETY: a fresh block of at least 1 byte.
-        unsafe { p.write_volatile(i as u8) };
-        ring[k] = p;
-    };
-    for r in ring.iter_mut() {
-        *r = a.alloc(size);
-        assert!(!r.is_null(), "allocation failed");
+/// The result lines of `a`'s runs of a size: bracketed by the control's when both thread counts
+/// run (`fast`), back to back otherwise (in the order `threads`).
+fn pairs<A: Alloc>(
+    name: &str,
+    a: &A,
+    size: usize,
+    n: u64,
+    threads: &[usize],
+    fast: bool,
+) -> Vec<String> {
+    if fast && threads.len() == 2 {
+        return bracket(name, a, size, n, threads[0] == 2);
     }
-    for i in 0..n / 10 {
-        pair(&mut ring, i);
-    }
-    start.wait();
-    let t0 = Instant::now();
-    for i in 0..n {
-        pair(&mut ring, i);
-    }
-    let ns = t0.elapsed().as_nanos() as u64;
-    for p in ring {
-        // SAFETY: live blocks of `size` bytes from `a`.
-        unsafe { a.free(p, size) };
-    }
-    ns
-}
-
-/// Runs `threads` workers (thread t pinned to CPU t); returns (ns per pair of the slowest
-/// thread, million pairs per second in total).
-fn run<A: Alloc>(a: &A, size: usize, threads: usize, n: u64) -> (f64, f64) {
-    let start = Barrier::new(threads);
-    let times: Vec<u64> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|t| {
-                let start = &start;
-                s.spawn(move || {
-                    pin_to_cpu(t);
-                    worker(a, size, n, start)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("worker")).collect()
-    });
-    let slowest = *times.iter().max().expect("a thread") as f64;
-    (
-        slowest / n as f64,
-        threads as f64 * n as f64 / (slowest / 1e9) / 1e6,
-    )
-}
-
-type Samples = BTreeMap<(String, usize, usize), Vec<(f64, f64)>>;
-
-fn record(s: &mut Samples, imp: &str, size: usize, threads: usize, n: u64, r: (f64, f64)) {
-    println!(
-        "bench=pairs impl={imp} size={size} threads={threads} n={n} ns_per_pair={:.2} \
-         mpairs_per_s={:.3}",
-        r.0, r.1
-    );
-    s.entry((imp.to_owned(), size, threads))
-        .or_default()
-        .push(r);
-}
-
-fn collect(s: &mut Samples, line: &str) {
-    let m = parse_kv(line);
-    if m.get("bench").map(String::as_str) != Some("pairs") {
-        return;
-    }
-    let imp = m["impl"].clone();
-    let size = common::field(&m, "size") as usize;
-    let threads = common::field(&m, "threads") as usize;
-    let n = common::field(&m, "n") as u64;
-    let r = (
-        common::field(&m, "ns_per_pair"),
-        common::field(&m, "mpairs_per_s"),
-    );
-    record(s, &imp, size, threads, n, r);
+    threads
+        .iter()
+        .map(|&t| line(name, size, t, n, run(a, size, t, n)))
+        .collect()
 }
 
 fn main() {
     let args = Args::get();
-    let reps = args.num("--reps", 5) as usize;
-    let fast_n = args.num("--count", 10_000_000);
+    let reps = args.num("--reps", 31) as usize;
+    let slow_reps = args.num("--slow-reps", 5) as usize;
+    let fast_n = args.num("--count", 2_000_000);
     let slow_n = args.num("--slow-count", 1_000_000);
     let dpdk = common::dpdk_bin(&args);
     let global = args.value("--global-bin");
-    // `--only NAME` runs one allocator, `--threads N` one thread count (for profiling).
+    let jemalloc_bin = args.value("--jemalloc-bin");
+    // `--only A,B` runs these allocators, `--threads N` one thread count (for profiling).
     let only = args.value("--only");
-    let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let want = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|o| o == name))
+    };
     let thread_counts: Vec<usize> = match args.value("--threads") {
         Some(t) => vec![t.parse().expect("--threads: a number")],
         None => vec![1, 2],
@@ -207,28 +168,26 @@ fn main() {
     let dir = RunDir::new("mpb-pairs");
     let p = MpPrimary::start(&dir.0, args.flag("--no-huge"), true);
     println!(
-        "# alloc_pairs: memplane backing {}, page size {} KiB; reps {reps}; {fast_n} pairs per \
-         thread (heap direct and DPDK: {slow_n})",
+        "# alloc_pairs: memplane backing {}, page size {} KiB; reps {reps} (heap direct and \
+         DPDK: {slow_reps}); {fast_n} pairs per thread (heap direct and DPDK: {slow_n})",
         p.setup.backing,
         p.setup.page_size >> 10
     );
     // The caches serve this process's direct calls from now on (its `#[global_allocator]` stays
     // the system's: only the `memplane-global-direct` rows call `MemplaneAlloc`).
     global::install(p.heap());
-    let mut s = Samples::new();
+    let mut s = Results::default();
     for rep in 0..reps {
         eprintln!("alloc_pairs: rep {}/{reps}", rep + 1);
-        // One allocator's 1- and 2-thread runs of a size are back to back (in either order,
-        // turn about): the speedup divides two figures taken a moment apart. This VM's speed
-        // shifts by a third for seconds at a time; all 1-thread runs first, then all 2-thread
-        // ones, put seconds between the two halves of each speedup.
-        let mut threads_order = thread_counts.clone();
-        if rep % 2 == 1 {
-            threads_order.reverse();
+        // Every other repetition runs the thread counts and the allocators in the opposite
+        // order, so that a drift of the machine's speed during a repetition favours none.
+        let flip = rep % 2 == 1;
+        let mut threads = thread_counts.clone();
+        if flip {
+            threads.reverse();
         }
+        let slow = rep < slow_reps;
         for size in SIZES {
-            // Every other repetition runs the allocators in the opposite order, so that a
-            // drift of the machine's speed during a repetition favours none of them.
             let mut order = [
                 "glibc",
                 "jemalloc",
@@ -237,44 +196,63 @@ fn main() {
                 "memplane-heap",
                 "control",
             ];
-            if rep % 2 == 1 {
+            if flip {
                 order.reverse();
             }
             for name in order.into_iter().filter(|n| want(n)) {
-                for &threads in &threads_order {
-                    let (n, r) = match name {
-                        "glibc" => (fast_n, run(&Via(System), size, threads, fast_n)),
-                        "jemalloc" => (
-                            fast_n,
-                            run(&Via(tikv_jemallocator::Jemalloc), size, threads, fast_n),
-                        ),
-                        "mimalloc" => {
-                            (fast_n, run(&Via(mimalloc::MiMalloc), size, threads, fast_n))
-                        }
-                        "memplane-global-direct" => {
-                            (fast_n, run(&Via(MemplaneAlloc), size, threads, fast_n))
-                        }
-                        "control" => (fast_n, run(&Control, size, threads, fast_n)),
-                        _ => (slow_n, run(&Direct(p.heap()), size, threads, slow_n)),
-                    };
-                    record(&mut s, name, size, threads, n, r);
+                let t = &threads;
+                let lines = match name {
+                    "glibc" => pairs(name, &Via(System), size, fast_n, t, true),
+                    "jemalloc" => pairs(
+                        name,
+                        &Via(tikv_jemallocator::Jemalloc),
+                        size,
+                        fast_n,
+                        t,
+                        true,
+                    ),
+                    "mimalloc" => pairs(name, &Via(mimalloc::MiMalloc), size, fast_n, t, true),
+                    "memplane-global-direct" => {
+                        pairs(name, &Via(MemplaneAlloc), size, fast_n, t, true)
+                    }
+                    "control" => pairs(name, &Control, size, fast_n, t, false),
+                    _ if slow => pairs(name, &Direct(p.heap()), size, slow_n, t, false),
+                    _ => continue,
+                };
+                for l in lines {
+                    s.take(&l);
                 }
             }
         }
-        if let Some(g) = &global {
+        // The installed allocators, each in a process of its own, in this repetition's order
+        // (memplane's and jemalloc's in either order, turn about).
+        let mut installed = [&global, &jemalloc_bin];
+        if flip {
+            installed.reverse();
+        }
+        for g in installed.into_iter().flatten() {
             let mut c = std::process::Command::new(g);
-            // In this repetition's order of thread counts.
-            let order: Vec<String> = threads_order.iter().map(usize::to_string).collect();
             c.args(["--reps", "1", "--count", &fast_n.to_string()]);
-            c.args(["--threads", &order.join(",")]);
+            match thread_counts[..] {
+                [t] => {
+                    c.args(["--threads", &t.to_string()]);
+                }
+                _ if flip => {
+                    c.arg("--flip");
+                }
+                _ => {}
+            }
             if args.flag("--no-huge") {
                 c.arg("--no-huge");
             }
-            let out = c.output().expect("run global_pairs");
-            assert!(out.status.success(), "global_pairs failed");
+            let out = c.output().expect("run an installed-allocator bench");
+            assert!(out.status.success(), "{g} failed");
             for l in String::from_utf8_lossy(&out.stdout).lines() {
-                collect(&mut s, l);
+                s.take(l);
             }
+        }
+        if !slow {
+            continue;
         }
         if let Some(bin) = &dpdk {
             let prefix = common::dpdk_prefix("pairs");
@@ -295,7 +273,7 @@ fn main() {
                     ];
                     let mut d = Proc::start(dpdk_cmd(bin, &prefix, false, &mode), "dpdk pairs");
                     let l = d.expect("bench=pairs", 120);
-                    collect(&mut s, &l);
+                    s.take(&l);
                     d.finish(10);
                     dpdk_cleanup(&prefix);
                 }
@@ -308,13 +286,7 @@ fn main() {
     table(&s);
 }
 
-fn table(s: &Samples) {
-    let m = |imp: &str, size: usize, threads: usize| -> Option<(f64, f64)> {
-        let v = s.get(&(imp.to_owned(), size, threads))?;
-        let mut a: Vec<f64> = v.iter().map(|x| x.0).collect();
-        let mut b: Vec<f64> = v.iter().map(|x| x.1).collect();
-        Some((median(&mut a), median(&mut b)))
-    };
+fn table(s: &Results) {
     println!();
     println!("## Allocation + free pairs (median ns per pair; working set 16 blocks per thread)");
     println!();
@@ -329,78 +301,162 @@ fn table(s: &Samples) {
         "memplane-heap",
         "glibc",
         "jemalloc",
+        "jemalloc-installed",
         "mimalloc",
         "dpdk",
         "control",
     ];
+    // An installed allocator is compared with jemalloc installed (both through std::alloc),
+    // the others with jemalloc called through its GlobalAlloc impl.
+    let reference = |imp: &str| {
+        if imp == "memplane-global" && s.median("jemalloc-installed", 16, 1).is_some() {
+            "jemalloc-installed"
+        } else {
+            "jemalloc"
+        }
+    };
     for imp in imps {
         for size in SIZES {
-            let (Some(one), two) = (m(imp, size, 1), m(imp, size, 2)) else {
+            let (Some(one), two) = (s.median(imp, size, 1), s.median(imp, size, 2)) else {
                 continue;
             };
-            let je = m("jemalloc", size, 1);
-            let d1 = m("dpdk", size, 1);
-            let d2 = m("dpdk", size, 2);
-            let ratio = |a: f64, b: Option<(f64, f64)>| {
-                b.map_or("-".to_owned(), |b| format!("{:.2}x", a / b.0))
+            let je = s.median(reference(imp), size, 1);
+            let d1 = s.median("dpdk", size, 1);
+            let d2 = s.median("dpdk", size, 2);
+            let ratio = |a: f64, b: Option<Sample>| {
+                b.map_or("-".to_owned(), |b| format!("{:.2}x", a / b.ns))
             };
             println!(
                 "| {imp} | {size} | {:.2} | {} | {} | {} | {} | {} |",
-                one.0,
-                two.map_or("-".into(), |t| format!("{:.2}", t.0)),
-                two.map_or("-".into(), |t| format!("{:.2}x", t.1 / one.1)),
-                ratio(one.0, je),
-                ratio(one.0, d1),
-                two.map_or("-".into(), |t| ratio(t.0, d2)),
+                one.ns,
+                two.map_or("-".into(), |t| format!("{:.2}", t.ns)),
+                two.map_or("-".into(), |t| format!("{:.2}x", t.mpps / one.mpps)),
+                ratio(one.ns, je),
+                ratio(one.ns, d1),
+                two.map_or("-".into(), |t| ratio(t.ns, d2)),
             );
+        }
+    }
+    if !s.brackets.is_empty() {
+        println!();
+        println!(
+            "## Two-thread speedup, each allocator's runs bracketed by the control's (medians)"
+        );
+        println!();
+        println!(
+            "| allocator | size (B) | brackets | speedup | control's speedup | speedup / \
+             control's | brackets with control >= {TARGET_SPEEDUP}x | speedup in those |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for imp in imps {
+            for size in SIZES {
+                let Some(b) = s.brackets.get(&(imp.to_owned(), size)) else {
+                    continue;
+                };
+                let st = BracketStats::of(b);
+                println!(
+                    "| {imp} | {size} | {} | {:.2}x | {:.2}x | {:.2} | {} | {} |",
+                    b.len(),
+                    st.all,
+                    st.control,
+                    st.relative,
+                    st.good,
+                    st.good_speedup.map_or("-".into(), |x| format!("{x:.2}x"))
+                );
+            }
         }
     }
     println!();
     // The verdicts use per-repetition ratios: within a repetition jemalloc and memplane run
-    // a moment apart, and this VM's speed drifts by up to 1.6x between moments (both
-    // allocators' pairs go from ~5.5 to ~9 ns and back), more than the difference measured.
-    let per_rep = |a: &[(f64, f64)], b: &[(f64, f64)], f: fn(&(f64, f64), &(f64, f64)) -> f64| {
+    // a moment apart, and this VM's speed drifts by up to 2x between moments, more than the
+    // difference measured.
+    let per_rep = |a: &[Sample], b: &[Sample], f: fn(&Sample, &Sample) -> f64| {
         let mut v: Vec<f64> = a.iter().zip(b).map(|(x, y)| f(x, y)).collect();
         (!v.is_empty()).then(|| median(&mut v))
     };
     for size in SIZES {
-        let Some(je) = m("jemalloc", size, 1) else {
-            continue;
-        };
-        let je_s = s
-            .get(&("jemalloc".to_owned(), size, 1))
-            .cloned()
-            .unwrap_or_default();
         for (imp, how) in [
             ("memplane-global-direct", "through GlobalAlloc, as jemalloc"),
             ("memplane-global", "installed, through std::alloc"),
         ] {
-            let Some(g1) = m(imp, size, 1) else { continue };
-            let one = s
-                .get(&(imp.to_owned(), size, 1))
-                .cloned()
-                .unwrap_or_default();
-            let two = s
-                .get(&(imp.to_owned(), size, 2))
-                .cloned()
-                .unwrap_or_default();
-            let ratio = per_rep(&one, &je_s, |x, y| x.0 / y.0).unwrap_or(g1.0 / je.0);
-            let speedup = per_rep(&two, &one, |x, y| x.1 / y.1);
-            println!(
-                "target {size} B: global allocator ({how}) 1 thread {:.2} ns vs jemalloc {:.2} ns \
-                 (medians); median per-repetition ratio {:.2}x -> {} (<= 1x jemalloc); 2 threads \
-                 speedup (median per repetition) {} -> {} (>= 1.8x)",
-                g1.0,
-                je.0,
-                ratio,
-                if ratio <= 1.0 { "met" } else { "NOT met" },
-                speedup.map_or("-".into(), |t| format!("{t:.2}x")),
-                match speedup {
-                    Some(t) if t >= 1.8 => "met",
-                    Some(_) => "NOT met",
-                    None => "-",
+            let je_name = reference(imp);
+            let (Some(je), Some(g1)) = (s.median(je_name, size, 1), s.median(imp, size, 1)) else {
+                continue;
+            };
+            let ratio = per_rep(
+                s.samples(imp, size, 1),
+                s.samples(je_name, size, 1),
+                |x, y| x.ns / y.ns,
+            )
+            .unwrap_or(g1.ns / je.ns);
+            let speedup = match s.brackets.get(&(imp.to_owned(), size)) {
+                Some(b) => {
+                    let st = BracketStats::of(b);
+                    let verdict = match st.good_speedup {
+                        _ if st.good < MIN_BRACKETS => format!(
+                            "undecided: the machine gave the control {TARGET_SPEEDUP}x in only {} \
+                             brackets",
+                            st.good
+                        ),
+                        Some(x) if x >= TARGET_SPEEDUP => "met".to_owned(),
+                        _ => "NOT met".to_owned(),
+                    };
+                    format!(
+                        "2 threads speedup {:.2}x over all {} brackets (the control's {:.2}x, \
+                         ratio {:.2}); in the {} brackets where the control scaled >= \
+                         {TARGET_SPEEDUP}x: {} -> {verdict} (>= {TARGET_SPEEDUP}x)",
+                        st.all,
+                        b.len(),
+                        st.control,
+                        st.relative,
+                        st.good,
+                        st.good_speedup.map_or("-".into(), |x| format!("{x:.2}x")),
+                    )
                 }
+                None => "2 threads: not bracketed".to_owned(),
+            };
+            println!(
+                "target {size} B: global allocator ({how}) 1 thread {:.2} ns vs {je_name} {:.2} \
+                 ns (medians); median per-repetition ratio {ratio:.2}x -> {} (<= 1x jemalloc); \
+                 {speedup}",
+                g1.ns,
+                je.ns,
+                if ratio <= 1.0 { "met" } else { "NOT met" },
             );
+        }
+    }
+}
+
+/// Medians of a set of brackets.
+struct BracketStats {
+    /// The allocator's speedup over every bracket.
+    all: f64,
+    /// The control's.
+    control: f64,
+    /// The allocator's speedup / the control's, bracket by bracket.
+    relative: f64,
+    /// Brackets in which the control scaled at least `TARGET_SPEEDUP`.
+    good: usize,
+    /// The allocator's speedup in those.
+    good_speedup: Option<f64>,
+}
+
+impl BracketStats {
+    fn of(b: &[(f64, f64)]) -> BracketStats {
+        let mut all: Vec<f64> = b.iter().map(|x| x.0).collect();
+        let mut control: Vec<f64> = b.iter().map(|x| x.1).collect();
+        let mut relative: Vec<f64> = b.iter().map(|x| x.0 / x.1).collect();
+        let mut good: Vec<f64> = b
+            .iter()
+            .filter(|x| x.1 >= TARGET_SPEEDUP)
+            .map(|x| x.0)
+            .collect();
+        BracketStats {
+            all: median(&mut all),
+            control: median(&mut control),
+            relative: median(&mut relative),
+            good: good.len(),
+            good_speedup: (!good.is_empty()).then(|| median(&mut good)),
         }
     }
 }

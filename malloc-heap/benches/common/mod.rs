@@ -3,6 +3,9 @@
 //! the cleanup of DPDK's runtime files.
 #![allow(dead_code)]
 
+pub mod installed;
+pub mod pairs;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
