@@ -9,8 +9,8 @@
 //!
 //! Before [`install`] every allocation goes to the system allocator. After it, small
 //! allocations (up to [`SMALL_MAX`] bytes, alignment up to 16) come from a per-thread cache of
-//! heap blocks: a pop or a push on a per-thread singly linked list (the link lives in the free
-//! block itself) on the hot path; a cache refills or drains in batches under one hold of the heap
+//! heap blocks: a pop or a push on a per-thread array stack (the freed block itself is not
+//! touched) on the hot path; a cache refills or drains in batches under one hold of the heap
 //! lock. Larger allocations go to the heap directly. Every free goes back to whoever allocated
 //! the pointer: a pointer inside the shared address range is the heap's, anything else the
 //! system allocator's, so memory allocated before `install` (or by the fallback below) is freed
@@ -44,12 +44,12 @@ const CLASS: usize = 16;
 const CLASSES: usize = SMALL_MAX / CLASS;
 /// Blocks fetched from the heap per refill.
 const BATCH: usize = 32;
-/// Blocks a class may hold before half of them go back. Also the count a class shows while its
-/// thread's cache is not in use (not yet registered, or flushed at thread exit), so that every
-/// push takes the slow path then.
+/// Blocks a class may hold; a free into a full class first gives the older half back to the
+/// heap.
 const CACHE_MAX: usize = 128;
 /// Blocks handed to the heap per `free_batch` call when draining or flushing.
 const CHUNK: usize = 64;
+const _: () = assert!(BATCH <= CACHE_MAX && CACHE_MAX / 2 <= CHUNK);
 
 /// What the global allocator needs from the heap, without its type parameters.
 trait Ops: Send + Sync {
@@ -122,13 +122,16 @@ static FALLBACKS: AtomicUsize = AtomicUsize::new(0);
 /// Routes every allocation of the process to the shared heap once installed.
 pub struct MemplaneAlloc;
 
-/// One size class of a thread's cache: a singly linked list of free blocks, each holding the
-/// next one's address in its first 8 bytes.
+/// One size class of a thread's cache: a stack of free blocks in an array of the thread's own.
+/// A cached block itself is not touched (no link is written into a freed block, none read from
+/// an allocated one), and a push or a pop is one index update.
 struct Bin {
-    head: Cell<*mut u8>,
-    /// Blocks in the list while the cache is in use; `CACHE_MAX` (with an empty list) while it is
-    /// not.
-    count: Cell<usize>,
+    /// 0 while the cache is not in use (not yet registered, or flushed at thread exit), so
+    /// that every pop and push takes the slow path; `1 + n` while it holds `n` blocks in
+    /// `slots[..n]`. Zero is the initial state, so that the whole thread state is zero
+    /// (`.tbss`: nothing to copy when a thread starts).
+    mark: Cell<usize>,
+    slots: [Cell<*mut u8>; CACHE_MAX],
 }
 
 /// The cache is not in use yet on this thread (no exit guard registered).
@@ -157,8 +160,8 @@ thread_local! {
         Local {
             bins: [const {
                 Bin {
-                    head: Cell::new(null_mut()),
-                    count: Cell::new(CACHE_MAX),
+                    mark: Cell::new(0),
+                    slots: [const { Cell::new(null_mut()) }; CACHE_MAX],
                 }
             }; CLASSES],
             busy: Cell::new(false),
@@ -188,33 +191,39 @@ fn class_index(size: usize, align: usize) -> usize {
 }
 
 impl Bin {
-    /// Takes a block off the list, or returns null if it is empty.
+    /// Takes the block pushed last; `None` if the stack is empty or not in use.
     #[inline(always)]
-    fn pop(&self) -> *mut u8 {
-        let p = self.head.get();
-        if !p.is_null() {
-            // SAFETY: a cached block: a free heap block of at least 16 bytes, 8-aligned, owned
-            // by this list, whose first 8 bytes hold the next link.
-            self.head.set(unsafe { (p as *mut *mut u8).read() });
-            self.count.set(self.count.get() - 1);
+    fn pop(&self) -> Option<*mut u8> {
+        // The top block's index, n - 1: out of range when empty (mark 1) or not in use (mark 0).
+        let i = self.mark.get().wrapping_sub(2);
+        if i < CACHE_MAX {
+            self.mark.set(i + 1);
+            // SAFETY: i < CACHE_MAX, the length of `slots`.
+            Some(unsafe { self.slots.get_unchecked(i) }.get())
+        } else {
+            None
         }
-        p
     }
 
-    /// Puts `p` on the list (a free heap block of this class, owned by the caller).
+    /// Puts `p` (a free heap block of this class, owned by the caller) on the stack; false if
+    /// the stack is full or not in use.
     #[inline(always)]
-    fn push(&self, p: *mut u8) {
-        // SAFETY: `p` is a heap block of this class (at least 16 bytes, 32-aligned) that nobody
-        // else uses any more: room for the link.
-        unsafe { (p as *mut *mut u8).write(self.head.get()) };
-        self.head.set(p);
-        self.count.set(self.count.get() + 1);
+    fn push(&self, p: *mut u8) -> bool {
+        // The next free index, n: out of range when full (mark CACHE_MAX + 1) or not in use.
+        let i = self.mark.get().wrapping_sub(1);
+        if i < CACHE_MAX {
+            // SAFETY: i < CACHE_MAX, the length of `slots`.
+            unsafe { self.slots.get_unchecked(i) }.set(p);
+            self.mark.set(i + 2);
+            true
+        } else {
+            false
+        }
     }
 
-    /// Empties the list, marking it not in use, and returns its first block.
-    fn take(&self) -> *mut u8 {
-        self.count.set(CACHE_MAX);
-        self.head.replace(null_mut())
+    /// The number of blocks held (0 when not in use).
+    fn len(&self) -> usize {
+        self.mark.get().saturating_sub(1)
     }
 }
 
@@ -268,33 +277,34 @@ fn busy<R>(ops: &dyn Ops, local: &Local, f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Frees the list starting at `p` (linked through the blocks' first 8 bytes) to the heap, in
-/// batches.
-fn free_list(ops: &dyn Ops, mut p: *mut u8) {
-    let mut buf = [null_mut(); CHUNK];
-    while !p.is_null() {
-        let mut n = 0;
-        while n < CHUNK && !p.is_null() {
-            buf[n] = p;
-            // SAFETY: a block of the list: its first 8 bytes are the link.
-            p = unsafe { (p as *mut *mut u8).read() };
-            n += 1;
+/// Frees `blocks` (a bin's slots, no longer in the bin) to the heap, in batches.
+fn free_slots(ops: &dyn Ops, blocks: &[Cell<*mut u8>]) {
+    for chunk in blocks.chunks(CHUNK) {
+        let mut buf = [null_mut(); CHUNK];
+        for (b, c) in buf.iter_mut().zip(chunk) {
+            *b = c.get();
         }
-        ops.free_batch(&buf[..n]);
+        ops.free_batch(&buf[..chunk.len()]);
     }
 }
 
 /// The thread ends: its cached blocks go back to the heap, and it caches nothing any more.
 fn flush(local: &Local) {
     let was = local.state.replace(EXITED);
-    let lists = local.bins.each_ref().map(Bin::take);
+    // Every bin out of use first (a free to the heap may allocate or free on this thread: those
+    // take the slow paths then, which see EXITED), then their blocks go back.
+    let held = local.bins.each_ref().map(|b| {
+        let n = b.len();
+        b.mark.set(0);
+        n
+    });
     if was != LIVE {
         return;
     }
     let Some(ops) = ops() else { return };
     busy(ops, local, || {
-        for p in lists {
-            free_list(ops, p);
+        for (b, n) in local.bins.iter().zip(held) {
+            free_slots(ops, &b.slots[..n]);
         }
     });
 }
@@ -309,7 +319,8 @@ fn register(local: &Local) {
         return;
     }
     for b in &local.bins {
-        b.count.set(0);
+        // In use, empty.
+        b.mark.set(1);
     }
 }
 
@@ -363,10 +374,14 @@ fn refill(ops: &dyn Ops, local: &Local, k: usize) -> *mut u8 {
     }
     // SAFETY: k < CLASSES (the caller's class).
     let bin = unsafe { local.bin(k) };
+    // The bin is empty (its pop missed; what this thread frees meanwhile is deferred, not
+    // cached) and holds CACHE_MAX >= BATCH blocks: every push fits.
+    let push = |b| {
+        let fits = bin.push(b);
+        debug_assert!(fits, "a refill into an empty bin fits");
+    };
     if n < 4 {
-        for &b in &buf[1..n] {
-            bin.push(b);
-        }
+        buf[1..n].iter().copied().for_each(push);
         return buf[0];
     }
     // The heap carves a batch from one free block, in ascending addresses: its first and last
@@ -374,11 +389,9 @@ fn refill(ops: &dyn Ops, local: &Local, k: usize) -> *mut u8 {
     // They are handed out last, so that a thread whose working set fits in the rest of the
     // batch never writes a line another thread writes (false sharing doubled the time of a
     // pair on two threads).
-    bin.push(buf[n - 1]);
-    bin.push(buf[0]);
-    for &b in buf[2..n - 1].iter().rev() {
-        bin.push(b);
-    }
+    push(buf[n - 1]);
+    push(buf[0]);
+    buf[2..n - 1].iter().rev().copied().for_each(push);
     buf[1]
 }
 
@@ -406,9 +419,10 @@ fn dealloc_slow(p: *mut u8, l: Layout) {
         if enabled && local.state.get() == LIVE {
             // SAFETY: `enabled` implies k < CLASSES.
             let bin = unsafe { local.bin(k) };
-            bin.push(p);
-            if bin.count.get() > CACHE_MAX {
+            if !bin.push(p) {
                 drain(ops, local, bin);
+                let fits = bin.push(p);
+                debug_assert!(fits, "a drained bin has room");
             }
             return;
         }
@@ -420,19 +434,21 @@ fn dealloc_slow(p: *mut u8, l: Layout) {
     }
 }
 
-/// Gives the blocks of `bin` beyond `CACHE_MAX / 2` back to the heap.
+/// Gives the older half of a full `bin` back to the heap; the newer half (the blocks most
+/// likely still in this CPU's cache) stays, moved down.
 fn drain(ops: &dyn Ops, local: &Local, bin: &Bin) {
-    busy(ops, local, || {
-        while bin.count.get() > CACHE_MAX / 2 {
-            let mut buf = [null_mut(); CHUNK];
-            let mut n = 0;
-            while n < CHUNK && bin.count.get() > CACHE_MAX / 2 {
-                buf[n] = bin.pop();
-                n += 1;
-            }
-            ops.free_batch(&buf[..n]);
-        }
-    });
+    let n = bin.len();
+    let give = n.min(CACHE_MAX / 2);
+    let mut buf = [null_mut(); CHUNK];
+    for (b, c) in buf.iter_mut().zip(&bin.slots[..give]) {
+        *b = c.get();
+    }
+    for i in give..n {
+        bin.slots[i - give].set(bin.slots[i].get());
+    }
+    // The bin is consistent before the heap is entered (which may allocate on this thread).
+    bin.mark.set(n - give + 1);
+    busy(ops, local, || ops.free_batch(&buf[..give]));
 }
 
 /// Makes `heap` the process's allocator from now on.
@@ -492,8 +508,7 @@ unsafe impl GlobalAlloc for MemplaneAlloc {
         let k = class_index(l.size(), l.align());
         if k < SHARED.classes.load(Ordering::Relaxed) {
             // SAFETY: k < classes <= CLASSES.
-            let p = LOCAL.with(|local| unsafe { local.bin(k) }.pop());
-            if !p.is_null() {
+            if let Some(p) = LOCAL.with(|local| unsafe { local.bin(k) }.pop()) {
                 return p;
             }
         }
@@ -510,19 +525,54 @@ unsafe impl GlobalAlloc for MemplaneAlloc {
         if k < SHARED.classes.load(Ordering::Relaxed) {
             let cached = LOCAL.with(|local| {
                 // SAFETY: k < classes <= CLASSES.
-                let bin = unsafe { local.bin(k) };
-                // Below CACHE_MAX only while the cache is in use (see `Bin::count`).
-                if bin.count.get() < CACHE_MAX {
-                    bin.push(p);
-                    true
-                } else {
-                    false
-                }
+                unsafe { local.bin(k) }.push(p)
             });
             if cached {
                 return;
             }
         }
         dealloc_slow(p, l);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(i: usize) -> *mut u8 {
+        // Distinct non-null values; the bin never dereferences what it holds.
+        (0x1000 + 16 * i) as *mut u8
+    }
+
+    #[test]
+    fn a_bin_not_in_use_takes_and_gives_nothing() {
+        let b = Bin {
+            mark: Cell::new(0),
+            slots: [const { Cell::new(null_mut()) }; CACHE_MAX],
+        };
+        assert_eq!(b.pop(), None);
+        assert!(!b.push(block(1)));
+        assert_eq!(b.len(), 0);
+    }
+
+    #[test]
+    fn a_bin_is_a_bounded_stack() {
+        let b = Bin {
+            mark: Cell::new(1),
+            slots: [const { Cell::new(null_mut()) }; CACHE_MAX],
+        };
+        assert_eq!(b.pop(), None, "empty");
+        for i in 0..CACHE_MAX {
+            assert!(b.push(block(i)), "room for block {i}");
+        }
+        assert_eq!(b.len(), CACHE_MAX);
+        assert!(!b.push(block(CACHE_MAX)), "full");
+        for i in (0..CACHE_MAX).rev() {
+            assert_eq!(b.pop(), Some(block(i)), "last in, first out");
+        }
+        assert_eq!(b.pop(), None);
+        assert_eq!(b.len(), 0);
+        assert!(b.push(block(7)));
+        assert_eq!(b.pop(), Some(block(7)));
     }
 }
