@@ -130,6 +130,34 @@ struct Slot {
     rep: [AtomicU64; BUF_WORDS],
 }
 
+/// One direction of a lane (the primary's to the owner, or the owner's to the primary).
+#[repr(C)]
+struct Dir {
+    /// Messages and requests the sender sent over a socket (accepted by the kernel).
+    tx: AtomicU64,
+    /// Of those, how many the receiver has handled.
+    rx: AtomicU64,
+    /// The sender's requests.
+    slots: [Slot; SLOTS],
+}
+
+impl Dir {
+    /// The receiver has handled everything the sender sent by socket: what goes by lane now
+    /// cannot overtake it.
+    fn caught_up(&self) -> bool {
+        self.tx.load(Ordering::Acquire) == self.rx.load(Ordering::Acquire)
+    }
+
+    /// Nothing counted, no slot in use: for a lane's new owner.
+    fn reset(&self) {
+        self.tx.store(0, Ordering::Relaxed);
+        self.rx.store(0, Ordering::Relaxed);
+        for s in &self.slots {
+            s.state.store(EMPTY, Ordering::Relaxed);
+        }
+    }
+}
+
 #[repr(C)]
 struct Lane {
     /// The owner's pid; 0: free.
@@ -140,18 +168,11 @@ struct Lane {
     sleeping: AtomicU32,
     name_len: AtomicU32,
     _pad: AtomicU32,
-    /// Messages and requests the primary sent the owner over a socket (accepted by the kernel).
-    tx: AtomicU64,
-    /// Of those, how many the owner has handled.
-    rx: AtomicU64,
     name: [AtomicU64; NAME_WORDS],
-    slots: [Slot; SLOTS],
-    /// Messages and requests the owner sent the primary over a socket (accepted by the kernel).
-    up_tx: AtomicU64,
-    /// Of those, how many the primary has handled.
-    up_rx: AtomicU64,
-    /// The owner's requests to the primary.
-    up: [Slot; SLOTS],
+    /// The primary's messages and requests to the owner.
+    down: Dir,
+    /// The owner's messages and requests to the primary.
+    up: Dir,
     /// The owner's one-way messages to the primary: a ring of cells, each with a sequence
     /// number saying whose turn it is (the producers' or the consumer's).
     ring_head: AtomicU64,
@@ -487,10 +508,8 @@ impl PrimaryLanes {
         let lanes = &self.board.layout().lanes;
         let v: Vec<Option<u32>> = names
             .map(|n| {
-                self.lane_of(n).filter(|&i| {
-                    let ln = &lanes[i as usize];
-                    ln.tx.load(Ordering::Acquire) == ln.rx.load(Ordering::Acquire)
-                })
+                self.lane_of(n)
+                    .filter(|&i| lanes[i as usize].down.caught_up())
             })
             .collect();
         v.iter().any(Option::is_some).then_some(v)
@@ -503,6 +522,7 @@ impl PrimaryLanes {
             && let Some(i) = self.lane_of(name)
         {
             self.board.layout().lanes[i as usize]
+                .down
                 .tx
                 .fetch_add(1, Ordering::AcqRel);
         }
@@ -532,7 +552,7 @@ impl PrimaryLanes {
         if ln.owner.load(Ordering::Acquire) != pid {
             return;
         }
-        for s in &ln.slots {
+        for s in &ln.down.slots {
             let v = s.state.load(Ordering::Acquire);
             let tag = v & !STATE;
             match v & STATE {
@@ -596,7 +616,7 @@ impl PrimaryLanes {
     pub fn finish(&self, r: LaneRequest) {
         let l = self.board.layout();
         for &(_, lane, slot, tag) in &r.posts {
-            let s = &l.lanes[lane as usize].slots[slot as usize];
+            let s = &l.lanes[lane as usize].down.slots[slot as usize];
             let cas = |from: u32, to: u32| {
                 s.state
                     .compare_exchange(tag | from, to, Ordering::AcqRel, Ordering::Acquire)
@@ -622,7 +642,7 @@ impl LaneRequest {
     pub fn post(&mut self, peer: usize, lane: u32, datagram: &[u8]) -> bool {
         let l = self.board.layout();
         let ln = &l.lanes[lane as usize];
-        let Some((i, s)) = ln.slots.iter().enumerate().find(|(_, s)| {
+        let Some((i, s)) = ln.down.slots.iter().enumerate().find(|(_, s)| {
             let v = s.state.load(Ordering::Relaxed);
             v & STATE == EMPTY
                 && s.state
@@ -687,7 +707,7 @@ impl LaneRequest {
         let l = self.board.layout();
         let mut n = 0;
         self.posts.retain(|&(peer, lane, slot, tag)| {
-            let s = &l.lanes[lane as usize].slots[slot as usize];
+            let s = &l.lanes[lane as usize].down.slots[slot as usize];
             if s.state.load(Ordering::Acquire) != tag | ANSWERED {
                 return true;
             }
@@ -851,17 +871,9 @@ impl SecondaryLane {
         })?;
         let ln = &l.lanes[lane];
         ln.ready.store(0, Ordering::Release);
-        for s in &ln.slots {
-            s.state.store(EMPTY, Ordering::Relaxed);
-        }
+        ln.down.reset();
+        ln.up.reset();
         ln.sleeping.store(0, Ordering::Relaxed);
-        ln.tx.store(0, Ordering::Relaxed);
-        ln.rx.store(0, Ordering::Relaxed);
-        ln.up_tx.store(0, Ordering::Relaxed);
-        ln.up_rx.store(0, Ordering::Relaxed);
-        for s in &ln.up {
-            s.state.store(EMPTY, Ordering::Relaxed);
-        }
         ln.pid.store(pid, Ordering::Relaxed);
         copy_in(&ln.name, name.as_bytes());
         ln.name_len.store(name.len() as u32, Ordering::Relaxed);
@@ -892,7 +904,7 @@ impl SecondaryLane {
     pub fn serve_posted(&self, serve: &mut Serve<'_>) {
         let ln = self.lane();
         let mut buf = [0u8; BUF_LEN];
-        for (i, s) in ln.slots.iter().enumerate() {
+        for (i, s) in ln.down.slots.iter().enumerate() {
             let Some(tag) = take_posted(s) else {
                 continue;
             };
@@ -901,7 +913,14 @@ impl SecondaryLane {
             let owing = std::cell::Cell::new(false);
             let owe = |name: Name| {
                 owing.set(true);
-                owe_in(&mut self.owed.lock(), &ln.slots, i, tag, name, &self.owing);
+                owe_in(
+                    &mut self.owed.lock(),
+                    &ln.down.slots,
+                    i,
+                    tag,
+                    name,
+                    &self.owing,
+                );
             };
             serve(i, &buf[..n], &owe);
             if !owing.get() {
@@ -914,7 +933,7 @@ impl SecondaryLane {
 
     /// A message or request from the primary that came over the socket has been handled.
     pub fn handled(&self) {
-        self.lane().rx.fetch_add(1, Ordering::AcqRel);
+        self.lane().down.rx.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Serves the lane until `stop` says so: `serve_posted` runs [`SecondaryLane::serve_posted`]
@@ -971,7 +990,7 @@ impl SecondaryLane {
     /// the request; returns false if the primary had given the slot up.
     fn settle(&self, i: usize, tag: u32, reply: &[u8]) -> bool {
         let l = self.board.layout();
-        let s = &self.lane().slots[i];
+        let s = &self.lane().down.slots[i];
         copy_in(&s.rep, reply);
         s.rep_len.store(reply.len() as u32, Ordering::Relaxed);
         let (ctrl, generation) = (
@@ -1073,7 +1092,7 @@ pub struct UpWake {
 impl UpWake {
     /// Wakes the requester.
     pub fn wake(&self) {
-        let s = &self.board.layout().lanes[self.lane as usize].up[self.slot as usize];
+        let s = &self.board.layout().lanes[self.lane as usize].up.slots[self.slot as usize];
         s.wake.fetch_add(1, Ordering::AcqRel);
         wake_all(&s.wake);
     }
@@ -1089,7 +1108,7 @@ impl SecondaryLane {
     /// The kernel accepted `datagram` for the primary: counted if a message or a request.
     pub fn sent_up(&self, datagram: &[u8]) {
         if counted(datagram) {
-            self.lane().up_tx.fetch_add(1, Ordering::AcqRel);
+            self.lane().up.tx.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -1097,8 +1116,7 @@ impl SecondaryLane {
     /// this process sent it by socket (else it goes by socket too, behind the rest).
     pub fn up_open(&self) -> bool {
         let ln = self.lane();
-        !self.primary_gone.load(Ordering::Acquire)
-            && ln.up_tx.load(Ordering::Acquire) == ln.up_rx.load(Ordering::Acquire)
+        !self.primary_gone.load(Ordering::Acquire) && ln.up.caught_up()
     }
 
     /// Puts a one-way message (its encoded datagram) in the ring to the primary and rings its
@@ -1153,7 +1171,7 @@ impl SecondaryLane {
         if !self.up_open() {
             return None;
         }
-        let (i, _) = ln.up.iter().enumerate().find(|(_, s)| {
+        let (i, _) = ln.up.slots.iter().enumerate().find(|(_, s)| {
             let v = s.state.load(Ordering::Relaxed);
             v & STATE == EMPTY
                 && s.state
@@ -1172,7 +1190,7 @@ impl SecondaryLane {
 
 impl UpSlot {
     fn slot(&self) -> &Slot {
-        &self.board.layout().lanes[self.lane as usize].up[self.slot as usize]
+        &self.board.layout().lanes[self.lane as usize].up.slots[self.slot as usize]
     }
 
     /// A wake-up for the request, for other threads (the primary found dead, the deadline).
@@ -1264,7 +1282,8 @@ impl PrimaryLanes {
     /// A message or request from lane `lane`'s owner that came over a socket was handled.
     pub fn handled_up(&self, lane: u32) {
         self.board.layout().lanes[lane as usize]
-            .up_rx
+            .up
+            .rx
             .fetch_add(1, Ordering::AcqRel);
     }
 
@@ -1287,6 +1306,7 @@ impl PrimaryLanes {
             || !(ring_ready(head)
                 || ln
                     .up
+                    .slots
                     .iter()
                     .any(|s| s.state.load(Ordering::Acquire) & STATE == POSTED))
         {
@@ -1312,7 +1332,7 @@ impl PrimaryLanes {
             ln.ring_head.store(head.wrapping_add(1), Ordering::Relaxed);
             serve(lane, pid, name, &buf[..len], &|_| {});
         }
-        for (i, s) in ln.up.iter().enumerate() {
+        for (i, s) in ln.up.slots.iter().enumerate() {
             let Some(tag) = take_posted(s) else {
                 continue;
             };
@@ -1328,7 +1348,7 @@ impl PrimaryLanes {
                 let mut all = self.up_owed.lock();
                 owe_in(
                     &mut all[lane as usize],
-                    &ln.up,
+                    &ln.up.slots,
                     i,
                     tag,
                     action,
@@ -1363,7 +1383,7 @@ impl PrimaryLanes {
             set_owed(&mut owed[i], (tag, None), &self.up_owing);
             (i, owed[i].0)
         };
-        let s = &self.board.layout().lanes[lane as usize].up[i];
+        let s = &self.board.layout().lanes[lane as usize].up.slots[i];
         if settle_up(s, tag, reply) {
             Answered::Lane
         } else {
@@ -1589,7 +1609,8 @@ mod tests {
         assert!(matches!(lane.reply(&q, b"again"), Answered::NotHere));
         let ln = &board.layout().lanes[l as usize];
         assert!(
-            ln.slots
+            ln.down
+                .slots
                 .iter()
                 .all(|s| s.state.load(Ordering::Acquire) & STATE == EMPTY)
         );
