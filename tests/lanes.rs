@@ -345,36 +345,37 @@ fn a_secondarys_requests_to_the_primary_go_through_its_lane() {
         },
     )
     .unwrap();
-    let d = dir.arg();
     // `mp ping` makes sync requests to the primary, one after the other.
-    let (code, _, err) = common::run(&[
-        "mp",
-        "ping",
-        "--count",
-        "50",
-        "--warmup",
-        "0",
-        "--runtime-dir",
-        &d,
-        "--proc-type",
-        "secondary",
-    ]);
+    let (code, _, err) = common::run_in(
+        &dir,
+        &[
+            "mp",
+            "ping",
+            "--count",
+            "50",
+            "--warmup",
+            "0",
+            "--proc-type",
+            "secondary",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     // (The primary counts an answer just after giving it: wait for the count to settle.)
     let answered = || ch.stats().lanes.answered;
     assert_eq!(memplane_testkit::settles_at(50, answered), 50);
     // A request and its answer, through the lane.
-    let (code, out, err) = common::run(&[
-        "mp",
-        "request",
-        "up",
-        "--param",
-        "0102",
-        "--runtime-dir",
-        &d,
-        "--proc-type",
-        "secondary",
-    ]);
+    let (code, out, err) = common::run_in(
+        &dir,
+        &[
+            "mp",
+            "request",
+            "up",
+            "--param",
+            "0102",
+            "--proc-type",
+            "secondary",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(
         out.iter().any(|l| l.contains("name=up param=0201")),
@@ -382,16 +383,17 @@ fn a_secondarys_requests_to_the_primary_go_through_its_lane() {
     );
     assert_eq!(memplane_testkit::settles_at(51, answered), 51);
     // An answer with an fd comes over the socket, with its fd.
-    let (code, out, err) = common::run(&[
-        "mp",
-        "request",
-        "up_fd",
-        "--show-fds",
-        "--runtime-dir",
-        &d,
-        "--proc-type",
-        "secondary",
-    ]);
+    let (code, out, err) = common::run_in(
+        &dir,
+        &[
+            "mp",
+            "request",
+            "up_fd",
+            "--show-fds",
+            "--proc-type",
+            "secondary",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(
         out.iter()
