@@ -130,6 +130,35 @@ struct Slot {
     rep: [AtomicU64; BUF_WORDS],
 }
 
+impl Slot {
+    /// Puts `reply` in the slot and marks the request of tag `tag` answered; false if its
+    /// requester had given the slot up (then the slot is emptied here).
+    fn answer(&self, tag: u32, reply: &[u8]) -> bool {
+        copy_in(&self.rep, reply);
+        self.rep_len.store(reply.len() as u32, Ordering::Relaxed);
+        if self
+            .state
+            .compare_exchange(
+                tag | TAKEN,
+                tag | ANSWERED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            return true;
+        }
+        // Given up by the requester: ours to empty (anything else is not ours to touch).
+        let _ = self.state.compare_exchange(
+            tag | ABANDONED,
+            EMPTY,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        false
+    }
+}
+
 /// One direction of a lane (the primary's to the owner, or the owner's to the primary).
 #[repr(C)]
 struct Dir {
@@ -991,28 +1020,12 @@ impl SecondaryLane {
     fn settle(&self, i: usize, tag: u32, reply: &[u8]) -> bool {
         let l = self.board.layout();
         let s = &self.lane().down.slots[i];
-        copy_in(&s.rep, reply);
-        s.rep_len.store(reply.len() as u32, Ordering::Relaxed);
+        // Read before the answer: once answered, the primary may reuse the slot.
         let (ctrl, generation) = (
             s.ctrl.load(Ordering::Relaxed) as usize,
             s.ctrl_gen.load(Ordering::Relaxed),
         );
-        if s.state
-            .compare_exchange(
-                tag | TAKEN,
-                tag | ANSWERED,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_err()
-        {
-            // Given up by the primary: ours to empty (anything else is not ours to touch).
-            let _ = s.state.compare_exchange(
-                tag | ABANDONED,
-                EMPTY,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+        if !s.answer(tag, reply) {
             return false;
         }
         count_answer(l, ctrl, generation);
@@ -1457,20 +1470,7 @@ fn ring_primary(board: &Board, lane: u32) {
 /// Answers a secondary's request in slot `s` (tag `tag`) and wakes the requester; false if it
 /// had given the slot up.
 fn settle_up(s: &Slot, tag: u32, reply: &[u8]) -> bool {
-    copy_in(&s.rep, reply);
-    s.rep_len.store(reply.len() as u32, Ordering::Relaxed);
-    if s.state
-        .compare_exchange(
-            tag | TAKEN,
-            tag | ANSWERED,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-        .is_err()
-    {
-        let _ =
-            s.state
-                .compare_exchange(tag | ABANDONED, EMPTY, Ordering::AcqRel, Ordering::Relaxed);
+    if !s.answer(tag, reply) {
         return false;
     }
     s.wake.fetch_add(1, Ordering::AcqRel);
