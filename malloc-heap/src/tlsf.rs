@@ -19,6 +19,14 @@
 //! carry no sentinel: a fully free region is one free block covering it exactly, so its pages
 //! can go back to the kernel whole.
 //!
+//! The two operations that matter most have a path of their own, in one piece: an allocation
+//! that splits the first block found into its block and a free tail staying in the same class,
+//! and a free whose next block is allocated (the block becomes free, or grows the free block in
+//! front of it). Each reads and verifies every header it will write before writing any, and
+//! hands anything else (and anything that looks wrong) to the general path, which does it or
+//! reports it. A free also checks that the next block names it as its previous one, so a stale
+//! header inside a free block is never taken for a live one.
+//!
 //! With the `debug-cookies` feature, every allocation also gets a cookie after its data, checked
 //! at free and by validation.
 
@@ -192,10 +200,12 @@ fn check_word(addr: u64, size_flags: u64, prev: u64) -> u64 {
     addr ^ size_flags.rotate_left(17) ^ prev.rotate_left(41) ^ CHECK_KEY
 }
 
+#[inline]
 fn fls(x: u64) -> u32 {
     63 - x.leading_zeros()
 }
 
+#[inline]
 fn mapping(size: u64) -> (usize, usize) {
     if size < SMALL {
         (0, (size / GRAIN) as usize)
@@ -207,6 +217,7 @@ fn mapping(size: u64) -> (usize, usize) {
 }
 
 /// The class to search so that any block found is big enough for `size`.
+#[inline]
 fn mapping_search(size: u64) -> (usize, usize) {
     let size = if size >= SMALL {
         size + (1u64 << (fls(size) - SL_LOG2)) - 1
@@ -216,6 +227,7 @@ fn mapping_search(size: u64) -> (usize, usize) {
     mapping(size)
 }
 
+#[inline]
 fn round_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
 }
@@ -279,6 +291,7 @@ impl HeapCore {
     ///
     /// # Safety
     /// As [`HeapCore::hdr`].
+    #[inline]
     unsafe fn set_hdr(&self, addr: u64, prev: u64, size: u64, flags: u64) {
         let sf = size | flags;
         // SAFETY: as guaranteed by the caller.
@@ -300,6 +313,7 @@ impl HeapCore {
         unsafe { self.set_hdr(h.addr, prev, h.size, h.flags) }
     }
 
+    #[inline]
     unsafe fn insert(&mut self, addr: u64, size: u64) {
         let (fl, sl) = mapping(size);
         let head = self.heads[fl][sl];
@@ -319,6 +333,7 @@ impl HeapCore {
         self.counters.free_count += 1;
     }
 
+    #[inline]
     unsafe fn unlink(&mut self, addr: u64, size: u64) {
         let (fl, sl) = mapping(size);
         // SAFETY: `addr` is a free block linked in list (fl, sl); its neighbours are free blocks.
@@ -374,6 +389,7 @@ impl HeapCore {
         self.counters.free = self.counters.free - old_size + new_size;
     }
 
+    #[inline]
     fn find(&self, size: u64) -> Option<(usize, usize)> {
         let (fl, sl) = mapping_search(size);
         if fl >= FL_COUNT {
@@ -527,7 +543,92 @@ impl HeapCore {
     ///
     /// # Safety
     /// As [`HeapCore::alloc`].
+    #[inline]
     pub unsafe fn alloc_z(
+        &mut self,
+        size: u64,
+        align: u64,
+    ) -> Result<Option<(u64, bool)>, HeapError> {
+        // SAFETY: the caller's guarantees.
+        if let Some(r) = unsafe { self.alloc_split(size, align) } {
+            return Ok(Some(r));
+        }
+        // SAFETY: the caller's guarantees.
+        unsafe { self.alloc_general(size, align) }
+    }
+
+    /// The common allocation in one piece: no alignment beyond [`GRAIN`], and the first block
+    /// found splits into ours and a free tail that stays in the block's class, so the tail
+    /// takes the block's place in its list. Changes nothing and returns `None` when that is
+    /// not the case (or anything looks wrong): [`HeapCore::alloc_general`] then does, or
+    /// reports, the rest.
+    ///
+    /// # Safety
+    /// As [`HeapCore::alloc`].
+    #[inline(always)]
+    unsafe fn alloc_split(&mut self, size: u64, align: u64) -> Option<(u64, bool)> {
+        if cfg!(feature = "debug-cookies")
+            || align > GRAIN
+            || !align.is_power_of_two()
+            || size.wrapping_sub(1) >= MAX_ALLOC
+        {
+            return None;
+        }
+        let need = round_up(size, GRAIN).max(MIN_BLOCK - HEADER) + HEADER;
+        let (fl, sl) = self.find(need)?;
+        let blk = self.heads[fl][sl];
+        // SAFETY: `blk` heads a free list: a free block inside a mapped region (caller).
+        let (prev, sf, chk) = unsafe { (rd(blk), rd(blk + 8), rd(blk + 16)) };
+        let bsize = sf & !F_MASK;
+        if chk != check_word(blk, sf, prev) || sf & (F_FREE | 16) != F_FREE || bsize < need {
+            return None;
+        }
+        let remain = bsize - need;
+        if remain < MIN_BLOCK || mapping(remain) != (fl, sl) {
+            return None;
+        }
+        let taddr = blk + need;
+        // The block after the free one (if any) gets the tail as its previous block: verify it
+        // before anything changes.
+        let after = if sf & F_LAST == 0 {
+            let n = blk + bsize;
+            // SAFETY: the free block is not last: its successor is inside the region.
+            let (np, nsf, nchk) = unsafe { (rd(n), rd(n + 8), rd(n + 16)) };
+            if nchk != check_word(n, nsf, np)
+                || np != blk
+                || nsf & (F_FREE | F_PREV_FREE) != F_PREV_FREE
+            {
+                return None;
+            }
+            Some((n, nsf))
+        } else {
+            None
+        };
+        // SAFETY: [blk, blk + bsize) is the free block we take, in a mapped region; `after` is
+        // its verified successor.
+        unsafe {
+            self.set_hdr(blk, prev, need, sf & F_PREV_FREE);
+            wr(blk + 24, size);
+            // The tail's header and links lie past our data; the rest was the free block's:
+            // zeroed if that was.
+            self.set_hdr(taddr, blk, remain, sf & (F_FREE | F_LAST | F_ZERO));
+            self.relink(blk, bsize, taddr, remain);
+            if let Some((n, nsf)) = after {
+                self.set_hdr(n, taddr, nsf & !F_MASK, nsf & F_MASK);
+            }
+        }
+        self.counters.alloc_count += 1;
+        self.counters.requested += size;
+        Some((blk + HEADER, sf & F_ZERO != 0))
+    }
+
+    /// Every allocation [`HeapCore::alloc_split`] does not do: alignment, a whole block taken,
+    /// a tail in another class, and every error.
+    ///
+    /// # Safety
+    /// As [`HeapCore::alloc`].
+    #[inline(never)]
+    unsafe fn alloc_general(
         &mut self,
         size: u64,
         align: u64,
@@ -695,7 +796,108 @@ impl HeapCore {
     ///
     /// # Safety
     /// `ptr - HEADER` must lie inside a region of this heap; the caller holds the lock.
+    #[inline]
     pub unsafe fn free(&mut self, ptr: u64) -> Result<FreedBlock, HeapError> {
+        // SAFETY: the caller's guarantees.
+        if let Some(f) = unsafe { self.free_beside_allocated(ptr) } {
+            return Ok(f);
+        }
+        // SAFETY: the caller's guarantees.
+        unsafe { self.free_general(ptr) }
+    }
+
+    /// The common free in one piece: the block is followed by an allocated block in its region,
+    /// so it either becomes a free block of its own or grows the free block in front of it.
+    /// Reads and verifies the three headers involved before it writes; changes nothing and
+    /// returns `None` when the case is another one (or anything looks wrong):
+    /// [`HeapCore::free_general`] then does, or reports, the rest.
+    ///
+    /// # Safety
+    /// As [`HeapCore::free`].
+    #[inline(always)]
+    unsafe fn free_beside_allocated(&mut self, ptr: u64) -> Option<FreedBlock> {
+        if cfg!(feature = "debug-cookies") || !ptr.is_multiple_of(GRAIN) || ptr < HEADER {
+            return None;
+        }
+        let b = ptr - HEADER;
+        // SAFETY: `b` lies inside a region of this heap (caller).
+        let (bp, bsf, bchk) = unsafe { (rd(b), rd(b + 8), rd(b + 16)) };
+        let bsize = bsf & !F_MASK;
+        if bchk != check_word(b, bsf, bp) || bsf & (F_FREE | F_LAST | 16) != 0 || bsize < MIN_BLOCK
+        {
+            return None;
+        }
+        let n = b + bsize;
+        // SAFETY: `b` is not last: the next block is inside the region.
+        let (np, nsf, nchk) = unsafe { (rd(n), rd(n + 8), rd(n + 16)) };
+        if nchk != check_word(n, nsf, np) || np != b || nsf & (F_FREE | F_PREV_FREE) != 0 {
+            return None;
+        }
+        // SAFETY: verified allocated header.
+        let req = unsafe { rd(b + 24) };
+        let nsf = nsf | F_PREV_FREE;
+        let freed = if bsf & F_PREV_FREE == 0 {
+            // SAFETY: our verified block becomes free and joins its list; the next one, verified,
+            // records that its previous block is free.
+            unsafe {
+                self.set_hdr(b, bp, bsize, F_FREE);
+                self.insert(b, bsize);
+                wr(n + 8, nsf);
+                wr(n + 16, check_word(n, nsf, b));
+            }
+            FreedBlock {
+                addr: b,
+                size: bsize,
+            }
+        } else {
+            let p = bp;
+            // SAFETY: the previous block of a verified header lies in the region.
+            let (pp, psf, pchk) = unsafe { (rd(p), rd(p + 8), rd(p + 16)) };
+            let psize = psf & !F_MASK;
+            if pchk != check_word(p, psf, pp)
+                || psf & (F_FREE | F_LAST | 16) != F_FREE
+                || p.wrapping_add(psize) != b
+            {
+                return None;
+            }
+            let merged = psize + bsize;
+            let msf = merged | F_FREE | (psf & F_PREV_FREE);
+            // SAFETY: the free block in front grows over ours; our header, buried inside it, is
+            // left marked free (a second free of `ptr` is then the double free it is); the next
+            // block's previous block is now the merged one.
+            unsafe {
+                if mapping(merged) == mapping(psize) {
+                    self.counters.free += bsize;
+                } else {
+                    self.unlink(p, psize);
+                    self.insert(p, merged);
+                }
+                wr(p + 8, msf);
+                wr(p + 16, check_word(p, msf, pp));
+                let fsf = bsize | F_FREE;
+                wr(b + 8, fsf);
+                wr(b + 16, check_word(b, fsf, bp));
+                wr(n, p);
+                wr(n + 8, nsf);
+                wr(n + 16, check_word(n, nsf, p));
+            }
+            FreedBlock {
+                addr: p,
+                size: merged,
+            }
+        };
+        self.counters.alloc_count -= 1;
+        self.counters.requested -= req;
+        Some(freed)
+    }
+
+    /// Every free [`HeapCore::free_beside_allocated`] does not do: the last block of a region,
+    /// a free block after ours, and every error.
+    ///
+    /// # Safety
+    /// As [`HeapCore::free`].
+    #[inline(never)]
+    unsafe fn free_general(&mut self, ptr: u64) -> Result<FreedBlock, HeapError> {
         // SAFETY: caller's guarantee.
         let h = unsafe { self.allocated(ptr)? };
         // SAFETY: verified header.
@@ -707,8 +909,14 @@ impl HeapCore {
         let mut prev_free = h.prev_free();
         // Verify the neighbours before changing anything.
         let next = match h.next() {
-            // SAFETY: not last: the next block is inside the region.
-            Some(n) => Some(unsafe { self.hdr(n)? }),
+            Some(n) => {
+                // SAFETY: not last: the next block is inside the region.
+                let n = unsafe { self.hdr(n)? };
+                if n.prev != h.addr {
+                    return Err(HeapError::Corrupt { block: n.addr });
+                }
+                Some(n)
+            }
             None => None,
         };
         // The block that will follow the merged one (a free next block is merged, so the one
@@ -1243,6 +1451,109 @@ mod tests {
             );
             assert_eq!(h.counters.free, 1 << 20);
             assert_eq!(h.counters.alloc_count, 0);
+        }
+    }
+
+    /// Walks the region and the free lists: no problem, and the counters agree with the walk.
+    ///
+    /// # Safety
+    /// `[base, base + len)` is the heap's one region, mapped.
+    unsafe fn check_whole(h: &HeapCore, base: u64, len: u64) {
+        let mut problems = Vec::new();
+        // SAFETY: the caller's guarantee.
+        let (free, nfree, nalloc, req) =
+            unsafe { h.walk_region(base, base + len, &mut problems, |_, _, _| {}) };
+        // SAFETY: as above.
+        let listed = unsafe { h.check_lists(&mut problems) };
+        assert!(problems.is_empty(), "{problems:?}");
+        let c = &h.counters;
+        assert_eq!(
+            (c.free, c.free_count, c.alloc_count, c.requested),
+            (free, nfree, nalloc, req)
+        );
+        assert_eq!(listed, nfree);
+    }
+
+    #[test]
+    fn the_common_allocation_and_free_keep_the_heap_whole_in_every_case() {
+        // Sizes across classes (below and above SMALL) so that merges and splits both stay in
+        // their class and leave it; frees forward (each grows the free block in front), every
+        // other (each becomes a free block of its own), then the rest (each joins a free block
+        // after it, or both neighbours: the general path).
+        let (mut h, a) = heap();
+        let base = a.base();
+        let len = 1 << 20;
+        let sizes = [1u64, 48, 64, 100, 1000, 2000, 4000];
+        // SAFETY: the arena is ours, mapped, 4096-aligned, and outlives the heap use here.
+        unsafe {
+            h.add_region(base, len, true);
+            for round in 0..3 {
+                let mut ptrs = Vec::new();
+                for i in 0..120 {
+                    let size = sizes[i % sizes.len()];
+                    let p = h.alloc(size, 1).unwrap().expect("room");
+                    assert!(p.is_multiple_of(GRAIN));
+                    ptrs.push(p);
+                    check_whole(&h, base, len);
+                }
+                let order: Vec<u64> = match round {
+                    0 => ptrs.clone(),
+                    1 => ptrs
+                        .iter()
+                        .step_by(2)
+                        .chain(ptrs.iter().skip(1).step_by(2))
+                        .copied()
+                        .collect(),
+                    _ => ptrs.iter().rev().copied().collect(),
+                };
+                for p in order {
+                    h.free(p).unwrap();
+                    assert_eq!(h.free(p), Err(HeapError::DoubleFree { ptr: p }));
+                    check_whole(&h, base, len);
+                }
+                assert_eq!(h.counters.free, len);
+                assert_eq!(h.counters.free_count, 1);
+            }
+            // A hole between allocated blocks, carved from its front: the block after it must
+            // learn each new tail as its previous block.
+            let big = h.alloc(8000, 1).unwrap().unwrap();
+            let fence = h.alloc(64, 1).unwrap().unwrap();
+            h.free(big).unwrap();
+            let mut small = Vec::new();
+            for _ in 0..40 {
+                let p = h.alloc(1, 1).unwrap().unwrap();
+                assert!(p < fence, "served from the hole");
+                small.push(p);
+                check_whole(&h, base, len);
+            }
+            for p in small.into_iter().chain([fence]) {
+                h.free(p).unwrap();
+                check_whole(&h, base, len);
+            }
+            assert_eq!(h.counters.free, len);
+        }
+    }
+
+    #[test]
+    fn a_free_whose_next_block_does_not_point_back_is_refused() {
+        let (mut h, a) = heap();
+        let base = a.base();
+        // SAFETY: as above; the test rewrites p2's header (with a valid check word) to name
+        // another previous block, as a stale header inside a free block would.
+        unsafe {
+            h.add_region(base, 1 << 20, true);
+            let p1 = h.alloc(64, 1).unwrap().unwrap();
+            let p2 = h.alloc(64, 1).unwrap().unwrap();
+            let n = h.hdr(p2 - HEADER).unwrap();
+            h.set_hdr(n.addr, n.addr - 4096, n.size, n.flags);
+            let before = h.counters;
+            assert_eq!(h.free(p1), Err(HeapError::Corrupt { block: n.addr }));
+            assert_eq!(h.counters, before);
+            // Put right, the free goes through.
+            h.set_hdr(n.addr, p1 - HEADER, n.size, n.flags);
+            h.free(p1).unwrap();
+            h.free(p2).unwrap();
+            check_whole(&h, base, 1 << 20);
         }
     }
 
