@@ -24,7 +24,7 @@ use memplane_hugepage::{AllocSpec, HeapHooks, MemError, Memory};
 
 use crate::lock::{Guard, LockError};
 use crate::state::{HeapData, HeapMap, Region, StateError};
-use crate::tlsf::{HEADER, HeapError, LINKS, MAX_ALLOC, MIN_BLOCK};
+use crate::tlsf::{GRAIN, HEADER, HeapError, LINKS, MAX_ALLOC, MIN_BLOCK};
 
 /// Why an allocation or free failed.
 #[derive(Debug)]
@@ -130,7 +130,7 @@ impl Shared {
     /// Locks heap `i`, repairing it first if its last holder died. The data reference is tied to
     /// the guard's lifetime: it is exclusive while the lock is held.
     #[allow(clippy::mut_from_ref)]
-    #[inline]
+    #[inline(always)]
     pub(crate) fn lock(&self, i: usize) -> Result<(Guard<'_>, &mut HeapData), AllocError> {
         let h = &self.map.file().heaps[i];
         let mut g = h.lock.lock()?;
@@ -424,16 +424,29 @@ where
     }
 
     /// Zero-fills the first `size` bytes of the fresh block `p`: only its old links when the
-    /// rest is known to be zero.
+    /// rest is known to be zero. A small block is cleared in whole grains (its usable bytes
+    /// reach the next [`GRAIN`] multiple: see `HeapCore::sizes`), by stores of a known length
+    /// rather than a call to `memset`.
     #[inline]
     fn clear(p: NonNull<u8>, size: usize, known_zero: bool) {
-        let n = if known_zero {
-            size.min(LINKS as usize)
-        } else {
-            size
-        };
-        // SAFETY: `p` is a fresh allocation of at least `size` bytes, ours alone.
-        unsafe { std::ptr::write_bytes(p.as_ptr(), 0, n) };
+        const G: usize = GRAIN as usize;
+        // With cookies, the cookie sits right after the requested bytes: clear exactly those.
+        let whole_grains = !cfg!(feature = "debug-cookies");
+        // SAFETY: `p` is a fresh allocation of `size` bytes, ours alone, whose usable bytes
+        // run to `size` rounded up to GRAIN (the links are inside them: LINKS <= GRAIN).
+        unsafe {
+            if known_zero && whole_grains {
+                std::ptr::write_bytes(p.as_ptr(), 0, LINKS as usize);
+            } else if known_zero {
+                std::ptr::write_bytes(p.as_ptr(), 0, size.min(LINKS as usize));
+            } else if whole_grains && size <= G {
+                std::ptr::write_bytes(p.as_ptr(), 0, G);
+            } else if whole_grains && size <= 2 * G {
+                std::ptr::write_bytes(p.as_ptr(), 0, 2 * G);
+            } else {
+                std::ptr::write_bytes(p.as_ptr(), 0, size);
+            }
+        }
     }
 
     /// [`Heap::malloc`], zero-filled when `zero`.

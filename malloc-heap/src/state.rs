@@ -244,6 +244,7 @@ impl HeapMap {
     }
 
     /// The file's contents.
+    #[inline]
     pub fn file(&self) -> &HeapFile {
         // SAFETY: the mapping is exactly one HeapFile, alive as long as `self`; fields are
         // integers, atomics and process-shared mutexes.
@@ -255,6 +256,7 @@ impl HeapMap {
     /// # Safety
     /// The caller holds heap `i`'s lock, so no other reference to the data is in use.
     #[allow(clippy::mut_from_ref)]
+    #[inline]
     pub unsafe fn heap_mut(&self, i: usize) -> &mut HeapData {
         // SAFETY: the data sits in an UnsafeCell; exclusive under the lock (caller).
         unsafe { &mut *self.file().heaps[i].data.get() }
@@ -283,6 +285,7 @@ impl HeapMap {
     }
 
     /// Heaps in use.
+    #[inline]
     pub fn nheaps(&self) -> usize {
         self.file().nheaps as usize
     }
@@ -300,6 +303,7 @@ unsafe impl Sync for HeapFile {}
 
 impl HeapData {
     /// The regions in use.
+    #[inline]
     pub fn regions(&self) -> &[Region] {
         &self.regions[..(self.nregions as usize).min(MAX_REGIONS)]
     }
