@@ -1555,16 +1555,28 @@ mod tests {
         }
     }
 
+    /// A heap of one 1 MiB region holding two 64 B blocks, side by side at its start.
+    fn heap_with_two_blocks() -> (Box<HeapCore>, Arena, u64, u64) {
+        let (mut h, a) = heap();
+        // SAFETY: the arena is ours, mapped, 4096-aligned, and lives as long as the heap (both
+        // are returned together).
+        let (p1, p2) = unsafe {
+            h.add_region(a.base(), 1 << 20, true);
+            (
+                h.alloc(64, 1).unwrap().unwrap(),
+                h.alloc(64, 1).unwrap().unwrap(),
+            )
+        };
+        (h, a, p1, p2)
+    }
+
     #[test]
     fn a_free_whose_next_block_does_not_point_back_is_refused() {
-        let (mut h, a) = heap();
+        let (mut h, a, p1, p2) = heap_with_two_blocks();
         let base = a.base();
         // SAFETY: as above; the test rewrites p2's header (with a valid check word) to name
         // another previous block, as a stale header inside a free block would.
         unsafe {
-            h.add_region(base, 1 << 20, true);
-            let p1 = h.alloc(64, 1).unwrap().unwrap();
-            let p2 = h.alloc(64, 1).unwrap().unwrap();
             let n = h.hdr(p2 - HEADER).unwrap();
             h.set_hdr(n.addr, n.addr - 4096, n.size, n.flags);
             let before = h.counters;
@@ -1613,13 +1625,9 @@ mod tests {
 
     #[test]
     fn overflow_into_next_header_is_caught() {
-        let (mut h, a) = heap();
-        let base = a.base();
+        let (mut h, _a, p1, p2) = heap_with_two_blocks();
         // SAFETY: as above; the test deliberately writes past p1's block into p2's header.
         unsafe {
-            h.add_region(base, 1 << 20, true);
-            let p1 = h.alloc(64, 1).unwrap().unwrap();
-            let p2 = h.alloc(64, 1).unwrap().unwrap();
             let (_, usable) = h.sizes(p1).unwrap();
             std::ptr::write_bytes((p1 + usable) as *mut u8, 0xab, 8);
             if cfg!(feature = "debug-cookies") {
