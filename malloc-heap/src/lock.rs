@@ -62,6 +62,10 @@ const CHECK_EVERY: Duration = Duration::from_millis(10);
 /// then miss it: it finds out after this long).
 const SLICE_WITHOUT_BARRIER: Duration = Duration::from_micros(200);
 
+/// Waits that timed out although the lock had been released without a wake (tests only).
+#[cfg(test)]
+static MISSED_WAKES: AtomicU64 = AtomicU64::new(0);
+
 const CONSISTENT: u32 = 0;
 const NOT_RECOVERABLE: u32 = 1;
 
@@ -160,7 +164,17 @@ impl RobustMutex {
                 }
                 continue;
             }
-            if !futex::wait(&self.seq, seq, nap) && !identity::alive(cur) {
+            let woken = futex::wait(&self.seq, seq, nap);
+            #[cfg(test)]
+            if !woken
+                && self.owner.load(Ordering::SeqCst) == 0
+                && self.seq.load(Ordering::SeqCst) == seq
+            {
+                // Slept a whole slice, and the lock is free with nobody having woken us: a
+                // release did not see us counted.
+                MISSED_WAKES.fetch_add(1, Ordering::Relaxed);
+            }
+            if !woken && !identity::alive(cur) {
                 // The holder is gone: whoever swaps its identity for their own recovers.
                 if self
                     .owner
@@ -427,6 +441,8 @@ mod tests {
         }
         assert_eq!(count.load(Ordering::Relaxed), 80_000);
         assert_eq!(m.owner.load(Ordering::Relaxed), 0);
+        // Every release saw its sleeping waiters (the asymmetric fence of the module doc).
+        assert_eq!(MISSED_WAKES.load(Ordering::Relaxed), 0);
     }
 
     #[test]
