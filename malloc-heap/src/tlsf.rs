@@ -433,7 +433,11 @@ impl HeapCore {
     /// Every region added must still be mapped; the caller holds the heap's lock.
     unsafe fn find_block(&self, size: u64) -> Result<Option<u64>, HeapError> {
         if let Some((fl, sl)) = self.find(size) {
-            return Ok(Some(self.heads[fl][sl]));
+            return match self.heads[fl][sl] {
+                // A bitmap bit without a list behind it: the heap's own table was overwritten.
+                0 => Err(HeapError::Corrupt { block: 0 }),
+                b => Ok(Some(b)),
+            };
         }
         let (fl, sl) = mapping(size);
         if size < SMALL || fl >= FL_COUNT {
@@ -591,6 +595,10 @@ impl HeapCore {
         let need = round_up(size, GRAIN).max(MIN_BLOCK - HEADER) + HEADER;
         let (fl, sl) = self.find(need)?;
         let blk = self.heads[fl][sl];
+        if blk == 0 {
+            // The bitmap says the list holds a block and it does not: the general path reports it.
+            return None;
+        }
         // SAFETY: `blk` heads a free list: a free block inside a mapped region (caller).
         let (prev, sf, chk) = unsafe { (rd(blk), rd(blk + 8), rd(blk + 16)) };
         let bsize = sf & !F_MASK;
@@ -1568,6 +1576,19 @@ mod tests {
             )
         };
         (h, a, p1, p2)
+    }
+
+    #[test]
+    fn a_list_bit_without_a_list_is_reported_not_followed() {
+        let (mut h, a) = heap();
+        // SAFETY: as above.
+        unsafe { h.add_region(a.base(), 1 << 20, true) };
+        // The region's list is emptied behind the bitmap's back, as a stray write would.
+        let (fl, sl) = mapping(1 << 20);
+        h.heads[fl][sl] = 0;
+        // SAFETY: the heap's one region is mapped; the corrupt list is never followed.
+        let r = unsafe { h.alloc(64, 1) };
+        assert_eq!(r, Err(HeapError::Corrupt { block: 0 }));
     }
 
     #[test]
