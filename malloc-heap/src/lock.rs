@@ -192,17 +192,15 @@ impl RobustMutex {
     #[inline]
     fn unlock(&self) {
         if barrier::light() {
-            // Registered for membarrier: a waiter's barrier orders these two for us.
+            // Registered for membarrier: a waiter's barrier orders this store and the load
+            // below for us; only the compiler must keep them in order.
             self.owner.store(0, Ordering::Release);
             std::sync::atomic::compiler_fence(Ordering::SeqCst);
-            if self.waiters.load(Ordering::Relaxed) != 0 {
-                self.wake();
-            }
         } else {
             self.owner.store(0, Ordering::SeqCst);
-            if self.waiters.load(Ordering::SeqCst) != 0 {
-                self.wake();
-            }
+        }
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            self.wake();
         }
     }
 
