@@ -430,21 +430,21 @@ where
     #[inline]
     fn clear(p: NonNull<u8>, size: usize, known_zero: bool) {
         const G: usize = GRAIN as usize;
+        let n = if known_zero {
+            size.min(LINKS as usize)
+        } else {
+            size
+        };
         // With cookies, the cookie sits right after the requested bytes: clear exactly those.
         let whole_grains = !cfg!(feature = "debug-cookies");
         // SAFETY: `p` is a fresh allocation of `size` bytes, ours alone, whose usable bytes
-        // run to `size` rounded up to GRAIN (the links are inside them: LINKS <= GRAIN).
+        // run to `size` rounded up to GRAIN (and n <= size).
         unsafe {
-            if known_zero && whole_grains {
-                std::ptr::write_bytes(p.as_ptr(), 0, LINKS as usize);
-            } else if known_zero {
-                std::ptr::write_bytes(p.as_ptr(), 0, size.min(LINKS as usize));
-            } else if whole_grains && size <= G {
-                std::ptr::write_bytes(p.as_ptr(), 0, G);
-            } else if whole_grains && size <= 2 * G {
-                std::ptr::write_bytes(p.as_ptr(), 0, 2 * G);
-            } else {
-                std::ptr::write_bytes(p.as_ptr(), 0, size);
+            match n {
+                _ if !whole_grains => std::ptr::write_bytes(p.as_ptr(), 0, n),
+                0..=G => std::ptr::write_bytes(p.as_ptr(), 0, G),
+                _ if n <= 2 * G => std::ptr::write_bytes(p.as_ptr(), 0, 2 * G),
+                _ => std::ptr::write_bytes(p.as_ptr(), 0, n),
             }
         }
     }
