@@ -277,14 +277,19 @@ fn busy<R>(ops: &dyn Ops, local: &Local, f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// The first `CHUNK` (at most) of a bin's slots, copied out.
+fn copied(slots: &[Cell<*mut u8>]) -> [*mut u8; CHUNK] {
+    let mut buf = [null_mut(); CHUNK];
+    for (b, c) in buf.iter_mut().zip(slots) {
+        *b = c.get();
+    }
+    buf
+}
+
 /// Frees `blocks` (a bin's slots, no longer in the bin) to the heap, in batches.
 fn free_slots(ops: &dyn Ops, blocks: &[Cell<*mut u8>]) {
     for chunk in blocks.chunks(CHUNK) {
-        let mut buf = [null_mut(); CHUNK];
-        for (b, c) in buf.iter_mut().zip(chunk) {
-            *b = c.get();
-        }
-        ops.free_batch(&buf[..chunk.len()]);
+        ops.free_batch(&copied(chunk)[..chunk.len()]);
     }
 }
 
@@ -439,10 +444,7 @@ fn dealloc_slow(p: *mut u8, l: Layout) {
 fn drain(ops: &dyn Ops, local: &Local, bin: &Bin) {
     let n = bin.len();
     let give = n.min(CACHE_MAX / 2);
-    let mut buf = [null_mut(); CHUNK];
-    for (b, c) in buf.iter_mut().zip(&bin.slots[..give]) {
-        *b = c.get();
-    }
+    let buf = copied(&bin.slots[..give]);
     for i in give..n {
         bin.slots[i - give].set(bin.slots[i].get());
     }
