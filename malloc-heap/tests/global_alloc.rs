@@ -75,12 +75,13 @@ fn everything_runs_on_the_shared_heap() {
 
     // A thread's cached blocks go back to the heap when it ends: 100 small blocks freed into
     // its cache (fewer than a class holds, so none went back on the way) are the heap's again.
-    let (cached, in_thread) = std::thread::scope(|sc| {
+    let cached = 100;
+    let in_thread = std::thread::scope(|sc| {
         sc.spawn(|| {
-            let boxes: Vec<Box<[u8; 40]>> = (0..100).map(|i| Box::new([i as u8; 40])).collect();
+            let boxes: Vec<Box<[u8; 40]>> = (0..cached).map(|i| Box::new([i as u8; 40])).collect();
             assert!(boxes.iter().all(|b| is_heap_pointer(b.as_ptr())));
             drop(boxes);
-            (100, heap.stats(0).unwrap().alloc_count)
+            heap.stats(0).unwrap().alloc_count
         })
         .join()
         .unwrap()
