@@ -1091,7 +1091,7 @@ where
 
     /// Frees whole pages `range` (allocated by any process).
     pub fn free(&self, range: MemRange, heap: u32) -> Result<(), MemError> {
-        self.inner.map.check_range(&range)?;
+        self.inner.map.check_freeable(&range)?;
         self.transact(MemRequest::Free(FreeRequest { heap, range }))
             .map(|_| ())
     }
@@ -1160,6 +1160,18 @@ where
     /// Whether every page of `range` was allocated up front (`--socket-mem`).
     pub fn is_pinned(&self, range: &MemRange) -> bool {
         self.inner.map.is_pinned(range)
+    }
+
+    /// The memory allocated up front (`--socket-mem`), as (NUMA node, range) in address order,
+    /// one contiguous range per run of pages: what the primary's heaps start with.
+    pub fn pinned_ranges(&self) -> Vec<(u32, MemRange)> {
+        let cfg = self.inner.map.config();
+        self.inner
+            .map
+            .pinned_ranges()
+            .into_iter()
+            .map(|(li, r)| (cfg.list(li).node, r))
+            .collect()
     }
 
     /// The backing in use, as a word (`memfd`, `file-per-page`, `single-file`, `no-huge`).

@@ -499,14 +499,63 @@ impl MemMap {
         })
     }
 
-    /// Frees `r` (primary): whole allocated pages of one list.
-    pub fn free(&self, r: &MemRange) -> Result<(), MemError> {
+    /// The runs of pages allocated up front (`--socket-mem`), as (list, range), in address
+    /// order: each run is one contiguous range of one list.
+    pub fn pinned_ranges(&self) -> Vec<(usize, MemRange)> {
+        let mut out = Vec::new();
+        for li in 0..self.cfg.nlists() {
+            let l = self.cfg.list(li);
+            let pinned = |s: &crate::shared::Seg| {
+                s.state.load(Ordering::Acquire) == seg_state::USED
+                    && s.flags.load(Ordering::Acquire) & SEG_PINNED != 0
+            };
+            let mut run: Option<(u64, u64)> = None;
+            for (k, s) in self.cfg.segs(li).iter().enumerate() {
+                let va = l.base + k as u64 * l.page_size;
+                match (pinned(s), run.as_mut()) {
+                    (true, Some((_, end))) => *end = va + l.page_size,
+                    (true, None) => run = Some((va, va + l.page_size)),
+                    (false, Some(_)) => {
+                        let (a, e) = run.take().unwrap_or_default();
+                        out.push((li, MemRange { addr: a, len: e - a }));
+                    }
+                    (false, None) => {}
+                }
+            }
+            if let Some((a, e)) = run {
+                out.push((li, MemRange { addr: a, len: e - a }));
+            }
+        }
+        out
+    }
+
+    /// Checks that `r` is whole allocated pages of one list that may be freed: none of them
+    /// allocated up front (those stay for the life of the memory, as DPDK's `--socket-mem`
+    /// pages do). Returns (list, first, count).
+    pub fn check_freeable(&self, r: &MemRange) -> Result<(usize, u32, u32), MemError> {
         let (li, first, n) = self.check_range(r)?;
+        let segs = self.cfg.segs(li);
+        if let Some(k) = (first..first + n)
+            .find(|&k| segs[k as usize].flags.load(Ordering::Acquire) & SEG_PINNED != 0)
+        {
+            let l = self.cfg.list(li);
+            return Err(MemError::Invalid(format!(
+                "page at {:#x} was allocated up front (--socket-mem) and is kept for the life of \
+                 the memory",
+                l.base + k as u64 * l.page_size
+            )));
+        }
+        Ok((li, first, n))
+    }
+
+    /// Frees `r` (primary): whole allocated pages of one list (see [`MemMap::check_freeable`]).
+    pub fn free(&self, r: &MemRange) -> Result<(), MemError> {
+        let (li, first, n) = self.check_freeable(r)?;
         let mut local = self.local.lock();
         let l = self.cfg.list(li);
         let ps = l.page_size;
-        self.events.fire(MemEvent::Free, r.addr, r.len);
         let segs = self.cfg.segs(li);
+        self.events.fire(MemEvent::Free, r.addr, r.len);
         if let Some(m) = self.dma.read().clone() {
             for k in first..first + n {
                 let iova = segs[k as usize].iova.load(Ordering::Acquire);

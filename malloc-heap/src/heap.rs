@@ -192,8 +192,14 @@ enum Join {
 }
 
 impl Hooks {
-    /// Adds `range` to heap `heap` as a new region.
+    /// Adds `range` to heap `heap` as a new region, counted as a growth.
     fn add(&self, heap: u32, range: MemRange, how: Join) -> Result<(), TxnStatus> {
+        self.join(heap, range, how, true)
+    }
+
+    /// Adds `range` to heap `heap` as a new region; a growth if `grown` (else memory the heap
+    /// starts with).
+    fn join(&self, heap: u32, range: MemRange, how: Join, grown: bool) -> Result<(), TxnStatus> {
         let i = self.shared.map.heap_of(heap).ok_or(TxnStatus::Invalid)?;
         let (_g, h) = self.shared.lock(i).map_err(|_| TxnStatus::Failed)?;
         // SAFETY: lock held; the pages are mapped in every attached process (but the
@@ -208,7 +214,7 @@ impl Hooks {
         if !added {
             return Err(TxnStatus::LimitExceeded);
         }
-        h.grows += 1;
+        h.grows += u64::from(grown);
         Ok(())
     }
 }
@@ -331,9 +337,22 @@ where
             // The primary maps every page it publishes before it publishes it.
             walkable: Box::new(|_| true),
         });
-        mem.set_heap_hooks(Arc::new(Hooks {
+        let hooks = Hooks {
             shared: shared.clone(),
-        }));
+        };
+        // Memory allocated up front (`--socket-mem`) is the heaps' from the start, as DPDK's
+        // preallocated memory is: nobody has written it since the kernel cleared it, and it is
+        // never given back (see `shrink`).
+        for (node, r) in mem.pinned_ranges() {
+            hooks.join(node, r, Join::Zeroed, false).map_err(|s| {
+                MemError::Invalid(format!(
+                    "memory allocated up front at [{:#x}, {:#x}) could not join heap {node}: {s:?}",
+                    r.addr,
+                    r.addr + r.len
+                ))
+            })?;
+        }
+        mem.set_heap_hooks(Arc::new(hooks));
         Ok(Heap {
             mem,
             shared,

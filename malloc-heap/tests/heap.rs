@@ -36,6 +36,9 @@ fn read(p: u64, n: usize) -> Vec<u8> {
     v
 }
 
+/// The tests that count the kernel's free hugepages run one at a time.
+static HUGE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn nn(p: u64) -> NonNull<u8> {
     NonNull::new(p as *mut u8).unwrap()
 }
@@ -209,8 +212,78 @@ fn hugepage_heap_between_processes() {
         memplane_testkit::skip("hugepage_heap_between_processes: fewer than 32 free hugepages");
         return;
     };
+    let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());
     let before = free_hugepages(size);
     scenario(MemOptions::new().backing(Backing::Memfd));
+    assert_eq!(
+        memplane_testkit::settles_at(before, || free_hugepages(size)),
+        before,
+        "hugepages leaked"
+    );
+}
+
+/// Memory allocated up front (`--socket-mem`) is the heap's from the start, as DPDK's
+/// preallocated memory is: allocations inside it grow nothing, frees give none of it back, and
+/// it cannot be freed as pages; growth past it and shrink back to it work as without it.
+fn up_front(opts: MemOptions) {
+    const MIB: u64 = 1 << 20;
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, opts.socket_mem(vec![8]));
+    let h = &p.heap;
+    let mem = h.memory();
+    assert_eq!(mem.total_used(), 8 * MIB);
+    let s = h.stats(0).unwrap();
+    assert_eq!((s.heap_size, s.free, s.regions), (8 * MIB, 8 * MIB, 1), "{s:?}");
+    assert_eq!((s.grows, s.alloc_count), (0, 0), "{s:?}");
+    let pinned = mem.pinned_ranges();
+    assert_eq!(pinned.len(), 1, "{pinned:?}");
+    assert_eq!((pinned[0].0, pinned[0].1.len), (0, 8 * MIB));
+
+    // A secondary allocates inside it and the primary frees: nothing grows or shrinks.
+    let mut a = start(&dir);
+    let x = hexnum(&a.cmd("malloc 100000 40"));
+    assert!(pinned[0].1.addr <= x && x < pinned[0].1.addr + 8 * MIB, "{x:#x}");
+    assert_eq!(a.cmd(&format!("write {x:x} {}", hex(b"early"))), "ok");
+    assert_eq!(read(x, 5), b"early");
+    h.free(nn(x)).unwrap();
+    let s = h.stats(0).unwrap();
+    assert_eq!((s.grows, s.shrinks, s.alloc_count), (0, 0, 0), "{s:?}");
+    assert_eq!(mem.total_used(), 8 * MIB);
+
+    // Past it the heap grows, and freeing gives back exactly what it grew by.
+    let big = h.malloc((12 * MIB) as usize, 64).unwrap();
+    assert!(mem.total_used() > 8 * MIB);
+    assert_eq!(h.stats(0).unwrap().grows, 1);
+    h.free(big).unwrap();
+    let s = h.stats(0).unwrap();
+    assert_eq!(mem.total_used(), 8 * MIB, "{s:?}");
+    assert_eq!((s.heap_size, s.shrinks), (8 * MIB, 1), "{s:?}");
+
+    // Its pages cannot be freed as pages, from either side.
+    let e = mem.free(pinned[0].1, 0).unwrap_err().to_string();
+    assert!(e.contains("--socket-mem"), "{e}");
+    assert_eq!(mem.total_used(), 8 * MIB);
+    assert_eq!(h.validate(), Ok(()));
+    assert_eq!(a.cmd("validate"), "clean");
+}
+
+#[test]
+fn no_huge_memory_allocated_up_front_starts_the_heap_and_stays() {
+    up_front(MemOptions::new().no_huge());
+}
+
+#[test]
+fn hugepage_memory_allocated_up_front_starts_the_heap_and_stays() {
+    let Some(size) = default_hugepage_size().filter(|&s| free_hugepages(s) >= 32) else {
+        memplane_testkit::skip(
+            "hugepage_memory_allocated_up_front_starts_the_heap_and_stays: fewer than 32 free \
+             hugepages",
+        );
+        return;
+    };
+    let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());
+    let before = free_hugepages(size);
+    up_front(MemOptions::new().backing(Backing::Memfd));
     assert_eq!(
         memplane_testkit::settles_at(before, || free_hugepages(size)),
         before,
