@@ -509,21 +509,18 @@ impl MemMap {
                 s.state.load(Ordering::Acquire) == seg_state::USED
                     && s.flags.load(Ordering::Acquire) & SEG_PINNED != 0
             };
-            let mut run: Option<(u64, u64)> = None;
-            for (k, s) in self.cfg.segs(li).iter().enumerate() {
-                let va = l.base + k as u64 * l.page_size;
-                match (pinned(s), run.as_mut()) {
-                    (true, Some((_, end))) => *end = va + l.page_size,
-                    (true, None) => run = Some((va, va + l.page_size)),
-                    (false, Some(_)) => {
-                        let (a, e) = run.take().unwrap_or_default();
-                        out.push((li, MemRange { addr: a, len: e - a }));
-                    }
-                    (false, None) => {}
+            let segs = self.cfg.segs(li);
+            let mut k = 0;
+            while k < segs.len() {
+                if !pinned(&segs[k]) {
+                    k += 1;
+                    continue;
                 }
-            }
-            if let Some((a, e)) = run {
-                out.push((li, MemRange { addr: a, len: e - a }));
+                let n = segs[k..].iter().take_while(|s| pinned(s)).count();
+                let addr = l.base + k as u64 * l.page_size;
+                let len = n as u64 * l.page_size;
+                out.push((li, MemRange { addr, len }));
+                k += n;
             }
         }
         out

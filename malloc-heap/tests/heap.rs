@@ -233,7 +233,11 @@ fn up_front(opts: MemOptions) {
     let mem = h.memory();
     assert_eq!(mem.total_used(), 8 * MIB);
     let s = h.stats(0).unwrap();
-    assert_eq!((s.heap_size, s.free, s.regions), (8 * MIB, 8 * MIB, 1), "{s:?}");
+    assert_eq!(
+        (s.heap_size, s.free, s.regions),
+        (8 * MIB, 8 * MIB, 1),
+        "{s:?}"
+    );
     assert_eq!((s.grows, s.alloc_count), (0, 0), "{s:?}");
     let pinned = mem.pinned_ranges();
     assert_eq!(pinned.len(), 1, "{pinned:?}");
@@ -242,7 +246,10 @@ fn up_front(opts: MemOptions) {
     // A secondary allocates inside it and the primary frees: nothing grows or shrinks.
     let mut a = start(&dir);
     let x = hexnum(&a.cmd("malloc 100000 40"));
-    assert!(pinned[0].1.addr <= x && x < pinned[0].1.addr + 8 * MIB, "{x:#x}");
+    assert!(
+        pinned[0].1.addr <= x && x < pinned[0].1.addr + 8 * MIB,
+        "{x:#x}"
+    );
     assert_eq!(a.cmd(&format!("write {x:x} {}", hex(b"early"))), "ok");
     assert_eq!(read(x, 5), b"early");
     h.free(nn(x)).unwrap();
