@@ -5,6 +5,8 @@
 # the DPDK 22.11 C program interop/dpdk_malloc_bench.c, then runs:
 #   malloc_perf     DPDK's malloc_perf_autotest protocol on memplane's heap (hugepages and
 #                   --no-huge), next to `dpdk-test`'s own malloc_perf_autotest, with ratios;
+#   malloc_perf_prealloc  the same on hugepages with 2048 MiB allocated up front on both sides
+#                   (--socket-mem 2048): the rows that fit grow nothing (not in the default set);
 #   alloc_pairs     alloc+free pairs of 16/64/256 B, working set 16, 1 and 2 threads: memplane's
 #                   global allocator (installed: global_pairs; and through GlobalAlloc), jemalloc
 #                   (installed: jemalloc_pairs; and through GlobalAlloc), the heap directly,
@@ -234,6 +236,9 @@ for b in $ONLY; do
       else
         run malloc_perf --reps "$REPS" --no-dpdk
       fi ;;
+    malloc_perf_prealloc)
+      [ -n "$DPDK_TEST" ] || die "malloc_perf_prealloc needs dpdk-test"
+      run malloc_perf --reps "$REPS" --modes huge --socket-mem 2048 --dpdk-test "$DPDK_TEST" ;;
     alloc_pairs)
       # Many short repetitions of the fast rows (31 by default: this VM's speed changes by up to
       # 2x for a second or so at a time, and a median of many short 1-/2-thread pairs is not

@@ -21,10 +21,15 @@
 //! its test starts, so memplane's holds a block of that size for the whole run (see
 //! `DPDK_START_HELD`); `--empty-start` runs memplane from an empty heap instead.
 //!
+//! With `--socket-mem MB` both sides start with that much hugepage memory allocated up front
+//! and kept (DPDK's `--socket-mem`, memplane's `Config::socket_mem`), so the rows that fit in it
+//! grow nothing: the allocators without the kernel's clearing of new pages (`--modes huge`
+//! only, as DPDK's run is on hugepages).
+//!
 //! `cargo bench -p memplane --bench malloc_perf -- [--reps R] [--modes huge,nohuge]
-//! [--dpdk-test PATH | --no-dpdk] [--empty-start] [--max-size BYTES]`; `--max-size` stops
-//! memplane's tables after that size (DPDK's test always runs every size), for quick looks at
-//! the small rows.
+//! [--dpdk-test PATH | --no-dpdk] [--empty-start] [--max-size BYTES] [--socket-mem MB]`;
+//! `--max-size` stops memplane's tables after that size (DPDK's test always runs every size),
+//! for quick looks at the small rows.
 
 #[path = "../malloc-heap/benches/common/mod.rs"]
 mod common;
@@ -254,7 +259,7 @@ fn memzone_table(h: &Heap, us_per_gib: f64, max: usize, out: &mut Tables) {
 /// does not).
 const DPDK_START_HELD: usize = 155_904;
 
-fn memplane_run(no_huge: bool, held: usize, max: usize) -> (String, Tables) {
+fn memplane_run(no_huge: bool, held: usize, max: usize, socket_mem: u64) -> (String, Tables) {
     let dir = RunDir::new(if no_huge { "mpb-perf-nh" } else { "mpb-perf" });
     let mut cfg = memplane::Config::new()
         .runtime_dir(&dir.0)
@@ -262,11 +267,17 @@ fn memplane_run(no_huge: bool, held: usize, max: usize) -> (String, Tables) {
     if no_huge {
         cfg = cfg.no_huge();
     }
+    if socket_mem > 0 {
+        cfg = cfg.socket_mem(vec![socket_mem]);
+    }
     let p = cfg.init().expect("memplane primary");
-    let backing = p
+    let mut backing = p
         .setup
         .as_ref()
         .map_or("?".to_owned(), |s| s.backing.to_owned());
+    if socket_mem > 0 {
+        write!(backing, ", --socket-mem {socket_mem}").unwrap();
+    }
     println!("== memplane malloc_perf ({backing})");
     let h = p.heap();
     let per_gib = reference_memset(h);
@@ -291,11 +302,15 @@ fn memplane_run(no_huge: bool, held: usize, max: usize) -> (String, Tables) {
 
 /// Runs DPDK's own test and parses its three tables (DPDK logs them on stderr, as `USER1:`
 /// lines: `Performance: rte_malloc`, then a header and one line of six numbers per size).
-fn dpdk_run(bin: &str) -> Option<Tables> {
+fn dpdk_run(bin: &str, socket_mem: u64) -> Option<Tables> {
     let prefix = common::dpdk_prefix("perf");
-    let mut c = Command::new(bin)
-        .args(["-l", "0-1", "--no-pci"])
-        .arg(format!("--file-prefix={prefix}"))
+    let mut c = Command::new(bin);
+    c.args(["-l", "0-1", "--no-pci"])
+        .arg(format!("--file-prefix={prefix}"));
+    if socket_mem > 0 {
+        c.arg(format!("--socket-mem={socket_mem}"));
+    }
+    let mut c = c
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -482,6 +497,7 @@ fn main() {
         DPDK_START_HELD
     };
     let max = args.num("--max-size", u64::MAX) as usize;
+    let socket_mem = args.num("--socket-mem", 0);
     let mut huge = Vec::new();
     let mut nohuge = Vec::new();
     let mut huge_label = String::new();
@@ -489,15 +505,15 @@ fn main() {
     for rep in 0..reps {
         eprintln!("malloc_perf: rep {}/{reps}", rep + 1);
         if modes.split(',').any(|m| m == "huge") {
-            let (b, t) = memplane_run(false, held, max);
+            let (b, t) = memplane_run(false, held, max, socket_mem);
             huge_label = b;
             huge.push(t);
         }
         if modes.split(',').any(|m| m == "nohuge") {
-            nohuge.push(memplane_run(true, held, max).1);
+            nohuge.push(memplane_run(true, held, max, 0).1);
         }
         if let Some(d) = &dpdk_test
-            && let Some(t) = dpdk_run(d)
+            && let Some(t) = dpdk_run(d, socket_mem)
         {
             dpdk.push(t);
         }
