@@ -443,7 +443,8 @@ where
     }
 
     /// Zero-fills the first `size` bytes of the fresh block `p`: only its old links when the
-    /// rest is known to be zero. A small block is cleared in whole grains (its usable bytes
+    /// rest is known to be zero; a large block past the caches with streaming stores (see
+    /// [`crate::zero`]). A small block is cleared in whole grains (its usable bytes
     /// reach the next [`GRAIN`] multiple: see `HeapCore::sizes`), by stores of a known length
     /// rather than a call to `memset`.
     #[inline]
@@ -460,10 +461,10 @@ where
         // run to `size` rounded up to GRAIN (and n <= size).
         unsafe {
             match n {
-                _ if !whole_grains => std::ptr::write_bytes(p.as_ptr(), 0, n),
+                _ if !whole_grains => crate::zero::zero(p.as_ptr(), n),
                 0..=G => std::ptr::write_bytes(p.as_ptr(), 0, G),
                 _ if n <= 2 * G => std::ptr::write_bytes(p.as_ptr(), 0, 2 * G),
-                _ => std::ptr::write_bytes(p.as_ptr(), 0, n),
+                _ => crate::zero::zero(p.as_ptr(), n),
             }
         }
     }

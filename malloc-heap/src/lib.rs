@@ -10,7 +10,8 @@
 //! - [`heap`]: `malloc`/`free`/`realloc`, growth and shrink, stats, `validate`, `dump`;
 //! - [`memzone`]: named zones, O(1) lookup from any process;
 //! - [`boxed`]: `HeapBox`, an owner that frees on drop;
-//! - [`global`]: `#[global_allocator]` on the shared heap, with per-thread caches.
+//! - [`global`]: `#[global_allocator]` on the shared heap, with per-thread caches;
+//! - `zero`: zero-filling reused blocks (streaming stores for blocks past the L2 cache).
 
 pub mod boxed;
 pub mod global;
@@ -19,6 +20,7 @@ pub mod lock;
 pub mod memzone;
 pub mod state;
 pub mod tlsf;
+mod zero;
 
 pub use heap::{AllocError, Heap, HeapStats};
 pub use memzone::{Memzone, MemzoneError, ZoneSpec};

@@ -467,6 +467,40 @@ fn batches_fill_from_one_hold_and_grow_an_empty_heap() {
     assert_eq!(h.validate(), Ok(()));
 }
 
+/// zmalloc of memory that held data clears all of it, at sizes on both sides of the one from
+/// which large blocks are cleared with streaming stores (the L2 size: 2 MiB on the development
+/// machine), with unaligned ends; the bytes around the block keep their values.
+#[test]
+fn zmalloc_of_reused_memory_clears_it_at_every_size() {
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, MemOptions::new().no_huge());
+    let h = &p.heap;
+    // Keep the pages in the heap once freed, so that they are reused dirty.
+    h.set_shrink(false);
+    for size in [
+        100usize,
+        4096 + 7,
+        (1 << 20) + 3,
+        (2 << 20) + 17,
+        (8 << 20) + 13,
+    ] {
+        let a = h.malloc(size + 4096, 8).unwrap();
+        // SAFETY: a live block of size + 4096 bytes.
+        unsafe { std::ptr::write_bytes(a.as_ptr(), 0xee, size + 4096) };
+        h.free(a).unwrap();
+        // The same place: the memory just written.
+        let z = h.zmalloc(size, 8).unwrap();
+        assert_eq!(z, a, "{size}");
+        let (_, usable) = h.sizes(z).unwrap();
+        // SAFETY: a live block with `usable` bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(z.as_ptr(), usable) };
+        assert!(bytes[..size].iter().all(|&b| b == 0), "{size}");
+        h.free(z).unwrap();
+    }
+    h.set_shrink(true);
+    assert_eq!(h.validate(), Ok(()));
+}
+
 #[test]
 fn realloc_in_place_and_moving() {
     let dir = TestDir::new("mph");
