@@ -27,8 +27,8 @@ use crate::backing::PageStore;
 use crate::error::MemError;
 use crate::events::{EventRegistry, MemEvent};
 use crate::iova::{IovaMode, Pagemap};
-use crate::shared::{SEG_PINNED, SharedConfig, seg_state};
-use crate::va::Reservation;
+use crate::shared::{SEG_PINNED, SharedConfig, backing_code, seg_state};
+use crate::va::{Reservation, WindowOp};
 use crate::vfio::DmaMapper;
 
 /// What this process knows of its own mappings.
@@ -155,7 +155,9 @@ impl MemMap {
         let ps = l.page_size;
         let va = l.base + first as u64 * ps;
         if self.windows {
-            return self.res.open_window(va, n as u64 * ps);
+            return self
+                .res
+                .open_window(va, n as u64 * ps, self.window_op(li, va)?);
         }
         for k in 0..n {
             let (src, off) = self.store.source(li, first + k, ps, create)?;
@@ -176,10 +178,28 @@ impl MemMap {
             return Ok(());
         }
         if self.windows {
-            self.res.close_window(va, len)
+            let (li, _) = self
+                .locate(va)
+                .ok_or_else(|| MemError::Invalid(format!("{va:#x} is in no memory list")))?;
+            self.res.close_window(va, len, self.window_op(li, va)?)
         } else {
             self.res.unmap(va, len)
         }
+    }
+
+    /// How list `li`'s window opens and closes at `va` (see [`WindowOp`]): hugetlb windows by
+    /// mapping their file again, ordinary memory by `mprotect`.
+    fn window_op(&self, li: usize, va: u64) -> Result<WindowOp<'_>, MemError> {
+        if self.cfg.header().backing == backing_code::NO_HUGE {
+            return Ok(WindowOp::Protect);
+        }
+        let fd = self.store.list_fd(li).ok_or_else(|| MemError::Layout {
+            what: format!("no file for the window of list {li}"),
+        })?;
+        Ok(WindowOp::Remap {
+            fd,
+            offset: va - self.cfg.list(li).base,
+        })
     }
 
     /// The shared configuration.
