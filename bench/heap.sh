@@ -254,7 +254,9 @@ for b in $ONLY; do
     page_grow)
       if [ "$QUICK" = 1 ]; then Q=(--count 40 --warmup 5); else Q=(); fi
       for pl in $PLACEMENTS; do
-        run "$pl" page_grow --reps "$REPS" "${DPDK_ARGS[@]}" "${Q[@]}"
+        # Floating, the primary's rounds also run beside a thread spinning on the other CPU.
+        B=(); [ "$pl" = float ] && B=(--busy)
+        run "$pl" page_grow --reps "$REPS" "${DPDK_ARGS[@]}" "${Q[@]}" "${B[@]}"
       done ;;
     *) die "unknown benchmark $b" ;;
   esac

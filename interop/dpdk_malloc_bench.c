@@ -36,7 +36,9 @@
  *       (`others` is the number of other secondaries attached, as told by the caller.) With
  *       `--wait 1` it prints `ready pid=P role=R` and waits for a line on stdin before the
  *       measurement (so that the caller can attach secondaries first), and for another line or
- *       EOF before it exits (so that they can detach first).
+ *       EOF before it exits (so that they can detach first). With `--busy 1` the first worker
+ *       lcore spins for the whole measurement (a dataplane core polling), so that the page
+ *       mapping changes of the growths and frees run while another CPU runs this process.
  *
  * Build: cc -O2 -o dpdk_malloc_bench interop/dpdk_malloc_bench.c \
  *            $(pkg-config --cflags --libs libdpdk) -lpthread
@@ -276,8 +278,23 @@ static void summary(const char *what, uint64_t *v, long n)
 	       mean / 1e3, what, (double)v[n * 9 / 10] / 1e3);
 }
 
-static void run_grow(long count, long warmup, long others, size_t size)
+static atomic_int busy_stop;
+
+/* A worker lcore that polls until told to stop. */
+static int busy_loop(void *arg)
 {
+	volatile uint64_t spins = 0;
+
+	(void)arg;
+	while (!atomic_load_explicit(&busy_stop, memory_order_relaxed))
+		spins++;
+	return 0;
+}
+
+static void run_grow(long count, long warmup, long others, size_t size, int busy)
+{
+	unsigned worker = RTE_MAX_LCORE;
+
 	const uint64_t page = 2ull << 20;
 	void *fill[64];
 	int nfill = 0;
@@ -299,6 +316,14 @@ static void run_grow(long count, long warmup, long others, size_t size)
 	}
 	if (greatest >= size)
 		die("could not fill the heap");
+	if (busy) {
+		worker = rte_get_next_lcore(-1, 1, 0);
+		if (worker >= RTE_MAX_LCORE)
+			die("--busy needs a worker lcore (-l 0-1)");
+		atomic_store(&busy_stop, 0);
+		if (rte_eal_remote_launch(busy_loop, NULL, worker) != 0)
+			die("cannot launch the busy lcore");
+	}
 	for (long i = 0; i < warmup + count; i++) {
 		void *p;
 
@@ -326,6 +351,10 @@ static void run_grow(long count, long warmup, long others, size_t size)
 				bad++;
 		}
 	}
+	if (busy) {
+		atomic_store(&busy_stop, 1);
+		rte_eal_wait_lcore(worker);
+	}
 	printf("bench=grow impl=dpdk role=%s others=%ld n=%ld", role_name(), others, count);
 	summary("grow", g, count);
 	summary("free", f, count);
@@ -343,7 +372,7 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: dpdk_malloc_bench EAL-ARGS -- idle | pairs --size S --threads T [--count N]"
-		" [--reps R] | memzone [--zones K] [--count N] | grow [--count N] [--warmup M]"
+		" [--reps R] | memzone [--zones K] [--count N] | grow [--count N] [--warmup M] [--busy 1]"
 		" [--others K] [--size B]\n");
 	exit(2);
 }
@@ -351,7 +380,7 @@ static void usage(void)
 int main(int argc, char **argv)
 {
 	int used;
-	long count = -1, reps = 3, threads = 1, zones = 2000, warmup = 20, others = 0, wait = 0;
+	long count = -1, reps = 3, threads = 1, zones = 2000, warmup = 20, others = 0, wait = 0, busy = 0;
 	char line[64];
 	size_t size = 0;
 	const char *mode;
@@ -385,6 +414,8 @@ int main(int argc, char **argv)
 			others = parse_long(argv[++i]);
 		else if (strcmp(argv[i], "--wait") == 0)
 			wait = parse_long(argv[++i]);
+		else if (strcmp(argv[i], "--busy") == 0)
+			busy = parse_long(argv[++i]);
 		else
 			usage();
 	}
@@ -409,7 +440,8 @@ int main(int argc, char **argv)
 			if (fgets(line, sizeof(line), stdin) == NULL)
 				(void)0;
 		}
-		run_grow(count < 0 ? 200 : count, warmup, others, size == 0 ? (1u << 20) : size);
+		run_grow(count < 0 ? 200 : count, warmup, others, size == 0 ? (1u << 20) : size,
+			 busy != 0);
 		if (wait && fgets(line, sizeof(line), stdin) == NULL)
 			(void)0;
 	} else {

@@ -19,10 +19,15 @@
 //! size); rounds where not are counted as `bad`. Secondaries are this binary re-executed
 //! (`--child`), attached to memory (and heap), obeying `run N W` on stdin.
 //!
+//! With `--busy`, the primary's rounds with no secondary run once more while another thread of
+//! the same process spins on CPU 1 (a polling dataplane core) and the measuring thread runs on
+//! CPU 0; DPDK's the same way (`-l 0-1`, its worker lcore spinning: `grow --busy 1`). Changing a
+//! mapping then may have to interrupt that CPU to flush its TLB (row "primary, busy CPU 1").
+//!
 //! `cargo bench -p memplane-heap --bench page_grow -- [--count N] [--warmup W] [--reps R]
-//! [--dpdk-bin PATH] [--list-va-mib M]` (the last adds `memplane-mem-listvaMm` rows: the memory
-//! layer with memseg lists of M MiB instead of the default 32 GiB, to show what a sync's scan of
-//! the list costs).
+//! [--dpdk-bin PATH] [--list-va-mib M] [--busy]` (`--list-va-mib` adds `memplane-mem-listvaMm`
+//! rows: the memory layer with memseg lists of M MiB instead of the default 32 GiB, to show what
+//! a sync's scan of the list costs).
 
 mod common;
 
@@ -223,7 +228,28 @@ fn record(s: &mut Samples, imp: &str, role: &str, others: u64, fields: &str) {
     }
 }
 
-fn memplane_rep(s: &mut Samples, mode: &str, n: u64, warm: u64, list_va: Option<u64>) {
+/// Runs `f` on CPU 0 while another thread of this process spins on CPU 1, then gives this
+/// thread its CPU set back.
+fn with_busy_cpu1<T>(f: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static STOP: AtomicBool = AtomicBool::new(false);
+    STOP.store(false, Ordering::Relaxed);
+    let saved = common::cpu_affinity();
+    let spinner = std::thread::spawn(|| {
+        common::pin_to_cpu(1);
+        while !STOP.load(Ordering::Relaxed) {
+            std::hint::spin_loop();
+        }
+    });
+    common::pin_to_cpu(0);
+    let r = f();
+    STOP.store(true, Ordering::Relaxed);
+    spinner.join().expect("the spinning thread");
+    common::set_cpu_affinity(&saved);
+    r
+}
+
+fn memplane_rep(s: &mut Samples, mode: &str, n: u64, warm: u64, list_va: Option<u64>, busy: bool) {
     let with_heap = mode == "heap";
     let imp = match list_va {
         None => format!("memplane-{mode}"),
@@ -257,6 +283,10 @@ fn memplane_rep(s: &mut Samples, mode: &str, n: u64, warm: u64, list_va: Option<
         );
     };
     run_primary(s, 0);
+    if busy {
+        let r = with_busy_cpu1(|| rounds(&p.mem, p.heap.as_ref(), n, warm));
+        record(s, &imp, "primary-busy", 0, &r);
+    }
     let mut kids = vec![spawn_child(&dir.0, mode)];
     run_primary(s, 1);
     run_secondary(s, &mut kids[0], 0);
@@ -271,7 +301,7 @@ fn memplane_rep(s: &mut Samples, mode: &str, n: u64, warm: u64, list_va: Option<
     drop(p);
 }
 
-fn dpdk_rep(s: &mut Samples, bin: &Path, n: u64, warm: u64) {
+fn dpdk_rep(s: &mut Samples, bin: &Path, n: u64, warm: u64, busy: bool) {
     let prefix = common::dpdk_prefix("grow");
     let (ns, ws) = (n.to_string(), warm.to_string());
     let idle = |what: &str| {
@@ -296,6 +326,20 @@ fn dpdk_rep(s: &mut Samples, bin: &Path, n: u64, warm: u64) {
         for o in others {
             o.finish(10);
         }
+        prim.finish(10);
+        dpdk_cleanup(&prefix);
+    }
+    // In the primary, its worker lcore spinning on CPU 1, the main one on CPU 0.
+    if busy {
+        let mode = ["grow", "--count", &ns, "--warmup", &ws, "--busy", "1"];
+        let mut prim = Proc::start(
+            common::dpdk_cmd_on(bin, &prefix, false, "0-1", &mode),
+            "dpdk primary",
+        );
+        let l = prim.expect("bench=grow", 600);
+        let l = l.trim_start_matches("bench=grow impl=dpdk role=primary ");
+        let l = l.split_once(' ').map_or(l, |x| x.1);
+        record(s, "dpdk", "primary-busy", 0, l);
         prim.finish(10);
         dpdk_cleanup(&prefix);
     }
@@ -332,6 +376,7 @@ fn main() {
     let n = args.num("--count", 200);
     let warm = args.num("--warmup", 20);
     let reps = args.num("--reps", 3);
+    let busy = args.flag("--busy");
     let dpdk = common::dpdk_bin(&args);
     let list_va_diag = args
         .value("--list-va-mib")
@@ -350,14 +395,14 @@ fn main() {
                 None => eprintln!("page_grow: {imp}: no hugetlb memfd (no free hugepages?)"),
             }
         }
-        memplane_rep(&mut s, "mem", n, warm, None);
-        memplane_rep(&mut s, "heap", n, warm, None);
+        memplane_rep(&mut s, "mem", n, warm, None, busy);
+        memplane_rep(&mut s, "heap", n, warm, None, busy);
         // Diagnosis: the same with a smaller memseg list (fewer segments to scan per sync).
         if let Some(mib) = list_va_diag {
-            memplane_rep(&mut s, "mem", n, warm, Some(mib << 20));
+            memplane_rep(&mut s, "mem", n, warm, Some(mib << 20), false);
         }
         if let Some(bin) = &dpdk {
-            dpdk_rep(&mut s, bin, n, warm);
+            dpdk_rep(&mut s, bin, n, warm, busy);
         }
     }
     table(&s, reps, &common::placement(&args));
@@ -390,6 +435,7 @@ fn table(s: &Samples, reps: u64, placement: &str) {
     println!("|---|---|---|---|---|---|---|---|---|");
     let scen = [
         ("primary", 0, "primary, 0 secondaries"),
+        ("primary-busy", 0, "primary, busy CPU 1"),
         ("primary", 1, "primary, 1 secondary"),
         ("primary", 3, "primary, 3 secondaries"),
         ("secondary", 0, "secondary, 0 others"),
@@ -402,6 +448,9 @@ fn table(s: &Samples, reps: u64, placement: &str) {
             let mm = get("memplane-mem", op, role, k);
             let mh = get("memplane-heap", op, role, k);
             let d = get("dpdk", op, role, k);
+            if mm.is_none() && mh.is_none() && d.is_none() {
+                continue;
+            }
             println!(
                 "| {op} | {what} | {} | {} | {} | {} | {} | {} | {} |",
                 cell(mm),

@@ -97,6 +97,25 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
+/// The calling thread's CPU set.
+pub fn cpu_affinity() -> libc::cpu_set_t {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set, which the call fills for the calling
+    // thread (pid 0) within the size given.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
+        set
+    }
+}
+
+/// Sets the calling thread's CPU set (one [`cpu_affinity`] returned).
+pub fn set_cpu_affinity(set: &libc::cpu_set_t) {
+    // SAFETY: the call reads the set, a valid cpu_set_t, for the calling thread (pid 0).
+    unsafe {
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set);
+    }
+}
+
 /// A child process driven by line commands on stdin, answering with lines on stdout; killed
 /// and reaped on drop.
 pub struct Proc {
@@ -216,15 +235,26 @@ pub fn dpdk_bin(args: &Args) -> Option<PathBuf> {
 
 /// A DPDK process of the C program: EAL arguments for `prefix`, then `--`, then `mode`.
 pub fn dpdk_cmd(bin: &Path, prefix: &str, secondary: bool, mode: &[&str]) -> Command {
-    let mut c = Command::new(bin);
     // `-l 0-1` (two lcores, as the pairs need), or `$MPB_DPDK_LCORES`: a core list (`0` when
     // `bench/heap.sh` runs everything on CPU 0) or a whole EAL option (`--lcores=0@(0-1)`: one
     // lcore whose threads float over CPUs 0 and 1).
     let lcores = std::env::var("MPB_DPDK_LCORES").unwrap_or_else(|_| "0-1".into());
+    dpdk_cmd_on(bin, prefix, secondary, &lcores, mode)
+}
+
+/// [`dpdk_cmd`] with the lcores given: a core list for `-l`, or a whole EAL option.
+pub fn dpdk_cmd_on(
+    bin: &Path,
+    prefix: &str,
+    secondary: bool,
+    lcores: &str,
+    mode: &[&str],
+) -> Command {
+    let mut c = Command::new(bin);
     if lcores.starts_with("--") {
-        c.arg(&lcores);
+        c.arg(lcores);
     } else {
-        c.args(["-l", &lcores]);
+        c.args(["-l", lcores]);
     }
     c.args(["--no-pci", "--log-level", "lib.eal:error"]);
     c.arg(format!("--file-prefix={prefix}"));
