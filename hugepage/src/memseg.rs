@@ -72,7 +72,7 @@ pub struct MemMap {
     /// Syncs still to fail on purpose (fault-injection tests of the rollback path).
     fail_syncs: std::sync::atomic::AtomicU32,
     /// Each list's file is mapped whole over the list as a window ([`Reservation::map_window`]):
-    /// pages are opened and closed with `mprotect` instead of mapped one by one.
+    /// pages are opened and closed in it (see [`WindowOp`]) instead of mapped one by one.
     windows: bool,
 }
 

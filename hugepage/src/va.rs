@@ -233,9 +233,9 @@ impl Reservation {
     /// Maps the whole of `fd` (from offset 0, `len` bytes) over `[va, va + len)` as a *window*:
     /// shared, without a hugepage reservation, and inaccessible (`PROT_NONE`) until
     /// [`Reservation::open_window`] opens a part of it. A page that is mapped and unmapped many
-    /// times then costs an `mprotect` each way instead of a new mapping (which replaces and
-    /// splits areas: about 3x the time here), and touching a page that is not open still faults,
-    /// as the placeholder does.
+    /// times then costs an open and a close each way (see [`WindowOp`]) instead of replacing an
+    /// anonymous placeholder by a new mapping and back, and touching a page that is not open
+    /// still faults, as the placeholder does.
     pub fn map_window(&self, va: u64, len: u64, fd: BorrowedFd<'_>) -> Result<(), MemError> {
         self.check(va, len)?;
         // SAFETY: [va, va+len) lies inside this reservation (checked above), which this process
