@@ -317,10 +317,11 @@ impl Reservation {
                     ProtFlags::empty()
                 };
                 // SAFETY: the range is inside our reservation (checked above) and covered by the
-                // window of `fd` at `offset`, which this maps again over itself with the new
-                // access: the same file pages at the same addresses, so no live reference
-                // changes meaning; closing happens only once the pages are retired (above).
-                let p = unsafe {
+                // window of `fd` at `offset`, which each call maps again over itself (with the
+                // step's access, or closed when it puts the window back): the same file pages at
+                // the same addresses, so no live reference changes meaning; closing happens only
+                // once the pages are retired (above).
+                let remap = |prot| unsafe {
                     rustix::mm::mmap(
                         va as *mut _,
                         len as usize,
@@ -329,10 +330,23 @@ impl Reservation {
                         fd,
                         offset,
                     )
+                };
+                match remap(prot) {
+                    Ok(p) => {
+                        debug_assert_eq!(p as u64, va);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // A kernel before 6.12 may have taken the old mapping away before it
+                        // failed: never leave a hole in the reservation (another mapping of
+                        // this process could land there). Put the closed window back, or at
+                        // least a placeholder.
+                        if remap(ProtFlags::empty()).is_err() {
+                            let _ = self.unmap(va, len);
+                        }
+                        Err(err(e))
+                    }
                 }
-                .map_err(err)?;
-                debug_assert_eq!(p as u64, va);
-                Ok(())
             }
         }
     }
@@ -375,7 +389,7 @@ mod tests {
     /// same file pages come back).
     #[test]
     fn a_window_opens_populated_and_closes() {
-        use std::os::fd::AsFd;
+        use std::os::fd::{AsFd, AsRawFd};
         let page = 4096u64;
         let len = 16 * page;
         if !can_populate() {
@@ -436,6 +450,23 @@ mod tests {
             assert_eq!(areas, 1, "{how:?}");
             assert!(r.open_window(r.base() + len, page, how).is_err(), "outside");
         }
+
+        // A remap the kernel refuses (a read-only descriptor cannot be mapped shared and
+        // writable) fails with an error and leaves the range closed and still reserved: no hole.
+        let r = Reservation::anywhere(DEFAULT_BASE << 5, len, 1 << 21).unwrap();
+        let fd =
+            rustix::fs::memfd_create("va-window-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, len).unwrap();
+        r.map_window(r.base(), len, fd.as_fd()).unwrap();
+        let ro = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd())).unwrap();
+        let va = r.base() + 2 * page;
+        let bad = WindowOp::Remap {
+            fd: ro.as_fd(),
+            offset: 2 * page,
+        };
+        let e = r.open_window(va, page, bad).unwrap_err().to_string();
+        assert!(e.contains("open"), "{e}");
+        assert_eq!(memplane_testkit::map_perms("self", va), "---s");
     }
 
     #[test]
