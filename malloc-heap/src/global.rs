@@ -54,6 +54,7 @@ const _: () = assert!(BATCH <= CACHE_MAX && CACHE_MAX / 2 <= CHUNK);
 /// What the global allocator needs from the heap, without its type parameters.
 trait Ops: Send + Sync {
     fn alloc(&self, size: usize, align: usize) -> *mut u8;
+    fn alloc_zeroed(&self, size: usize, align: usize) -> *mut u8;
     fn alloc_batch(&self, size: usize, out: &mut [*mut u8]) -> usize;
     fn free(&self, p: *mut u8);
     fn free_batch(&self, ps: &[*mut u8]);
@@ -68,6 +69,11 @@ where
     fn alloc(&self, size: usize, align: usize) -> *mut u8 {
         self.0
             .malloc(size, align)
+            .map_or(null_mut(), |p| p.as_ptr())
+    }
+    fn alloc_zeroed(&self, size: usize, align: usize) -> *mut u8 {
+        self.0
+            .zmalloc(size, align)
             .map_or(null_mut(), |p| p.as_ptr())
     }
     fn alloc_batch(&self, size: usize, out: &mut [*mut u8]) -> usize {
@@ -333,6 +339,14 @@ fn register(local: &Local) {
 #[cold]
 #[inline(never)]
 fn alloc_slow(l: Layout) -> *mut u8 {
+    alloc_slow_with(l, false)
+}
+
+/// [`alloc_slow`], zero-filled when `zero`: a block beyond the thread caches comes from the
+/// heap's `zmalloc` (memory fresh from the kernel is not cleared again), a cached class is
+/// cleared here, and the system allocator's `alloc_zeroed` serves its share.
+#[inline(always)]
+fn alloc_slow_with(l: Layout, zero: bool) -> *mut u8 {
     let k = class_index(l.size(), l.align());
     let enabled = SHARED.classes.load(Ordering::Relaxed) != 0;
     // None: the system allocator serves (no heap, or the heap at work on this thread, or the
@@ -344,7 +358,13 @@ fn alloc_slow(l: Layout) -> *mut u8 {
                     return None;
                 }
                 if k >= CLASSES {
-                    return Some(busy(ops, local, || ops.alloc(l.size(), l.align())));
+                    return Some(busy(ops, local, || {
+                        if zero {
+                            ops.alloc_zeroed(l.size(), l.align())
+                        } else {
+                            ops.alloc(l.size(), l.align())
+                        }
+                    }));
                 }
                 if local.state.get() == FRESH {
                     busy(ops, local, || register(local));
@@ -352,21 +372,40 @@ fn alloc_slow(l: Layout) -> *mut u8 {
                 if local.state.get() != LIVE {
                     return None;
                 }
-                Some(refill(ops, local, k))
+                let p = refill(ops, local, k);
+                if zero && !p.is_null() {
+                    // SAFETY: a block of class k (at least l.size() bytes), ours now.
+                    unsafe { std::ptr::write_bytes(p, 0, l.size()) };
+                }
+                Some(p)
             })
             .unwrap_or(None),
         _ => None,
+    };
+    let system = || {
+        // SAFETY: a valid layout, forwarded to the system allocator.
+        unsafe {
+            if zero {
+                System.alloc_zeroed(l)
+            } else {
+                System.alloc(l)
+            }
+        }
     };
     match p {
         Some(p) if !p.is_null() => p,
         Some(_) => {
             FALLBACKS.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: a valid layout, forwarded to the system allocator.
-            unsafe { System.alloc(l) }
+            system()
         }
-        // SAFETY: a valid layout, forwarded to the system allocator.
-        None => unsafe { System.alloc(l) },
+        None => system(),
     }
+}
+
+#[cold]
+#[inline(never)]
+fn alloc_zeroed_slow(l: Layout) -> *mut u8 {
+    alloc_slow_with(l, true)
 }
 
 /// Fetches a batch of class `k` from the heap: returns one block, caches the others (null if
@@ -515,6 +554,20 @@ unsafe impl GlobalAlloc for MemplaneAlloc {
             }
         }
         alloc_slow(l)
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let k = class_index(l.size(), l.align());
+        if k < SHARED.classes.load(Ordering::Relaxed) {
+            // SAFETY: k < classes <= CLASSES.
+            if let Some(p) = LOCAL.with(|local| unsafe { local.bin(k) }.pop()) {
+                // SAFETY: a cached block of class k (at least l.size() bytes), ours now.
+                unsafe { std::ptr::write_bytes(p, 0, l.size()) };
+                return p;
+            }
+        }
+        alloc_zeroed_slow(l)
     }
 
     #[inline]

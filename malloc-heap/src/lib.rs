@@ -11,7 +11,7 @@
 //! - [`memzone`]: named zones, O(1) lookup from any process;
 //! - [`boxed`]: `HeapBox`, an owner that frees on drop;
 //! - [`global`]: `#[global_allocator]` on the shared heap, with per-thread caches;
-//! - `zero`: zero-filling reused blocks (streaming stores for blocks past the L2 cache).
+//! - `zero`: zero-filling reused blocks (streaming stores for blocks past the last-level cache).
 
 pub mod boxed;
 pub mod global;

@@ -1,7 +1,7 @@
 //! A program whose every allocation goes through memplane's global allocator: collections,
-//! strings, threads, a HashMap, large buffers. Before `install` the system allocator serves;
-//! after it, the shared heap (checked by address), with frees routed back to whoever allocated
-//! each pointer, including pointers allocated before `install`.
+//! strings, threads, a HashMap, large and zeroed buffers. Before `install` the system allocator
+//! serves; after it, the shared heap (checked by address), with frees routed back to whoever
+//! allocated each pointer, including pointers allocated before `install`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -92,6 +92,21 @@ fn everything_runs_on_the_shared_heap() {
         "the ended thread's cache went back: {in_thread} heap blocks in use before its end, \
          {after} after"
     );
+
+    // Zeroed allocations (`vec![0; n]` asks `alloc_zeroed`): zero, from the heap, also where
+    // the same memory was just written (pages kept in the heap meanwhile), at a size beyond
+    // the thread caches (the heap's zmalloc) and at a cached
+    // class (cleared on the way out of the cache).
+    heap.set_shrink(false);
+    for size in [8usize << 20, 40] {
+        for _ in 0..3 {
+            let mut z = vec![0u8; size];
+            assert!(is_heap_pointer(z.as_ptr()), "{size}");
+            assert!(z.iter().all(|&x| x == 0), "{size}");
+            z.fill(0xa5);
+        }
+    }
+    heap.set_shrink(true);
 
     // Pointers allocated before install are freed to the system allocator.
     drop(before);

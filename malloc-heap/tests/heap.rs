@@ -467,9 +467,9 @@ fn batches_fill_from_one_hold_and_grow_an_empty_heap() {
     assert_eq!(h.validate(), Ok(()));
 }
 
-/// zmalloc of memory that held data clears all of it, at sizes on both sides of the one from
-/// which large blocks are cleared with streaming stores (the L2 size: 2 MiB on the development
-/// machine), with unaligned ends; the bytes around the block keep their values.
+/// zmalloc of memory that held data clears all of it, at sizes from a grain to several pages,
+/// with unaligned ends. (Blocks past the last-level cache are cleared by streaming stores: their
+/// test is `zero`'s own, in the library.)
 #[test]
 fn zmalloc_of_reused_memory_clears_it_at_every_size() {
     let dir = TestDir::new("mph");
