@@ -206,20 +206,26 @@ fn no_huge_heap_between_processes() {
     scenario(MemOptions::new().no_huge());
 }
 
-#[test]
-fn hugepage_heap_between_processes() {
+/// Runs `f` on hugepage (memfd) memory, one such test at a time, and checks that the kernel's
+/// free-hugepage count comes back to where it was; says it skips `test` without 32 free pages.
+fn on_hugepages(test: &str, f: impl FnOnce(MemOptions)) {
     let Some(size) = default_hugepage_size().filter(|&s| free_hugepages(s) >= 32) else {
-        memplane_testkit::skip("hugepage_heap_between_processes: fewer than 32 free hugepages");
+        memplane_testkit::skip(&format!("{test}: fewer than 32 free hugepages"));
         return;
     };
     let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());
     let before = free_hugepages(size);
-    scenario(MemOptions::new().backing(Backing::Memfd));
+    f(MemOptions::new().backing(Backing::Memfd));
     assert_eq!(
         memplane_testkit::settles_at(before, || free_hugepages(size)),
         before,
         "hugepages leaked"
     );
+}
+
+#[test]
+fn hugepage_heap_between_processes() {
+    on_hugepages("hugepage_heap_between_processes", scenario);
 }
 
 /// Memory allocated up front (`--socket-mem`) is the heap's from the start, as DPDK's
@@ -281,20 +287,9 @@ fn no_huge_memory_allocated_up_front_starts_the_heap_and_stays() {
 
 #[test]
 fn hugepage_memory_allocated_up_front_starts_the_heap_and_stays() {
-    let Some(size) = default_hugepage_size().filter(|&s| free_hugepages(s) >= 32) else {
-        memplane_testkit::skip(
-            "hugepage_memory_allocated_up_front_starts_the_heap_and_stays: fewer than 32 free \
-             hugepages",
-        );
-        return;
-    };
-    let _serial = HUGE.lock().unwrap_or_else(|e| e.into_inner());
-    let before = free_hugepages(size);
-    up_front(MemOptions::new().backing(Backing::Memfd));
-    assert_eq!(
-        memplane_testkit::settles_at(before, || free_hugepages(size)),
-        before,
-        "hugepages leaked"
+    on_hugepages(
+        "hugepage_memory_allocated_up_front_starts_the_heap_and_stays",
+        up_front,
     );
 }
 
