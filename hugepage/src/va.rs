@@ -7,9 +7,9 @@
 //! opens for some other `mmap` of this process to take. Where a list's pages live in one file
 //! (memfd, single-file segments), that file is mapped over the whole list once, inaccessible, as a
 //! *window*, and a page is mapped and unmapped by opening and closing it (with `mprotect`, or for
-//! hugetlb windows by mapping the window's own pages again over it: [`WindowOp`]). A secondary reserves the primary's exact
-//! range with `MAP_FIXED_NOREPLACE` and checks the address it got; it never clobbers a mapping
-//! it already has.
+//! hugetlb windows by mapping the window's own pages again over it: [`WindowOp`]). A secondary
+//! reserves the primary's exact range with `MAP_FIXED_NOREPLACE` and checks the address it got;
+//! it never clobbers a mapping it already has.
 
 use std::os::fd::BorrowedFd;
 
