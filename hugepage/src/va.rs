@@ -316,20 +316,22 @@ impl Reservation {
                 } else {
                     ProtFlags::empty()
                 };
-                // SAFETY: the range is inside our reservation (checked above) and covered by the
-                // window of `fd` at `offset`, which each call maps again over itself (with the
-                // step's access, or closed when it puts the window back): the same file pages at
-                // the same addresses, so no live reference changes meaning; closing happens only
-                // once the pages are retired (above).
-                let remap = |prot| unsafe {
-                    rustix::mm::mmap(
-                        va as *mut _,
-                        len as usize,
-                        prot,
-                        MapFlags::SHARED | MapFlags::FIXED | MapFlags::NORESERVE,
-                        fd,
-                        offset,
-                    )
+                let remap = |prot| {
+                    // SAFETY: the range is inside our reservation (checked above) and covered by
+                    // the window of `fd` at `offset`, which each call maps again over itself
+                    // (with the step's access, or closed when it puts the window back): the same
+                    // file pages at the same addresses, so no live reference changes meaning;
+                    // closing happens only once the pages are retired (above).
+                    unsafe {
+                        rustix::mm::mmap(
+                            va as *mut _,
+                            len as usize,
+                            prot,
+                            MapFlags::SHARED | MapFlags::FIXED | MapFlags::NORESERVE,
+                            fd,
+                            offset,
+                        )
+                    }
                 };
                 match remap(prot) {
                     Ok(p) => {

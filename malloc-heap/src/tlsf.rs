@@ -1490,8 +1490,8 @@ mod tests {
     unsafe fn check_whole(h: &HeapCore, base: u64, len: u64) {
         let mut problems = Vec::new();
         // SAFETY: the caller's guarantee.
-        let (free, nfree, nalloc, req) =
-            unsafe { h.walk_region(base, base + len, &mut problems, |_, _, _| {}) };
+        let walked = unsafe { h.walk_region(base, base + len, &mut problems, |_, _, _| {}) };
+        let (free, nfree, nalloc, req) = walked;
         // SAFETY: as above.
         let listed = unsafe { h.check_lists(&mut problems) };
         assert!(problems.is_empty(), "{problems:?}");
