@@ -53,8 +53,8 @@ const _: () = assert!(BATCH <= CACHE_MAX && CACHE_MAX / 2 <= CHUNK);
 
 /// What the global allocator needs from the heap, without its type parameters.
 trait Ops: Send + Sync {
-    fn alloc(&self, size: usize, align: usize) -> *mut u8;
-    fn alloc_zeroed(&self, size: usize, align: usize) -> *mut u8;
+    /// A block of `size` bytes, zero-filled if `zero`; null if the heap cannot serve it.
+    fn alloc(&self, size: usize, align: usize, zero: bool) -> *mut u8;
     fn alloc_batch(&self, size: usize, out: &mut [*mut u8]) -> usize;
     fn free(&self, p: *mut u8);
     fn free_batch(&self, ps: &[*mut u8]);
@@ -66,15 +66,13 @@ impl<C: Channel> Ops for HeapOps<C>
 where
     C::Fds: From<Vec<OwnedFd>> + Into<Vec<OwnedFd>>,
 {
-    fn alloc(&self, size: usize, align: usize) -> *mut u8 {
-        self.0
-            .malloc(size, align)
-            .map_or(null_mut(), |p| p.as_ptr())
-    }
-    fn alloc_zeroed(&self, size: usize, align: usize) -> *mut u8 {
-        self.0
-            .zmalloc(size, align)
-            .map_or(null_mut(), |p| p.as_ptr())
+    fn alloc(&self, size: usize, align: usize, zero: bool) -> *mut u8 {
+        let p = if zero {
+            self.0.zmalloc(size, align)
+        } else {
+            self.0.malloc(size, align)
+        };
+        p.map_or(null_mut(), |p| p.as_ptr())
     }
     fn alloc_batch(&self, size: usize, out: &mut [*mut u8]) -> usize {
         let node = self.0.current_node();
@@ -358,13 +356,7 @@ fn alloc_slow_with(l: Layout, zero: bool) -> *mut u8 {
                     return None;
                 }
                 if k >= CLASSES {
-                    return Some(busy(ops, local, || {
-                        if zero {
-                            ops.alloc_zeroed(l.size(), l.align())
-                        } else {
-                            ops.alloc(l.size(), l.align())
-                        }
-                    }));
+                    return Some(busy(ops, local, || ops.alloc(l.size(), l.align(), zero)));
                 }
                 if local.state.get() == FRESH {
                     busy(ops, local, || register(local));
