@@ -125,19 +125,23 @@ mod tests {
         assert_eq!(parse_size(""), None);
     }
 
-    /// Every offset and length around the line size and beyond: exactly the range becomes zero,
-    /// the bytes on either side keep their value.
+    /// Fills a buffer with 0xa5, clears `[off, off + n)` of it with `clear`, and checks that
+    /// exactly that range became zero and the bytes on either side kept their value.
+    fn clears_exactly(off: usize, n: usize, clear: unsafe fn(*mut u8, usize)) {
+        let mut buf = vec![0xa5u8; off + n + 128];
+        // SAFETY: [off, off + n) is inside `buf`, which nothing else uses.
+        unsafe { clear(buf.as_mut_ptr().add(off), n) };
+        assert!(buf[..off].iter().all(|&b| b == 0xa5), "{off} {n}");
+        assert!(buf[off..off + n].iter().all(|&b| b == 0), "{off} {n}");
+        assert!(buf[off + n..].iter().all(|&b| b == 0xa5), "{off} {n}");
+    }
+
+    /// Every offset and length around the line size and beyond.
     #[test]
     fn streaming_zeroes_exactly_the_range() {
-        let mut buf = vec![0xa5u8; 4096 + 256];
         for off in [0usize, 1, 15, 16, 63, 64, 65, 100] {
             for n in [0usize, 1, 63, 64, 65, 127, 128, 129, 1000, 4096] {
-                buf.fill(0xa5);
-                // SAFETY: [off, off + n) is inside `buf`, which nothing else uses.
-                unsafe { zero_streaming(buf.as_mut_ptr().add(off), n) };
-                assert!(buf[..off].iter().all(|&b| b == 0xa5), "{off} {n}");
-                assert!(buf[off..off + n].iter().all(|&b| b == 0), "{off} {n}");
-                assert!(buf[off + n..].iter().all(|&b| b == 0xa5), "{off} {n}");
+                clears_exactly(off, n, zero_streaming);
             }
         }
     }
@@ -153,12 +157,7 @@ mod tests {
             _ => 2 << 20,
         };
         for n in [t - 1, t + 17] {
-            let mut buf = vec![0xa5u8; n + 128];
-            // SAFETY: [1, 1 + n) is inside `buf`, which nothing else uses.
-            unsafe { zero(buf.as_mut_ptr().add(1), n) };
-            assert_eq!(buf[0], 0xa5);
-            assert!(buf[1..1 + n].iter().all(|&b| b == 0), "{n}");
-            assert!(buf[1 + n..].iter().all(|&b| b == 0xa5), "{n}");
+            clears_exactly(1, n, zero);
         }
     }
 
