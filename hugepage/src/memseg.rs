@@ -165,22 +165,19 @@ impl MemMap {
                 .res
                 .map_shared(va + k as u64 * ps, ps, src.fd(), off, true)
             {
-                let _ = self.unmap_pages(va, k as u64 * ps);
+                let _ = self.unmap_pages(li, va, k as u64 * ps);
                 return Err(e);
             }
         }
         Ok(())
     }
 
-    /// Unmaps `[va, va + len)` here (the range stays reserved).
-    fn unmap_pages(&self, va: u64, len: u64) -> Result<(), MemError> {
+    /// Unmaps `[va, va + len)` of list `li` here (the range stays reserved).
+    fn unmap_pages(&self, li: usize, va: u64, len: u64) -> Result<(), MemError> {
         if len == 0 {
             return Ok(());
         }
         if self.windows {
-            let (li, _) = self
-                .locate(va)
-                .ok_or_else(|| MemError::Invalid(format!("{va:#x} is in no memory list")))?;
             self.res.close_window(va, len, self.window_op(li, va)?)
         } else {
             self.res.unmap(va, len)
@@ -415,7 +412,7 @@ impl MemMap {
         let start = l.base + first as u64 * ps;
         let mut iovas = Vec::with_capacity(n as usize);
         let undo = |done: u32| {
-            let _ = self.unmap_pages(start, done as u64 * ps);
+            let _ = self.unmap_pages(li, start, done as u64 * ps);
             for k in 0..done {
                 let _ = self.store.release(li, first + k, ps);
             }
@@ -590,7 +587,7 @@ impl MemMap {
             local.gens[li][k as usize] = 0;
         }
         self.account(&mut local, li, n, false);
-        self.unmap_pages(r.addr, r.len)?;
+        self.unmap_pages(li, r.addr, r.len)?;
         let mut first_err = None;
         for k in first..first + n {
             if let Err(e) = self.store.release(li, k, ps) {
@@ -766,7 +763,7 @@ impl MemMap {
             let va = l.base + start as u64 * ps;
             let len = (i - start) as u64 * ps;
             self.events.fire(MemEvent::Free, va, len);
-            if self.unmap_pages(va, len).is_err() {
+            if self.unmap_pages(li, va, len).is_err() {
                 return Err(MemRange { addr: va, len });
             }
             for k in start..i {
@@ -803,7 +800,7 @@ impl MemMap {
                 let va = l.base + start as u64 * ps;
                 let len = (i - start) as u64 * ps;
                 self.events.fire(MemEvent::Free, va, len);
-                let _ = self.unmap_pages(va, len);
+                let _ = self.unmap_pages(li, va, len);
             }
         }
     }
