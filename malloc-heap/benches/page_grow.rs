@@ -301,6 +301,22 @@ fn memplane_rep(s: &mut Samples, mode: &str, n: u64, warm: u64, list_va: Option<
     drop(p);
 }
 
+/// Records the result line of DPDK's `grow` run `p` (its own `role` and `others` fields
+/// dropped) as scenario (`role`, `others`).
+fn record_dpdk(s: &mut Samples, p: &mut Proc, role: &str, others: u64) {
+    let l = p.expect("bench=grow", 600);
+    let fields = l
+        .split_whitespace()
+        .filter(|w| {
+            !["bench=", "impl=", "role=", "others="]
+                .iter()
+                .any(|k| w.starts_with(k))
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    record(s, "dpdk", role, others, &fields);
+}
+
 fn dpdk_rep(s: &mut Samples, bin: &Path, n: u64, warm: u64, busy: bool) {
     let prefix = common::dpdk_prefix("grow");
     let (ns, ws) = (n.to_string(), warm.to_string());
@@ -319,10 +335,7 @@ fn dpdk_rep(s: &mut Samples, bin: &Path, n: u64, warm: u64, busy: bool) {
         prim.expect("ready", 120);
         let others: Vec<Proc> = (0..k).map(|_| idle("dpdk secondary")).collect();
         prim.send("go");
-        let l = prim.expect("bench=grow", 600);
-        let l = l.trim_start_matches("bench=grow impl=dpdk role=primary ");
-        let l = l.split_once(' ').map_or(l, |x| x.1);
-        record(s, "dpdk", "primary", k, l);
+        record_dpdk(s, &mut prim, "primary", k);
         for o in others {
             o.finish(10);
         }
@@ -336,10 +349,7 @@ fn dpdk_rep(s: &mut Samples, bin: &Path, n: u64, warm: u64, busy: bool) {
             common::dpdk_cmd_on(bin, &prefix, false, "0-1", &mode),
             "dpdk primary",
         );
-        let l = prim.expect("bench=grow", 600);
-        let l = l.trim_start_matches("bench=grow impl=dpdk role=primary ");
-        let l = l.split_once(' ').map_or(l, |x| x.1);
-        record(s, "dpdk", "primary-busy", 0, l);
+        record_dpdk(s, &mut prim, "primary-busy", 0);
         prim.finish(10);
         dpdk_cleanup(&prefix);
     }
@@ -351,10 +361,7 @@ fn dpdk_rep(s: &mut Samples, bin: &Path, n: u64, warm: u64, busy: bool) {
         let ks = k.to_string();
         let mode = ["grow", "--count", &ns, "--warmup", &ws, "--others", &ks];
         let mut req = Proc::start(dpdk_cmd(bin, &prefix, true, &mode), "dpdk requester");
-        let l = req.expect("bench=grow", 600);
-        let l = l.trim_start_matches("bench=grow impl=dpdk role=secondary ");
-        let l = l.split_once(' ').map_or(l, |x| x.1);
-        record(s, "dpdk", "secondary", k, l);
+        record_dpdk(s, &mut req, "secondary", k);
         req.finish(10);
         for o in others {
             o.finish(10);
