@@ -1007,6 +1007,20 @@ fn one_peer_send_waits_for_room_then_times_out() {
         ),
         "{err:?}"
     );
+    // The broadcast form, whose one peer is the primary, says the same: the primary is
+    // there, it did not take the message in time (not "gone").
+    let err = ch
+        .send(&message("q", b"late", Fds::none()).unwrap())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            memplane::unix::Error::Endpoint(memplane::core::endpoint::EndpointError::Transport(
+                memplane::core::transport::SendError::Timeout
+            ))
+        ),
+        "{err:?}"
+    );
     // Nothing went to the outbox: the caller waited itself.
     assert_eq!(ch.stats().outbox.queued, 0);
     stopped.signal(libc::SIGCONT);

@@ -508,6 +508,9 @@ pub struct LaneStats {
     /// One-way messages this process sent through its lane's ring (a secondary's to the
     /// primary).
     pub messages: u64,
+    /// A secondary's messages and requests the primary has not yet taken from the ring or
+    /// handled from the socket; while it is not zero, new ones go by socket behind them.
+    pub up_behind: u64,
 }
 
 /// What the channel's busy polling did since it opened, summed over its waiting threads.
@@ -786,6 +789,7 @@ impl MpChannel {
                 replies: self.lane_replies.load(Ordering::Relaxed),
                 answered: self.lane_answered.load(Ordering::Relaxed),
                 messages: self.lane_messages.load(Ordering::Relaxed),
+                up_behind: self.lane.as_ref().map_or(0, |l| l.up_behind()),
             },
         }
     }
@@ -840,7 +844,14 @@ impl MpChannel {
         }
         let r = self.ep.send(msg, self.send_deadline())?;
         if self.role() == Role::Secondary && r.sent == 0 {
-            return Err(Error::PrimaryGone);
+            // The primary is there but did not take it in time (stopped, or not reading): say
+            // that, not "gone".
+            return Err(match r.first_error {
+                Some(e) if r.gone == 0 => {
+                    Error::Endpoint(memplane_core::EndpointError::Transport(e))
+                }
+                _ => Error::PrimaryGone,
+            });
         }
         Ok(r)
     }

@@ -1125,6 +1125,23 @@ impl SecondaryLane {
         }
     }
 
+    /// What this process sent the primary that it has not yet handled (by socket) or taken
+    /// (from the ring): how far behind the primary is. Zero once it has caught up.
+    pub fn up_behind(&self) -> u64 {
+        let ln = self.lane();
+        let socket = ln
+            .up
+            .tx
+            .load(Ordering::Acquire)
+            .wrapping_sub(ln.up.rx.load(Ordering::Acquire));
+        let ring = ln
+            .ring_tail
+            .load(Ordering::Acquire)
+            .wrapping_sub(ln.ring_head.load(Ordering::Acquire));
+        // A scribbled board can make either difference wrap: it reads as "far behind".
+        socket.saturating_add(ring)
+    }
+
     /// Whether something may go up the lane now: the primary is alive and has handled all
     /// this process sent it by socket (else it goes by socket too, behind the rest).
     pub fn up_open(&self) -> bool {
