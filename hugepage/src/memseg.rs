@@ -28,7 +28,7 @@ use crate::error::MemError;
 use crate::events::{EventRegistry, MemEvent};
 use crate::iova::{IovaMode, Pagemap};
 use crate::shared::{SEG_PINNED, SharedConfig, backing_code, seg_state};
-use crate::va::{Reservation, WindowOp};
+use crate::va::{Reservation, Spread, WindowOp};
 use crate::vfio::DmaMapper;
 
 /// What this process knows of its own mappings.
@@ -103,6 +103,20 @@ fn map_windows(cfg: &SharedConfig, res: &Reservation, store: &PageStore) -> bool
     true
 }
 
+/// The most threads that fault new pages in at once (the caller included): 4, or
+/// `MEMPLANE_POPULATE_THREADS` from the environment (1: the caller alone), for comparisons.
+/// Clearing pages is bound by memory bandwidth, which a few threads fill.
+fn populate_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("MEMPLANE_POPULATE_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n >= 1)
+            .unwrap_or(4)
+    })
+}
+
 fn range_pages(r: &MemRange, base: u64, ps: u64) -> (u32, u32) {
     (((r.addr - base) / ps) as u32, (r.len / ps) as u32)
 }
@@ -155,9 +169,16 @@ impl MemMap {
         let ps = l.page_size;
         let va = l.base + first as u64 * ps;
         if self.windows {
+            // New pages are cleared by the threads that fault them in: several at once. Pages
+            // that exist already (a secondary's sync) only need their page tables filled.
+            let spread = if create {
+                Spread::pages(ps, populate_threads())
+            } else {
+                Spread::ALONE
+            };
             return self
                 .res
-                .open_window(va, n as u64 * ps, self.window_op(li, va)?);
+                .open_window(va, n as u64 * ps, self.window_op(li, va)?, spread);
         }
         for k in 0..n {
             let (src, off) = self.store.source(li, first + k, ps, create)?;
