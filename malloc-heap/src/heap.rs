@@ -23,7 +23,7 @@ use memplane_core::txn::{MemRange, TxnStatus};
 use memplane_hugepage::{AllocSpec, HeapHooks, MemError, Memory};
 
 use crate::lock::{Guard, LockError};
-use crate::state::{HeapData, HeapMap, Region, StateError};
+use crate::state::{HeapData, HeapMap, MAX_HEAPS, Region, StateError};
 use crate::tlsf::{GRAIN, HEADER, HeapError, LINKS, MAX_ALLOC, MIN_BLOCK};
 
 /// Why an allocation or free failed.
@@ -242,11 +242,28 @@ fn checked(size: usize, align: usize) -> Result<(u64, u64), AllocError> {
     Ok((size, align))
 }
 
+/// A heap's growths in a row, as this process saw them (see `Heap::grow_ahead`).
+#[derive(Clone, Copy, Debug, Default)]
+struct Streak {
+    /// This process grew the heap before.
+    grown: bool,
+    /// The heap's shrink count at that growth.
+    shrinks: u64,
+}
+
+/// The most pages a growth takes ahead of the need (one per CPU).
+const AHEAD_PAGES: u64 = 4;
+/// The most bytes a growth takes ahead of the need (with pages this large, a growth is exact).
+const AHEAD_MAX: u64 = 32 << 20;
+
 /// The shared heap of this process.
 pub struct Heap<C: Channel> {
     pub(crate) mem: Memory<C>,
     pub(crate) shared: Arc<Shared>,
     shrink: AtomicBool,
+    /// Per heap: its growths in a row, as this process saw them (no allocation on the
+    /// growth path: the global allocator may be what is growing).
+    streaks: Arc<parking_lot::Mutex<[Streak; MAX_HEAPS]>>,
 }
 
 impl<C: Channel> Clone for Heap<C> {
@@ -255,6 +272,7 @@ impl<C: Channel> Clone for Heap<C> {
             mem: self.mem.clone(),
             shared: self.shared.clone(),
             shrink: AtomicBool::new(self.shrink.load(Ordering::Relaxed)),
+            streaks: self.streaks.clone(),
         }
     }
 }
@@ -357,6 +375,7 @@ where
             mem,
             shared,
             shrink: AtomicBool::new(true),
+            streaks: Default::default(),
         })
     }
 
@@ -380,6 +399,7 @@ where
                 walkable,
             }),
             shrink: AtomicBool::new(true),
+            streaks: Default::default(),
         })
     }
 
@@ -536,8 +556,10 @@ where
             if let Some(p) = self.try_alloc(i, size, align)? {
                 return Ok(p);
             }
-            // Enough for the block, its alignment and a split.
-            let bytes = size + align.max(64) + HEADER + MIN_BLOCK;
+            // Enough for the block, its alignment and a split; more while the heap keeps
+            // growing (see `grow_ahead`).
+            let need = size + align.max(64) + HEADER + MIN_BLOCK;
+            let bytes = need.max(self.grow_ahead(i)?);
             // A secondary maps the new pages itself: they come back held for it in the heap,
             // and join it as free memory once mapped here.
             let grown = self.mem.alloc(&AllocSpec {
@@ -572,6 +594,35 @@ where
             );
         }
         Err(AllocError::OutOfMemory { size, why })
+    }
+
+    /// How much heap `i` grows at least, the caller holding its grow lock: on a first growth
+    /// or after a shrink, nothing beyond the need; on a growth in a row, a page of the smallest
+    /// size for each CPU the calling thread may run on, up to `AHEAD_PAGES` (and `AHEAD_MAX`).
+    ///
+    /// Most of a growth is the kernel clearing the new pages, and the memory layer shares out
+    /// the population of several pages between that many threads (see
+    /// `memplane_hugepage::va::Spread`): a heap that keeps growing grows by pages it can clear at
+    /// once, as glibc's `M_TOP_PAD` takes more than the need. What it takes ahead is free heap
+    /// memory: a free that leaves whole pages unused gives it back as before, and that shrink
+    /// makes the next growth exact again, so a heap that grows and shrinks by turns takes no
+    /// more than it asks for.
+    fn grow_ahead(&self, i: usize) -> Result<u64, AllocError> {
+        let shrinks = self.shared.lock(i)?.1.shrinks;
+        let mut streaks = self.streaks.lock();
+        let Some(s) = streaks.get_mut(i) else {
+            return Ok(0);
+        };
+        let in_a_row = s.grown && s.shrinks == shrinks;
+        *s = Streak {
+            grown: true,
+            shrinks,
+        };
+        if !in_a_row {
+            return Ok(0);
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        Ok((cpus.clamp(1, AHEAD_PAGES) * self.shared.min_page).min(AHEAD_MAX))
     }
 
     /// After growth from a secondary: the new region `r` of heap `i` holds one block held for

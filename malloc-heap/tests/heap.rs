@@ -430,6 +430,70 @@ fn large_blocks_on_an_empty_heap_grow_it_exactly() {
     assert_eq!(h.validate(), Ok(()));
 }
 
+/// Growths in a row take pages ahead of the need (one per CPU the caller may use, up to 4),
+/// whose population the memory layer shares out between threads; a shrink ends the streak, so
+/// the next growth is exact again; freeing everything gives everything back.
+fn growth_ahead(opts: MemOptions) {
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, opts);
+    let h = &p.heap;
+    let page = h
+        .memory()
+        .lists()
+        .iter()
+        .map(|l| l.page_size)
+        .min()
+        .unwrap();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let ahead = cpus.clamp(1, 4) * page;
+    let size = (page / 8) as usize;
+    let mut live = Vec::new();
+    // Allocates blocks until the heap has grown once more; returns by how much it grew.
+    let grow_once = |live: &mut Vec<NonNull<u8>>| {
+        let before = h.stats(0).unwrap();
+        loop {
+            live.push(h.malloc(size, 64).unwrap());
+            let s = h.stats(0).unwrap();
+            if s.grows > before.grows {
+                assert_eq!(s.grows, before.grows + 1);
+                return s.heap_size - before.heap_size;
+            }
+        }
+    };
+    assert_eq!(grow_once(&mut live), page, "a first growth is exact");
+    assert_eq!(
+        grow_once(&mut live),
+        ahead,
+        "the second takes {cpus} CPUs' worth"
+    );
+    assert_eq!(grow_once(&mut live), ahead, "and so does the third");
+    let s = h.stats(0).unwrap();
+    assert_eq!(h.memory().total_used(), s.heap_size);
+    for b in live.drain(..) {
+        h.free(b).unwrap();
+    }
+    let s = h.stats(0).unwrap();
+    assert_eq!((s.heap_size, h.memory().total_used()), (0, 0), "{s:?}");
+    assert!(s.shrinks > 0);
+    assert_eq!(grow_once(&mut live), page, "after a shrink, exact again");
+    assert_eq!(grow_once(&mut live), ahead);
+    for b in live.drain(..) {
+        h.free(b).unwrap();
+    }
+    assert_eq!(h.memory().total_used(), 0);
+    assert_eq!(h.validate(), Ok(()));
+}
+
+#[test]
+fn no_huge_growths_in_a_row_take_pages_ahead() {
+    growth_ahead(MemOptions::new().no_huge());
+}
+
+#[test]
+fn hugepage_growths_in_a_row_take_pages_ahead() {
+    on_hugepages("hugepage_growths_in_a_row_take_pages_ahead", growth_ahead);
+}
+
 #[test]
 fn batches_fill_from_one_hold_and_grow_an_empty_heap() {
     let dir = TestDir::new("mph");
