@@ -74,6 +74,8 @@ pub struct MemMap {
     /// Each list's file is mapped whole over the list as a window ([`Reservation::map_window`]):
     /// pages are opened and closed in it (see [`WindowOp`]) instead of mapped one by one.
     windows: bool,
+    /// The kernel populates ranges on request (`MADV_POPULATE_WRITE`).
+    can_populate: bool,
 }
 
 /// Maps each list's file over the list as a window, when the store has one file per list and
@@ -159,6 +161,7 @@ impl MemMap {
             dma: RwLock::new(None),
             fail_syncs: std::sync::atomic::AtomicU32::new(0),
             windows,
+            can_populate: crate::va::can_populate(),
         })
     }
 
@@ -168,27 +171,34 @@ impl MemMap {
         let l = self.cfg.list(li);
         let ps = l.page_size;
         let va = l.base + first as u64 * ps;
+        // New pages are cleared by the threads that fault them in: several at once. Pages
+        // that exist already (a secondary's sync) only need their page tables filled.
+        let spread = if create {
+            Spread::pages(ps, populate_threads())
+        } else {
+            Spread::ALONE
+        };
         if self.windows {
-            // New pages are cleared by the threads that fault them in: several at once. Pages
-            // that exist already (a secondary's sync) only need their page tables filled.
-            let spread = if create {
-                Spread::pages(ps, populate_threads())
-            } else {
-                Spread::ALONE
-            };
             return self
                 .res
                 .open_window(va, n as u64 * ps, self.window_op(li, va)?, spread);
         }
+        // Page by page: each mapped populated, or, to share the population out, all mapped
+        // first and then populated together.
+        let later = self.can_populate && spread.threads > 1 && n > 1;
         for k in 0..n {
             let (src, off) = self.store.source(li, first + k, ps, create)?;
             if let Err(e) = self
                 .res
-                .map_shared(va + k as u64 * ps, ps, src.fd(), off, true)
+                .map_shared(va + k as u64 * ps, ps, src.fd(), off, !later)
             {
                 let _ = self.unmap_pages(li, va, k as u64 * ps);
                 return Err(e);
             }
+        }
+        if later && let Err(e) = self.res.populate(va, n as u64 * ps, spread) {
+            let _ = self.unmap_pages(li, va, n as u64 * ps);
+            return Err(e);
         }
         Ok(())
     }

@@ -40,6 +40,16 @@ fn no_page_or(e: std::io::Error, what: &str, va: u64, len: u64) -> MemError {
     }
 }
 
+/// `e` from populating `[va, va + len)`: a page the kernel cannot supply shows as `EFAULT`
+/// there, and is out of memory.
+fn populate_err(e: std::io::Error, va: u64, len: u64) -> MemError {
+    let e = match e.raw_os_error() {
+        Some(libc::EFAULT) => std::io::Error::from_raw_os_error(libc::ENOMEM),
+        _ => e,
+    };
+    no_page_or(e, "populate", va, len)
+}
+
 /// How the population of a range may be shared out between threads.
 ///
 /// The kernel clears each new hugepage in the thread that faults it in: 95% of a heap growth is
@@ -50,7 +60,7 @@ fn no_page_or(e: std::io::Error, what: &str, va: u64, len: u64) -> MemError {
 /// (they would only take turns with it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Spread {
-    /// The unit of division: a page (a part never splits one).
+    /// The unit of division: whole pages (a part never splits one).
     pub chunk: u64,
     /// The most threads, the caller included (1: the caller alone).
     pub threads: usize,
@@ -63,12 +73,13 @@ impl Spread {
         threads: 1,
     };
 
-    /// Up to `max` threads by pages of `chunk` bytes, no more than the CPUs the calling
-    /// thread may run on.
-    pub fn pages(chunk: u64, max: usize) -> Spread {
+    /// Up to `max` threads, no more than the CPUs the calling thread may run on, by whole
+    /// pages of `page` bytes and at least [`MIN_PART`] bytes a thread.
+    pub fn pages(page: u64, max: usize) -> Spread {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let page = page.max(1);
         Spread {
-            chunk,
+            chunk: page.saturating_mul(MIN_PART.div_ceil(page)),
             threads: max.min(cpus).max(1),
         }
     }
@@ -76,6 +87,9 @@ impl Spread {
 
 /// The most threads one population uses, the caller included.
 const MAX_POPULATE_THREADS: usize = 8;
+/// The least [`Spread::pages`] gives a thread to populate: starting and joining a helper costs
+/// tens of microseconds, clearing 2 MiB a hundred or more.
+pub const MIN_PART: u64 = 2 << 20;
 
 /// One thread's part of a population, and its result (an errno, 0 for success).
 struct Part {
@@ -91,9 +105,9 @@ impl Part {
     ///
     /// As [`populate`]'s: the part lies in a range that function may populate.
     unsafe fn run(&mut self) {
-        // SAFETY: the part lies in the caller's reservation under a shared window mapping (the
-        // contract): populating only faults pages of that file in, the way a first write would,
-        // and changes no byte of any memory.
+        // SAFETY: the part lies in the caller's reservation under shared mappings of the memory
+        // layer's page files (the contract): populating only faults pages of those files in,
+        // the way a first write would, and changes no byte of any memory.
         let r = unsafe {
             libc::madvise(
                 self.va as *mut _,
@@ -128,8 +142,8 @@ extern "C" fn run_part(arg: *mut libc::c_void) -> *mut libc::c_void {
 ///
 /// # Safety
 ///
-/// The range lies inside the caller's reservation and is covered by a shared window mapping
-/// of the memory layer's file.
+/// The range lies inside the caller's reservation and is covered by shared mappings of the
+/// memory layer's page files (a window, or pages mapped one by one).
 unsafe fn populate(va: u64, len: u64, spread: Spread) -> std::io::Result<()> {
     let chunks = len.div_ceil(spread.chunk.max(1));
     let n = (spread.threads.min(MAX_POPULATE_THREADS) as u64)
@@ -417,14 +431,19 @@ impl Reservation {
         // a window mapping of the memory layer's file (this method's use).
         if let Err(e) = unsafe { populate(va, len, spread) } {
             let _ = self.close_window(va, len, how);
-            // A page the kernel cannot supply shows as EFAULT from populating.
-            let e = match e.raw_os_error() {
-                Some(libc::EFAULT) => std::io::Error::from_raw_os_error(libc::ENOMEM),
-                _ => e,
-            };
-            return Err(no_page_or(e, "populate", va, len));
+            return Err(populate_err(e, va, len));
         }
         Ok(())
+    }
+
+    /// Faults in the pages mapped over `[va, va + len)` by [`Reservation::map_shared`] without
+    /// populating them, shared out as `spread` says (see [`Reservation::open_window`]). The
+    /// caller unmaps the range if this fails.
+    pub fn populate(&self, va: u64, len: u64, spread: Spread) -> Result<(), MemError> {
+        self.check(va, len)?;
+        // SAFETY: the range is inside our reservation (checked above); the memory layer calls
+        // this only over shared mappings of its own page files (this method's use).
+        unsafe { populate(va, len, spread) }.map_err(|e| populate_err(e, va, len))
     }
 
     /// Makes `[va, va + len)` of a window inaccessible again (see [`WindowOp`]).

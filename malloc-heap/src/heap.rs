@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memplane_core::channel::Channel;
 use memplane_core::txn::{MemRange, TxnStatus};
+use memplane_hugepage::va::MIN_PART;
 use memplane_hugepage::{AllocSpec, HeapHooks, MemError, Memory};
 
 use crate::lock::{Guard, LockError};
@@ -251,7 +252,7 @@ struct Streak {
     shrinks: u64,
 }
 
-/// The most pages a growth takes ahead of the need (one per CPU).
+/// The most threads' worth a growth takes ahead of the need (one per CPU).
 const AHEAD_PAGES: u64 = 4;
 /// The most bytes a growth takes ahead of the need (with pages this large, a growth is exact).
 const AHEAD_MAX: u64 = 32 << 20;
@@ -597,8 +598,10 @@ where
     }
 
     /// How much heap `i` grows at least, the caller holding its grow lock: on a first growth
-    /// or after a shrink, nothing beyond the need; on a growth in a row, a page of the smallest
-    /// size for each CPU the calling thread may run on, up to `AHEAD_PAGES` (and `AHEAD_MAX`).
+    /// or after a shrink, nothing beyond the need; on a growth in a row, for each CPU the
+    /// calling thread may run on (up to `AHEAD_PAGES`), what one thread populates: a page of the
+    /// smallest size, or whole pages of at least `MIN_PART` bytes (so ordinary 4 KiB pages by
+    /// 2 MiB), at most `AHEAD_MAX` in all.
     ///
     /// Most of a growth is the kernel clearing the new pages, and the memory layer shares out
     /// the population of several pages between that many threads (see
@@ -622,7 +625,11 @@ where
             return Ok(0);
         }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-        Ok((cpus.clamp(1, AHEAD_PAGES) * self.shared.min_page).min(AHEAD_MAX))
+        let unit = self
+            .shared
+            .min_page
+            .saturating_mul(MIN_PART.div_ceil(self.shared.min_page.max(1)));
+        Ok((cpus.clamp(1, AHEAD_PAGES) * unit).min(AHEAD_MAX))
     }
 
     /// After growth from a secondary: the new region `r` of heap `i` holds one block held for

@@ -430,7 +430,7 @@ fn large_blocks_on_an_empty_heap_grow_it_exactly() {
     assert_eq!(h.validate(), Ok(()));
 }
 
-/// Growths in a row take pages ahead of the need (one per CPU the caller may use, up to 4),
+/// Growths in a row take memory ahead of the need (2 MiB per CPU the caller may use, up to 4),
 /// whose population the memory layer shares out between threads; a shrink ends the streak, so
 /// the next growth is exact again; freeing everything gives everything back.
 fn growth_ahead(opts: MemOptions) {
@@ -445,7 +445,9 @@ fn growth_ahead(opts: MemOptions) {
         .min()
         .unwrap();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let ahead = cpus.clamp(1, 4) * page;
+    // What one thread populates: a 2 MiB page, or 2 MiB of 4 KiB pages.
+    let unit = page.max(2 << 20);
+    let ahead = cpus.clamp(1, 4) * unit;
     let size = (page / 8) as usize;
     let mut live = Vec::new();
     // Allocates blocks until the heap has grown once more; returns by how much it grew.
