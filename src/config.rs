@@ -69,6 +69,12 @@ impl Config {
         self.memory.socket_limit = per_node_mb;
         self
     }
+    /// `--populate-threads`: the most threads that fault a growth's new pages in at once
+    /// (1: the growing thread alone; default 4, never more than the CPUs it may run on).
+    pub fn populate_threads(mut self, n: usize) -> Self {
+        self.memory = self.memory.populate_threads(n);
+        self
+    }
     /// `--base-virtaddr`.
     pub fn base_virtaddr(mut self, va: u64) -> Self {
         self.memory.base_virtaddr = Some(va);

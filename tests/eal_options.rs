@@ -61,6 +61,20 @@ fn socket_mem_and_socket_limit_take_effect() {
     }
 }
 
+/// `--populate-threads` takes 1 to 64 (the heap's own tests check what it does).
+#[test]
+fn populate_threads_takes_a_count() {
+    let info = info_of(&["--no-huge", "--socket-mem", "4", "--populate-threads", "2"]);
+    assert!(info.contains("4194304 bytes in use"), "{info}");
+    let dir = test_dir();
+    for bad in ["0", "65", "x"] {
+        let (code, _, err) = run_in(&dir, &["primary", "--no-huge", "--populate-threads", bad]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("--populate-threads"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 /// Memory that cannot be had is refused at start, saying why: `--socket-mem` on a NUMA node
 /// without memory (a no-huge primary has one node, 0), and sizes past the address space.
 #[test]

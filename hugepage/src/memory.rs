@@ -396,6 +396,9 @@ where
             .inspect_err(|_| {
                 let _ = std::fs::remove_file(&cfg_path);
             })?;
+        if let Some(n) = opts.populate_threads {
+            map.set_populate_threads(n);
+        }
         let setup = MemSetup {
             backing: match code {
                 backing_code::MEMFD => "memfd (hugepages)",
@@ -1131,6 +1134,12 @@ where
     /// The IOVA mode.
     pub fn iova_mode(&self) -> IovaMode {
         self.inner.map.iova_mode()
+    }
+
+    /// The most threads that fault a growth's new pages in at once, this process's setting
+    /// (see [`MemOptions::populate_threads`]; the primary's is the one that applies).
+    pub fn populate_threads(&self) -> usize {
+        self.inner.map.populate_threads()
     }
 
     /// The memseg lists.

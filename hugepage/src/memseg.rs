@@ -76,6 +76,8 @@ pub struct MemMap {
     windows: bool,
     /// The kernel populates ranges on request (`MADV_POPULATE_WRITE`).
     can_populate: bool,
+    /// The most threads that fault a growth's new pages in (see `MemOptions::populate_threads`).
+    populate_threads: std::sync::atomic::AtomicUsize,
 }
 
 /// Maps each list's file over the list as a window, when the store has one file per list and
@@ -105,18 +107,15 @@ fn map_windows(cfg: &SharedConfig, res: &Reservation, store: &PageStore) -> bool
     true
 }
 
-/// The most threads that fault new pages in at once (the caller included): 4, or
-/// `MEMPLANE_POPULATE_THREADS` from the environment (1: the caller alone), for comparisons.
+/// The most threads that fault new pages in at once (the caller included) when the options
+/// do not say: `MEMPLANE_POPULATE_THREADS` from the environment (1: the caller alone), else 4.
 /// Clearing pages is bound by memory bandwidth, which a few threads fill.
-fn populate_threads() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("MEMPLANE_POPULATE_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n: &usize| n >= 1)
-            .unwrap_or(4)
-    })
+pub fn default_populate_threads() -> usize {
+    std::env::var("MEMPLANE_POPULATE_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n >= 1)
+        .unwrap_or(4)
 }
 
 fn range_pages(r: &MemRange, base: u64, ps: u64) -> (u32, u32) {
@@ -162,7 +161,18 @@ impl MemMap {
             fail_syncs: std::sync::atomic::AtomicU32::new(0),
             windows,
             can_populate: crate::va::can_populate(),
+            populate_threads: std::sync::atomic::AtomicUsize::new(default_populate_threads()),
         })
+    }
+
+    /// The most threads that fault a growth's new pages in at once.
+    pub fn populate_threads(&self) -> usize {
+        self.populate_threads.load(Ordering::Relaxed)
+    }
+
+    /// Sets the most threads that fault a growth's new pages in at once (at least 1).
+    pub fn set_populate_threads(&self, n: usize) {
+        self.populate_threads.store(n.max(1), Ordering::Relaxed);
     }
 
     /// Maps pages `first..first + n` of list `li` here (the primary `creates` them: page files,
@@ -174,7 +184,7 @@ impl MemMap {
         // New pages are cleared by the threads that fault them in: several at once. Pages
         // that exist already (a secondary's sync) only need their page tables filled.
         let spread = if create {
-            Spread::pages(ps, populate_threads())
+            Spread::pages(ps, self.populate_threads.load(Ordering::Relaxed))
         } else {
             Spread::ALONE
         };

@@ -77,6 +77,10 @@ pub struct MemOptions {
     /// With memfd backing, a hugetlbfs directory whose page size the memfds take
     /// (`--in-memory --huge-dir DIR`, as in DPDK); checked when the primary starts.
     pub size_from: Option<PathBuf>,
+    /// `--populate-threads`: the most threads that fault a growth's new pages in at once, the
+    /// growing thread included (1: it alone). `None`: `MEMPLANE_POPULATE_THREADS` from the
+    /// environment, else 4. Never more than the CPUs the growing thread may run on.
+    pub populate_threads: Option<usize>,
 }
 
 impl Default for MemOptions {
@@ -91,6 +95,7 @@ impl Default for MemOptions {
             list_va: 32 << 30,
             page_size: None,
             size_from: None,
+            populate_threads: None,
         }
     }
 }
@@ -133,6 +138,11 @@ impl MemOptions {
     /// `--socket-limit`.
     pub fn socket_limit(mut self, per_node_mb: Vec<u64>) -> Self {
         self.socket_limit = per_node_mb;
+        self
+    }
+    /// `--populate-threads`: see [`MemOptions::populate_threads`].
+    pub fn populate_threads(mut self, n: usize) -> Self {
+        self.populate_threads = Some(n.max(1));
         self
     }
     /// Address space per list.

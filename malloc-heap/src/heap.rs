@@ -598,10 +598,11 @@ where
     }
 
     /// How much heap `i` grows at least, the caller holding its grow lock: on a first growth
-    /// or after a shrink, nothing beyond the need; on a growth in a row, for each CPU the
-    /// calling thread may run on (up to `AHEAD_PAGES`), what one thread populates: a page of the
-    /// smallest size, or whole pages of at least `MIN_PART` bytes (so ordinary 4 KiB pages by
-    /// 2 MiB), at most `AHEAD_MAX` in all.
+    /// or after a shrink, nothing beyond the need; on a growth in a row, for each thread that
+    /// may populate it (the CPUs the calling thread may run on, and the memory's
+    /// `populate_threads`, up to `AHEAD_PAGES`; nothing if that is one), what one thread
+    /// populates: a page of the smallest size, or whole pages of at least `MIN_PART` bytes (so
+    /// ordinary 4 KiB pages by 2 MiB), at most `AHEAD_MAX` in all.
     ///
     /// Most of a growth is the kernel clearing the new pages, and the memory layer shares out
     /// the population of several pages between that many threads (see
@@ -624,12 +625,19 @@ where
         if !in_a_row {
             return Ok(0);
         }
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = cpus
+            .min(self.mem.populate_threads())
+            .min(AHEAD_PAGES as usize) as u64;
+        if threads < 2 {
+            // Nobody to clear the extra pages beside the growing thread: no gain in them.
+            return Ok(0);
+        }
         let unit = self
             .shared
             .min_page
             .saturating_mul(MIN_PART.div_ceil(self.shared.min_page.max(1)));
-        Ok((cpus.clamp(1, AHEAD_PAGES) * unit).min(AHEAD_MAX))
+        Ok((threads * unit).min(AHEAD_MAX))
     }
 
     /// After growth from a secondary: the new region `r` of heap `i` holds one block held for

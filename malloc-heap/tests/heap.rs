@@ -444,10 +444,12 @@ fn growth_ahead(opts: MemOptions) {
         .map(|l| l.page_size)
         .min()
         .unwrap();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     // What one thread populates: a 2 MiB page, or 2 MiB of 4 KiB pages.
     let unit = page.max(2 << 20);
-    let ahead = cpus.clamp(1, 4) * unit;
+    let threads = cpus.min(h.memory().populate_threads()).min(4) as u64;
+    // With one thread to clear pages, growths stay exact.
+    let ahead = if threads > 1 { threads * unit } else { page };
     let size = (page / 8) as usize;
     let mut live = Vec::new();
     // Allocates blocks until the heap has grown once more; returns by how much it grew.
@@ -489,6 +491,11 @@ fn growth_ahead(opts: MemOptions) {
 #[test]
 fn no_huge_growths_in_a_row_take_pages_ahead() {
     growth_ahead(MemOptions::new().no_huge());
+}
+
+#[test]
+fn no_huge_growths_stay_exact_with_one_populating_thread() {
+    growth_ahead(MemOptions::new().no_huge().populate_threads(1));
 }
 
 #[test]

@@ -123,6 +123,10 @@ pub struct MemOpts {
     /// IPC only: no shared memory.
     #[arg(long = "no-memory")]
     pub no_memory: bool,
+    /// The most threads that fault a growth's new pages in at once (1: the growing thread
+    /// alone; default 4, or MEMPLANE_POPULATE_THREADS).
+    #[arg(long = "populate-threads", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub populate_threads: Option<u32>,
 }
 
 /// MiB per NUMA node, as `--socket-mem 512,512` spells them. An alias, not `Vec<u64>` written
@@ -144,6 +148,9 @@ impl MemOpts {
         }
         if let Some(b) = self.base_virtaddr {
             c = c.base_virtaddr(b);
+        }
+        if let Some(n) = self.populate_threads {
+            c = c.populate_threads(n as usize);
         }
         if self.in_memory {
             c = c.in_memory();
