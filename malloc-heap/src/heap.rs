@@ -243,6 +243,16 @@ fn checked(size: usize, align: usize) -> Result<(u64, u64), AllocError> {
     Ok((size, align))
 }
 
+/// Whether `e` says the memory (or a limit on it) is exhausted.
+fn out_of_memory(e: &MemError) -> bool {
+    matches!(
+        e,
+        MemError::NoMemory { .. }
+            | MemError::LimitExceeded { .. }
+            | MemError::Txn(TxnStatus::NoMemory | TxnStatus::LimitExceeded)
+    )
+}
+
 /// A heap's growths in a row, as this process saw them (see `Heap::grow_ahead`).
 #[derive(Clone, Copy, Debug, Default)]
 struct Streak {
@@ -560,16 +570,21 @@ where
             // Enough for the block, its alignment and a split; more while the heap keeps
             // growing (see `grow_ahead`).
             let need = size + align.max(64) + HEADER + MIN_BLOCK;
-            let bytes = need.max(self.grow_ahead(i)?);
+            let ahead = self.grow_ahead(i)?;
             // A secondary maps the new pages itself: they come back held for it in the heap,
             // and join it as free memory once mapped here.
-            let grown = self.mem.alloc(&AllocSpec {
+            let spec = |bytes| AllocSpec {
                 bytes,
                 node: Some(node),
                 heap: node,
                 requester_maps: true,
                 ..AllocSpec::default()
-            });
+            };
+            let grown = match self.mem.alloc(&spec(need.max(ahead))) {
+                // What is taken ahead is not worth an out-of-memory error: the need alone may fit.
+                Err(e) if ahead > need && out_of_memory(&e) => self.mem.alloc(&spec(need)),
+                r => r,
+            };
             let grown = match grown.and_then(|r| self.take_held(i, r).map(|()| r)) {
                 Ok(r) => r,
                 Err(e) => {

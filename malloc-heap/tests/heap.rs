@@ -499,6 +499,31 @@ fn no_huge_growths_stay_exact_with_one_populating_thread() {
 }
 
 #[test]
+fn growth_ahead_gives_way_to_a_memory_limit() {
+    // 12 MiB in all (`-m 12`): growths in a row take 2 MiB per CPU ahead, but the last ones
+    // that fit only as the need are still made: the heap fills the limit, not less.
+    const MIB: u64 = 1 << 20;
+    let dir = TestDir::new("mph");
+    let p = primary(&dir, MemOptions::new().no_huge().total_mb(12));
+    let h = &p.heap;
+    let mut live = Vec::new();
+    while let Ok(b) = h.malloc(256 << 10, 64) {
+        live.push(b);
+    }
+    let used = h.memory().total_used();
+    assert!(used > 11 * MIB && used <= 12 * MIB, "{used}");
+    assert!(
+        live.len() >= 43,
+        "{} blocks of 256 KiB in 12 MiB",
+        live.len()
+    );
+    for b in live {
+        h.free(b).unwrap();
+    }
+    assert_eq!(h.memory().total_used(), 0);
+}
+
+#[test]
 fn hugepage_growths_in_a_row_take_pages_ahead() {
     on_hugepages("hugepage_growths_in_a_row_take_pages_ahead", growth_ahead);
 }
