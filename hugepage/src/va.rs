@@ -156,16 +156,17 @@ unsafe fn populate(va: u64, len: u64, spread: Spread) -> std::io::Result<()> {
         len: 0,
         errno: 0,
     });
-    for (k, p) in parts.iter_mut().enumerate().take(n) {
-        let k = k as u64;
-        let start = (k * per + k.min(extra)) * spread.chunk.min(len);
-        let count = per + u64::from(k < extra);
-        p.va = va + start;
-        p.len = if n == 1 {
-            len
-        } else {
-            (count * spread.chunk).min(len - start)
-        };
+    if n == 1 {
+        (parts[0].va, parts[0].len) = (va, len);
+    } else {
+        // Several parts: the chunk is smaller than the range, and part k starts after the
+        // chunks of the parts before it (the first `extra` parts take one more).
+        for (k, p) in parts.iter_mut().enumerate().take(n) {
+            let k = k as u64;
+            let start = (k * per + k.min(extra)) * spread.chunk;
+            let count = per + u64::from(k < extra);
+            (p.va, p.len) = (va + start, (count * spread.chunk).min(len - start));
+        }
     }
     let (own, rest) = parts.split_at_mut(1);
     let mut threads: [Option<libc::pthread_t>; MAX_POPULATE_THREADS] = [None; MAX_POPULATE_THREADS];
