@@ -73,15 +73,30 @@ impl Spread {
         threads: 1,
     };
 
-    /// Up to `max` threads, no more than the CPUs the calling thread may run on, by whole
-    /// pages of `page` bytes and at least [`MIN_PART`] bytes a thread.
+    /// Up to `max` threads (no more than the CPUs the calling thread may run on, counted when
+    /// there is more than one part), by whole pages of `page` bytes and at least [`MIN_PART`]
+    /// bytes a thread.
     pub fn pages(page: u64, max: usize) -> Spread {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let page = page.max(1);
         Spread {
             chunk: page.saturating_mul(MIN_PART.div_ceil(page)),
-            threads: max.min(cpus).max(1),
+            threads: max.max(1),
         }
+    }
+}
+
+/// The CPUs the calling thread may run on (1 if the kernel does not say): one
+/// `sched_getaffinity`, where `std::thread::available_parallelism` also reads cgroup files
+/// (tens of microseconds, measured as a one-page growth 1.3x slower).
+pub fn cpus_here() -> usize {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes at most
+    // `size_of::<cpu_set_t>()` bytes into it, and CPU_COUNT only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return 1;
+        }
+        (libc::CPU_COUNT(&set) as usize).max(1)
     }
 }
 
@@ -146,9 +161,13 @@ extern "C" fn run_part(arg: *mut libc::c_void) -> *mut libc::c_void {
 /// memory layer's page files (a window, or pages mapped one by one).
 unsafe fn populate(va: u64, len: u64, spread: Spread) -> std::io::Result<()> {
     let chunks = len.div_ceil(spread.chunk.max(1));
-    let n = (spread.threads.min(MAX_POPULATE_THREADS) as u64)
+    let mut n = (spread.threads.min(MAX_POPULATE_THREADS) as u64)
         .min(chunks)
         .max(1) as usize;
+    if n > 1 {
+        // Helpers inherit the caller's affinity: no more of them than its CPUs.
+        n = n.min(cpus_here());
+    }
     // Whole chunks per part, the caller's part first.
     let (per, extra) = (chunks / n as u64, chunks % n as u64);
     let mut parts: [Part; MAX_POPULATE_THREADS] = std::array::from_fn(|_| Part {

@@ -640,7 +640,7 @@ where
         if !in_a_row {
             return Ok(0);
         }
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = memplane_hugepage::va::cpus_here();
         let threads = cpus
             .min(self.mem.populate_threads())
             .min(AHEAD_PAGES as usize) as u64;

@@ -444,7 +444,7 @@ fn growth_ahead(opts: MemOptions) {
         .map(|l| l.page_size)
         .min()
         .unwrap();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = memplane_hugepage::va::cpus_here();
     // What one thread populates: a 2 MiB page, or 2 MiB of 4 KiB pages.
     let unit = page.max(2 << 20);
     let threads = cpus.min(h.memory().populate_threads()).min(4) as u64;
