@@ -969,6 +969,19 @@ fn a_peer_that_dies_with_requests_in_the_outbox_is_not_waited_for() {
     assert_eq!(ch.pending_requests(), 0);
 }
 
+/// `err` says the send timed out: the peer is there but did not take the datagram in time.
+fn assert_timed_out(err: &memplane::unix::Error) {
+    assert!(
+        matches!(
+            err,
+            memplane::unix::Error::Endpoint(memplane::core::endpoint::EndpointError::Transport(
+                memplane::core::transport::SendError::Timeout
+            ))
+        ),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn one_peer_send_waits_for_room_then_times_out() {
     // A secondary's one-way messages go to one peer, the primary: a full queue makes the
@@ -998,29 +1011,13 @@ fn one_peer_send_waits_for_room_then_times_out() {
             "sends to a stopped peer never ran out of room"
         );
     };
-    assert!(
-        matches!(
-            err,
-            memplane::unix::Error::Endpoint(memplane::core::endpoint::EndpointError::Transport(
-                memplane::core::transport::SendError::Timeout
-            ))
-        ),
-        "{err:?}"
-    );
+    assert_timed_out(&err);
     // The broadcast form, whose one peer is the primary, says the same: the primary is
     // there, it did not take the message in time (not "gone").
     let err = ch
         .send(&message("q", b"late", Fds::none()).unwrap())
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            memplane::unix::Error::Endpoint(memplane::core::endpoint::EndpointError::Transport(
-                memplane::core::transport::SendError::Timeout
-            ))
-        ),
-        "{err:?}"
-    );
+    assert_timed_out(&err);
     // Nothing went to the outbox: the caller waited itself.
     assert_eq!(ch.stats().outbox.queued, 0);
     stopped.signal(libc::SIGCONT);
