@@ -503,12 +503,12 @@ impl Reservation {
                 } else {
                     ProtFlags::empty()
                 };
+                // Each call maps the window of `fd` at `offset` again over itself, with the
+                // step's access (or closed, putting the window back): the same file pages at the
+                // same addresses; closing happens only once the pages are retired (above).
                 let remap = |prot| {
-                    // SAFETY: the range is inside our reservation (checked above) and covered by
-                    // the window of `fd` at `offset`, which each call maps again over itself
-                    // (with the step's access, or closed when it puts the window back): the same
-                    // file pages at the same addresses, so no live reference changes meaning;
-                    // closing happens only once the pages are retired (above).
+                    // SAFETY: the range is inside our reservation (checked above), and remapping
+                    // its own file pages over it changes no live reference's meaning.
                     unsafe {
                         rustix::mm::mmap(
                             va as *mut _,
