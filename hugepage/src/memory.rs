@@ -35,7 +35,7 @@ use crate::backing::PageStore;
 use crate::error::MemError;
 use crate::events::{EventFn, MemEvent};
 use crate::iova::{IovaMode, Pagemap};
-use crate::memseg::{ListInfo, MemMap};
+use crate::memseg::{ListInfo, MemMap, default_populate_threads};
 use crate::options::{Backing, IovaChoice, MemOptions};
 use crate::shared::{HeaderSpec, ListSpec, SharedConfig, backing_code, iova_code};
 use crate::va::{DEFAULT_BASE, Reservation};
@@ -392,13 +392,15 @@ where
         let cfg_path = cfg.path().to_owned();
         let lists: Vec<(u64, u32)> = specs.iter().map(|s| (s.page_size, s.n_segs)).collect();
         let map = PageStore::create(code, &lists, huge_dir.as_deref(), prefix)
-            .and_then(|store| MemMap::new(cfg, res, store, iova))
+            .and_then(|store| {
+                let threads = opts
+                    .populate_threads
+                    .unwrap_or_else(default_populate_threads);
+                MemMap::new(cfg, res, store, iova, threads)
+            })
             .inspect_err(|_| {
                 let _ = std::fs::remove_file(&cfg_path);
             })?;
-        if let Some(n) = opts.populate_threads {
-            map.set_populate_threads(n);
-        }
         let setup = MemSetup {
             backing: match code {
                 backing_code::MEMFD => "memfd (hugepages)",
@@ -478,7 +480,7 @@ where
         } else {
             IovaMode::Va
         };
-        let map = MemMap::new(cfg, res, store, iova)?;
+        let map = MemMap::new(cfg, res, store, iova, default_populate_threads())?;
         let mem = Memory::assemble(ch, map, timeouts, None, dir);
         mem.register_secondary_actions()?;
         mem.join()?;

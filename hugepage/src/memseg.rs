@@ -77,7 +77,7 @@ pub struct MemMap {
     /// The kernel populates ranges on request (`MADV_POPULATE_WRITE`).
     can_populate: bool,
     /// The most threads that fault a growth's new pages in (see `MemOptions::populate_threads`).
-    populate_threads: std::sync::atomic::AtomicUsize,
+    populate_threads: usize,
 }
 
 /// Maps each list's file over the list as a window, when the store has one file per list and
@@ -123,12 +123,14 @@ fn range_pages(r: &MemRange, base: u64, ps: u64) -> (u32, u32) {
 }
 
 impl MemMap {
-    /// Puts the parts together. `res` must cover the configuration's address range.
+    /// Puts the parts together. `res` must cover the configuration's address range;
+    /// `populate_threads` is the most threads that fault a growth's new pages in at once.
     pub fn new(
         cfg: SharedConfig,
         res: Reservation,
         store: PageStore,
         iova_mode: IovaMode,
+        populate_threads: usize,
     ) -> Result<MemMap, MemError> {
         let h = cfg.header();
         if res.base() != h.va_base || res.len() != h.va_len {
@@ -161,18 +163,13 @@ impl MemMap {
             fail_syncs: std::sync::atomic::AtomicU32::new(0),
             windows,
             can_populate: crate::va::can_populate(),
-            populate_threads: std::sync::atomic::AtomicUsize::new(default_populate_threads()),
+            populate_threads: populate_threads.max(1),
         })
     }
 
     /// The most threads that fault a growth's new pages in at once.
     pub fn populate_threads(&self) -> usize {
-        self.populate_threads.load(Ordering::Relaxed)
-    }
-
-    /// Sets the most threads that fault a growth's new pages in at once (at least 1).
-    pub fn set_populate_threads(&self, n: usize) {
-        self.populate_threads.store(n.max(1), Ordering::Relaxed);
+        self.populate_threads
     }
 
     /// Maps pages `first..first + n` of list `li` here (the primary `creates` them: page files,
@@ -184,7 +181,7 @@ impl MemMap {
         // New pages are cleared by the threads that fault them in: several at once. Pages
         // that exist already (a secondary's sync) only need their page tables filled.
         let spread = if create {
-            Spread::pages(ps, self.populate_threads.load(Ordering::Relaxed))
+            Spread::pages(ps, self.populate_threads)
         } else {
             Spread::ALONE
         };
@@ -552,8 +549,9 @@ impl MemMap {
     pub fn is_pinned(&self, r: &MemRange) -> bool {
         self.check_range(r).is_ok_and(|(li, first, n)| {
             let segs = self.cfg.segs(li);
-            (first..first + n)
-                .all(|k| segs[k as usize].flags.load(Ordering::Acquire) & SEG_PINNED != 0)
+            segs[first as usize..(first + n) as usize]
+                .iter()
+                .all(|s| s.pinned())
         })
     }
 
@@ -564,21 +562,15 @@ impl MemMap {
         for li in 0..self.cfg.nlists() {
             let l = self.cfg.list(li);
             let pinned = |s: &crate::shared::Seg| {
-                s.state.load(Ordering::Acquire) == seg_state::USED
-                    && s.flags.load(Ordering::Acquire) & SEG_PINNED != 0
+                s.state.load(Ordering::Acquire) == seg_state::USED && s.pinned()
             };
-            let segs = self.cfg.segs(li);
-            let mut k = 0;
-            while k < segs.len() {
-                if !pinned(&segs[k]) {
-                    k += 1;
-                    continue;
+            let mut k = 0u64;
+            for run in self.cfg.segs(li).chunk_by(|a, b| pinned(a) == pinned(b)) {
+                if pinned(&run[0]) {
+                    let (addr, len) = (l.base + k * l.page_size, run.len() as u64 * l.page_size);
+                    out.push((li, MemRange { addr, len }));
                 }
-                let n = segs[k..].iter().take_while(|s| pinned(s)).count();
-                let addr = l.base + k as u64 * l.page_size;
-                let len = n as u64 * l.page_size;
-                out.push((li, MemRange { addr, len }));
-                k += n;
+                k += run.len() as u64;
             }
         }
         out
@@ -590,9 +582,7 @@ impl MemMap {
     pub fn check_freeable(&self, r: &MemRange) -> Result<(usize, u32, u32), MemError> {
         let (li, first, n) = self.check_range(r)?;
         let segs = self.cfg.segs(li);
-        if let Some(k) = (first..first + n)
-            .find(|&k| segs[k as usize].flags.load(Ordering::Acquire) & SEG_PINNED != 0)
-        {
+        if let Some(k) = (first..first + n).find(|&k| segs[k as usize].pinned()) {
             let l = self.cfg.list(li);
             return Err(MemError::Invalid(format!(
                 "page at {:#x} was allocated up front (--socket-mem) and is kept for the life of \

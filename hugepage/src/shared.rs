@@ -133,6 +133,13 @@ pub struct Seg {
 /// Segment flag: allocated up front, never returned by heap shrink.
 pub const SEG_PINNED: u32 = 1;
 
+impl Seg {
+    /// The segment was allocated up front (`--socket-mem`).
+    pub fn pinned(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & SEG_PINNED != 0
+    }
+}
+
 const _: () = {
     assert!(std::mem::size_of::<Seg>() == 32);
     assert!(std::mem::size_of::<ListHeader>() == 56);
