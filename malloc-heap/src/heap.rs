@@ -253,15 +253,6 @@ fn out_of_memory(e: &MemError) -> bool {
     )
 }
 
-/// A heap's growths in a row, as this process saw them (see `Heap::grow_ahead`).
-#[derive(Clone, Copy, Debug, Default)]
-struct Streak {
-    /// This process grew the heap before.
-    grown: bool,
-    /// The heap's shrink count at that growth.
-    shrinks: u64,
-}
-
 /// The most threads' worth a growth takes ahead of the need (one per CPU).
 const AHEAD_PAGES: u64 = 4;
 /// The most bytes a growth takes ahead of the need (with pages this large, a growth is exact).
@@ -272,9 +263,10 @@ pub struct Heap<C: Channel> {
     pub(crate) mem: Memory<C>,
     pub(crate) shared: Arc<Shared>,
     shrink: AtomicBool,
-    /// Per heap: its growths in a row, as this process saw them (no allocation on the
-    /// growth path: the global allocator may be what is growing).
-    streaks: Arc<parking_lot::Mutex<[Streak; MAX_HEAPS]>>,
+    /// Per heap: its shrink count when this process last grew it (`None`: never), which says
+    /// whether the next growth is one in a row (see `grow_ahead`). A fixed array: the growth
+    /// path must not allocate, the global allocator may be what is growing.
+    last_growth: Arc<parking_lot::Mutex<[Option<u64>; MAX_HEAPS]>>,
 }
 
 impl<C: Channel> Clone for Heap<C> {
@@ -283,7 +275,7 @@ impl<C: Channel> Clone for Heap<C> {
             mem: self.mem.clone(),
             shared: self.shared.clone(),
             shrink: AtomicBool::new(self.shrink.load(Ordering::Relaxed)),
-            streaks: self.streaks.clone(),
+            last_growth: self.last_growth.clone(),
         }
     }
 }
@@ -386,7 +378,7 @@ where
             mem,
             shared,
             shrink: AtomicBool::new(true),
-            streaks: Default::default(),
+            last_growth: Default::default(),
         })
     }
 
@@ -410,7 +402,7 @@ where
                 walkable,
             }),
             shrink: AtomicBool::new(true),
-            streaks: Default::default(),
+            last_growth: Default::default(),
         })
     }
 
@@ -628,16 +620,15 @@ where
     /// more than it asks for.
     fn grow_ahead(&self, i: usize) -> Result<u64, AllocError> {
         let shrinks = self.shared.lock(i)?.1.shrinks;
-        let mut streaks = self.streaks.lock();
-        let Some(s) = streaks.get_mut(i) else {
+        let Some(last) = self
+            .last_growth
+            .lock()
+            .get_mut(i)
+            .map(|l| l.replace(shrinks))
+        else {
             return Ok(0);
         };
-        let in_a_row = s.grown && s.shrinks == shrinks;
-        *s = Streak {
-            grown: true,
-            shrinks,
-        };
-        if !in_a_row {
+        if last != Some(shrinks) {
             return Ok(0);
         }
         let cpus = memplane_hugepage::va::cpus_here();
