@@ -26,6 +26,14 @@
 //! grow nothing: the allocators without the kernel's clearing of new pages (`--modes huge`
 //! only, as DPDK's run is on hugepages).
 //!
+//! After each row, the same process measures the kernel's floor for it: the least number of
+//! pages the row takes from the kernel whatever the allocator (its blocks' data less what was
+//! free in the heap when it started), faulted in on a fresh memfd in steps of one page per
+//! thread (the CPUs here, at most memplane's default of 4 populating threads), with no
+//! allocator work. A last table sets that floor against each target's line (the target's ratio
+//! times DPDK's time): where the floor is above the line, no allocator that hands out memory
+//! it has faulted in meets the target here.
+//!
 //! `cargo bench -p memplane --bench malloc_perf -- [--reps R] [--modes huge,nohuge]
 //! [--dpdk-test PATH | --no-dpdk] [--empty-start] [--max-size BYTES] [--socket-mem MB]`;
 //! `--max-size` stops memplane's tables after that size (DPDK's test always runs every size),
@@ -67,7 +75,8 @@ const MZ_FLAGS: u32 = 0x2 | 0x4;
 
 type Heap = memplane::heap::Heap<MpChannel>;
 
-/// One row: runs, alloc, free, total, memset (us per op).
+/// One row: runs, alloc, free, total, memset (us per op); `pages` and `floor` are memplane's
+/// only (see [`clearing_floor`]).
 #[derive(Clone, Copy, Debug, Default)]
 struct Row {
     runs: f64,
@@ -75,6 +84,10 @@ struct Row {
     free: f64,
     total: f64,
     memset: f64,
+    /// Pages the row must take from the kernel at least.
+    pages: f64,
+    /// The kernel's time to hand that many fresh pages over, us per operation.
+    floor: f64,
 }
 
 /// One run of the three tables: (table, size) -> row.
@@ -84,6 +97,111 @@ const TABLES: [&str; 3] = ["malloc", "zmalloc", "memzone"];
 
 fn us(t: Instant, runs: usize) -> f64 {
     t.elapsed().as_secs_f64() * 1e6 / runs as f64
+}
+
+/// Free bytes in the heap (every node).
+fn heap_free(h: &Heap) -> u64 {
+    h.all_stats().iter().map(|s| s.free).sum()
+}
+
+/// The least number of pages a row of `runs` blocks of `size` bytes takes from the kernel,
+/// whatever the allocator: the blocks' data alone, less what was free in the heap when the row
+/// started, in pages of the memory's smallest size.
+fn pages_at_least(h: &Heap, runs: usize, size: usize, free_before: u64) -> u64 {
+    let ps = min_page(h);
+    ((runs * size) as u64)
+        .saturating_sub(free_before)
+        .div_ceil(ps)
+}
+
+fn min_page(h: &Heap) -> u64 {
+    h.memory()
+        .lists()
+        .iter()
+        .map(|l| l.page_size)
+        .min()
+        .unwrap_or(4096)
+}
+
+/// The kernel's floor for handing `pages` new pages of `page` bytes to a process: a fresh memfd
+/// (hugetlb when `page` is not the base page) of that size, mapped, and faulted in for writing
+/// (`MADV_POPULATE_WRITE`, where the kernel clears each page) in one go, shared out by whole
+/// pages between as many threads as memplane may use for a growth (the CPUs here, at most its
+/// default of 4): no allocator, no growth in steps. Microseconds, or `None` if the pages
+/// cannot be had.
+fn clearing_floor(pages: u64, page: u64) -> Option<f64> {
+    if pages == 0 {
+        return Some(0.0);
+    }
+    let huge = page > 4096;
+    let flags = if huge {
+        // MFD_HUGETLB with the page size's log2 in the size bits.
+        libc::MFD_CLOEXEC | libc::MFD_HUGETLB | ((page.trailing_zeros()) << 26)
+    } else {
+        libc::MFD_CLOEXEC
+    };
+    // SAFETY: a valid C string and flags; the fd is owned below.
+    let fd = unsafe { libc::memfd_create(c"mpb-floor".as_ptr(), flags) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just created and is owned here only.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let len = pages * page;
+    // SAFETY: a plain ftruncate of our own memfd.
+    if unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&fd), len as i64) } != 0 {
+        return None;
+    }
+    // SAFETY: a new shared mapping of our own memfd, chosen by the kernel; unmapped below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return None;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cpus.min(4) as u64).min(pages);
+    let base = base as usize;
+    // In steps of one page a thread, as a heap that keeps growing takes them; the threads wait
+    // for each other after each step.
+    let step = std::sync::Barrier::new(threads as usize);
+    let t = Instant::now();
+    let ok = std::thread::scope(|sc| {
+        let parts: Vec<_> = (0..threads)
+            .map(|k| {
+                let step = &step;
+                sc.spawn(move || {
+                    let mut ok = true;
+                    for first in (0..pages).step_by(threads as usize) {
+                        let p = first + k;
+                        // SAFETY: a page of our own mapping above, alive until after the scope.
+                        ok &= p >= pages
+                            || unsafe {
+                                libc::madvise(
+                                    (base + (p * page) as usize) as *mut _,
+                                    page as usize,
+                                    libc::MADV_POPULATE_WRITE,
+                                ) == 0
+                            };
+                        step.wait();
+                    }
+                    ok
+                })
+            })
+            .collect();
+        parts.into_iter().all(|p| p.join().unwrap_or(false))
+    });
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(base as *mut _, len as usize) };
+    ok.then_some(us)
 }
 
 /// DPDK's reference: 20 memsets of 1 GiB; microseconds per GiB.
@@ -160,6 +278,7 @@ fn malloc_table(h: &Heap, zero: bool, max: usize, out: &mut Tables) {
     let mut last_err = String::new();
     for size in SIZES.into_iter().filter(|&s| s <= max) {
         ptrs.clear();
+        let free_before = heap_free(h);
         let t = Instant::now();
         for _ in 0..MAX_RUNS {
             let r = if zero {
@@ -192,12 +311,15 @@ fn malloc_table(h: &Heap, zero: bool, max: usize, out: &mut Tables) {
             h.free(*p).expect("free");
         }
         let free = us(t, runs);
+        let pages = pages_at_least(h, runs, size, free_before);
         let r = Row {
             runs: runs as f64,
             alloc,
             free,
             total: alloc + free,
             memset,
+            pages: pages as f64,
+            floor: clearing_floor(pages, min_page(h)).map_or(f64::NAN, |f| f / runs as f64),
         };
         print_row(size, &r);
         out.insert((name, size), r);
@@ -212,6 +334,7 @@ fn memzone_table(h: &Heap, us_per_gib: f64, max: usize, out: &mut Tables) {
     let mut serial = 0u64;
     let mut last_err = String::new();
     for size in SIZES.into_iter().filter(|&s| s <= max) {
+        let free_before = heap_free(h);
         let t = Instant::now();
         let mut runs = 0;
         for n in names.iter_mut() {
@@ -245,6 +368,14 @@ fn memzone_table(h: &Heap, us_per_gib: f64, max: usize, out: &mut Tables) {
             free,
             total: alloc + free,
             memset: us_per_gib * size as f64 / GIB as f64,
+            pages: 0.0,
+            floor: 0.0,
+        };
+        let pages = pages_at_least(h, runs, size, free_before);
+        let r = Row {
+            pages: pages as f64,
+            floor: clearing_floor(pages, min_page(h)).map_or(f64::NAN, |f| f / runs as f64),
+            ..r
         };
         print_row(size, &r);
         out.insert(("memzone", size), r);
@@ -362,6 +493,7 @@ fn dpdk_run(bin: &str, socket_mem: u64) -> Option<Tables> {
                     free: nums[3],
                     total: nums[4],
                     memset: nums[5],
+                    ..Row::default()
                 },
             );
         }
@@ -388,6 +520,8 @@ fn med(runs: &[Tables], table: &'static str, size: usize) -> Option<Row> {
         free: m(|r| r.free),
         total: m(|r| r.total),
         memset: m(|r| r.memset),
+        pages: m(|r| r.pages),
+        floor: m(|r| r.floor),
     })
 }
 
@@ -468,6 +602,52 @@ fn combined(label: &str, mp: &[Tables], dpdk: &[Tables]) {
     }
 }
 
+/// The rows that take new pages from the kernel: the least it needs to hand those pages over
+/// (see [`clearing_floor`]) against the target's line. A floor above the line means no
+/// allocator that gives out memory it has faulted in could meet the target on this machine in
+/// that run; the memplane column is the time the target is judged by.
+fn floor_table(mp: &[Tables], dpdk: &[Tables]) {
+    println!();
+    println!(
+        "### The kernel's floor: the least time to clear the pages a row takes (us per operation)"
+    );
+    println!();
+    println!(
+        "| table | size | pages at least | kernel floor | line (target x DPDK) | memplane | \
+         floor / line | memplane / floor |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for table in TABLES {
+        for size in SIZES {
+            let Some(a) = med(mp, table, size) else {
+                continue;
+            };
+            if a.pages < 1.0 {
+                continue;
+            }
+            let d = med(dpdk, table, size);
+            let (lim, mine, theirs) = if table == "memzone" {
+                (0.1, a.alloc, d.map(|d| d.alloc))
+            } else if size <= 64 * KIB {
+                (0.5, a.total, d.map(|d| d.total))
+            } else {
+                (0.8, a.total, d.map(|d| d.total))
+            };
+            let line = theirs.map(|t| t * lim);
+            println!(
+                "| {table} | {} | {} | {:.3} | {} | {:.3} | {} | {:.2} |",
+                human(size),
+                a.pages,
+                a.floor,
+                line.map_or("-".into(), |l| format!("{l:.3}")),
+                mine,
+                line.map_or("-".into(), |l| format!("{:.2}", a.floor / l)),
+                mine / a.floor,
+            );
+        }
+    }
+}
+
 fn human(size: usize) -> String {
     match size {
         s if s >= GIB => format!("{} GiB", s / GIB),
@@ -520,8 +700,10 @@ fn main() {
     }
     if !huge.is_empty() {
         combined(&huge_label, &huge, &dpdk);
+        floor_table(&huge, &dpdk);
     }
     if !nohuge.is_empty() {
         combined("no-huge", &nohuge, &dpdk);
+        floor_table(&nohuge, &dpdk);
     }
 }
