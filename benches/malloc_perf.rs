@@ -114,6 +114,13 @@ fn pages_at_least(h: &Heap, runs: usize, size: usize, free_before: u64) -> u64 {
         .div_ceil(ps)
 }
 
+/// [`clearing_floor`] for `pages` pages of the heap's memory, per operation of a row of `runs`
+/// (NaN when the pages could not be had).
+fn floor_per_op(h: &Heap, pages: u64, runs: usize) -> f64 {
+    let huge = h.memory().backing_name() != "no-huge";
+    clearing_floor(pages, min_page(h), huge).map_or(f64::NAN, |f| f / runs as f64)
+}
+
 fn min_page(h: &Heap) -> u64 {
     h.memory()
         .lists()
@@ -124,16 +131,16 @@ fn min_page(h: &Heap) -> u64 {
 }
 
 /// The kernel's floor for handing `pages` new pages of `page` bytes to a process: a fresh memfd
-/// (hugetlb when `page` is not the base page) of that size, mapped, and faulted in for writing
+/// (hugetlb when `huge`, else ordinary shared memory, as memplane's `--no-huge`) of that size,
+/// mapped, and faulted in for writing
 /// (`MADV_POPULATE_WRITE`, where the kernel clears each page) in one go, shared out by whole
 /// pages between as many threads as memplane may use for a growth (the CPUs here, at most its
 /// default of 4): no allocator, no growth in steps. Microseconds, or `None` if the pages
 /// cannot be had.
-fn clearing_floor(pages: u64, page: u64) -> Option<f64> {
+fn clearing_floor(pages: u64, page: u64, huge: bool) -> Option<f64> {
     if pages == 0 {
         return Some(0.0);
     }
-    let huge = page > 4096;
     let flags = if huge {
         // MFD_HUGETLB with the page size's log2 in the size bits.
         libc::MFD_CLOEXEC | libc::MFD_HUGETLB | ((page.trailing_zeros()) << 26)
@@ -319,7 +326,7 @@ fn malloc_table(h: &Heap, zero: bool, max: usize, out: &mut Tables) {
             total: alloc + free,
             memset,
             pages: pages as f64,
-            floor: clearing_floor(pages, min_page(h)).map_or(f64::NAN, |f| f / runs as f64),
+            floor: floor_per_op(h, pages, runs),
         };
         print_row(size, &r);
         out.insert((name, size), r);
@@ -374,7 +381,7 @@ fn memzone_table(h: &Heap, us_per_gib: f64, max: usize, out: &mut Tables) {
         let pages = pages_at_least(h, runs, size, free_before);
         let r = Row {
             pages: pages as f64,
-            floor: clearing_floor(pages, min_page(h)).map_or(f64::NAN, |f| f / runs as f64),
+            floor: floor_per_op(h, pages, runs),
             ..r
         };
         print_row(size, &r);
@@ -634,15 +641,18 @@ fn floor_table(mp: &[Tables], dpdk: &[Tables]) {
                 (0.8, a.total, d.map(|d| d.total))
             };
             let line = theirs.map(|t| t * lim);
+            // A floor that could not be measured (the pages could not be had) is NaN.
+            let floor = (!a.floor.is_nan()).then_some(a.floor);
+            let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
             println!(
-                "| {table} | {} | {} | {:.3} | {} | {:.3} | {} | {:.2} |",
+                "| {table} | {} | {} | {} | {} | {:.3} | {} | {} |",
                 human(size),
                 a.pages,
-                a.floor,
-                line.map_or("-".into(), |l| format!("{l:.3}")),
+                opt(floor, 3),
+                opt(line, 3),
                 mine,
-                line.map_or("-".into(), |l| format!("{:.2}", a.floor / l)),
-                mine / a.floor,
+                opt(floor.zip(line).map(|(f, l)| f / l), 2),
+                opt(floor.map(|f| mine / f), 2),
             );
         }
     }
