@@ -24,9 +24,18 @@
 //!
 //! A holder is a process, not a thread: the lock is not recursive, and a thread must not exit
 //! holding it (a Rust thread that panics drops its guard).
+//!
+//! Under `cfg(loom)` the lock's atomics are loom's, a futex is a loom condition variable with
+//! no timeout (so that a wake-up the protocol loses is a deadlock loom reports, not a 10 ms
+//! delay), and releases take the fenced path: `malloc-heap/tests/loom_lock.rs` checks the
+//! protocol under every interleaving. Loom cannot model `membarrier(2)`, so the fenceless
+//! release rests on the argument above, as userspace RCU's does.
 
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::Duration;
 
 /// Why a lock could not be taken.
@@ -54,8 +63,9 @@ impl std::error::Error for LockError {}
 /// Bits of the owner word that hold the pid (Linux pids are below 2^22).
 const PID_BITS: u32 = 22;
 const PID_MASK: u64 = (1 << PID_BITS) - 1;
-/// Spins before sleeping: a heap operation holds the lock for well under a microsecond.
-const SPINS: u32 = 200;
+/// Spins before sleeping: a heap operation holds the lock for well under a microsecond (one
+/// under loom, where every spin is a step of the model).
+const SPINS: u32 = if cfg!(loom) { 1 } else { 200 };
 /// How long a waiter sleeps before it checks that the holder still lives.
 const CHECK_EVERY: Duration = Duration::from_millis(10);
 /// How long a waiter sleeps at a time when it could not run its `membarrier` (a release may
@@ -64,7 +74,7 @@ const SLICE_WITHOUT_BARRIER: Duration = Duration::from_micros(200);
 
 /// Waits that timed out although the lock had been released without a wake (tests only).
 #[cfg(test)]
-static MISSED_WAKES: AtomicU64 = AtomicU64::new(0);
+static MISSED_WAKES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 const CONSISTENT: u32 = 0;
 const NOT_RECOVERABLE: u32 = 1;
@@ -109,7 +119,18 @@ impl RobustMutex {
     /// repair the protected state and call [`Guard::mark_consistent`] before dropping it.
     #[inline]
     pub fn lock(&self) -> Result<Guard<'_>, LockError> {
-        let me = identity::own();
+        self.lock_as(identity::own())
+    }
+
+    /// [`RobustMutex::lock`] as the holder `me` (a loom model's threads stand for processes).
+    #[cfg(loom)]
+    #[doc(hidden)]
+    pub fn lock_as_holder(&self, me: u64) -> Result<Guard<'_>, LockError> {
+        self.lock_as(me)
+    }
+
+    #[inline]
+    fn lock_as(&self, me: u64) -> Result<Guard<'_>, LockError> {
         if self
             .owner
             .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
@@ -144,6 +165,9 @@ impl RobustMutex {
             }
         }
         self.waiters.fetch_add(1, Ordering::SeqCst);
+        // Pairs with the fence of a release that has one: either that release sees us counted,
+        // or we see its 0 below. A release without one is ordered by the `membarrier` below.
+        fence(Ordering::SeqCst);
         // Every release from now on sees us counted; one already under way has its 0 visible
         // once this returns (see the module doc).
         let nap = if barrier::heavy() {
@@ -172,7 +196,7 @@ impl RobustMutex {
             {
                 // Slept a whole slice, and the lock is free with nobody having woken us: a
                 // release did not see us counted.
-                MISSED_WAKES.fetch_add(1, Ordering::Relaxed);
+                MISSED_WAKES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             if !woken && !identity::alive(cur) {
                 // The holder is gone: whoever swaps its identity for their own recovers.
@@ -197,7 +221,10 @@ impl RobustMutex {
             self.owner.store(0, Ordering::Release);
             std::sync::atomic::compiler_fence(Ordering::SeqCst);
         } else {
-            self.owner.store(0, Ordering::SeqCst);
+            // The store must be visible before the look at the waiters: a full fence, which
+            // pairs with the one a waiter runs once it has counted itself.
+            self.owner.store(0, Ordering::Release);
+            fence(Ordering::SeqCst);
         }
         if self.waiters.load(Ordering::SeqCst) != 0 {
             self.wake();
@@ -317,8 +344,22 @@ mod identity {
     }
 }
 
+/// Under loom: no `membarrier`, every release takes the fenced path.
+#[cfg(loom)]
+mod barrier {
+    pub fn register() {}
+    pub fn forget() {}
+    pub fn light() -> bool {
+        false
+    }
+    pub fn heavy() -> bool {
+        true
+    }
+}
+
 /// The asymmetric fence: releases that cost a compiler fence, and a waiter that pays with
 /// `membarrier(2)` (see the module doc).
+#[cfg(not(loom))]
 mod barrier {
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -368,7 +409,47 @@ mod barrier {
     }
 }
 
+/// Under loom: how many times a waiter went to sleep, over all of a model's runs (so that a
+/// test can tell it explored the sleeping path).
+#[cfg(loom)]
+#[doc(hidden)]
+pub static SLEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Under loom, the futex: one sleeping place (a loom mutex and condition variable) for the
+/// model's one lock. A waiter checks the word and sleeps under that mutex, and a waker takes it
+/// to notify, so a wake-up after the check always finds the waiter asleep, as with a futex.
+/// No timeout: a waiter nobody wakes sleeps forever, and loom reports the deadlock.
+#[cfg(loom)]
+mod futex {
+    use loom::sync::atomic::{AtomicU32, Ordering};
+    use loom::sync::{Condvar, Mutex};
+    use std::time::Duration;
+
+    loom::lazy_static! {
+        static ref PARK: (Mutex<()>, Condvar) = (Mutex::new(()), Condvar::new());
+    }
+
+    /// Sleeps while `word` holds `expected`, until woken; always true (woken or changed).
+    pub fn wait(word: &AtomicU32, expected: u32, _timeout: Duration) -> bool {
+        let (m, cv) = &*PARK;
+        let g = m.lock().unwrap();
+        if word.load(Ordering::SeqCst) == expected {
+            super::SLEPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(cv.wait(g).unwrap());
+        }
+        true
+    }
+
+    /// Wakes one sleeper.
+    pub fn wake_one(_word: &AtomicU32) {
+        let (m, cv) = &*PARK;
+        let _g = m.lock().unwrap();
+        cv.notify_one();
+    }
+}
+
 /// The two futex operations the lock needs.
+#[cfg(not(loom))]
 mod futex {
     use std::sync::atomic::AtomicU32;
     use std::time::Duration;
@@ -401,7 +482,7 @@ mod futex {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::Arc;
@@ -440,7 +521,7 @@ mod tests {
         assert_eq!(count.load(Ordering::Relaxed), 80_000);
         assert_eq!(m.owner.load(Ordering::Relaxed), 0);
         // Every release saw its sleeping waiters (the asymmetric fence of the module doc).
-        assert_eq!(MISSED_WAKES.load(Ordering::Relaxed), 0);
+        assert_eq!(MISSED_WAKES.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
     #[test]
