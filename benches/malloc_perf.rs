@@ -188,15 +188,15 @@ fn clearing_floor(pages: u64, page: u64, huge: bool) -> Option<f64> {
                     let mut ok = true;
                     for first in (0..pages).step_by(threads as usize) {
                         let p = first + k;
-                        // SAFETY: a page of our own mapping above, alive until after the scope.
-                        ok &= p >= pages
-                            || unsafe {
-                                libc::madvise(
-                                    (base + (p * page) as usize) as *mut _,
-                                    page as usize,
-                                    libc::MADV_POPULATE_WRITE,
-                                ) == 0
+                        if p < pages {
+                            let at = (base + (p * page) as usize) as *mut libc::c_void;
+                            // SAFETY: a page of our own mapping above, alive until after the
+                            // scope.
+                            let r = unsafe {
+                                libc::madvise(at, page as usize, libc::MADV_POPULATE_WRITE)
                             };
+                            ok &= r == 0;
+                        }
                         step.wait();
                     }
                     ok
