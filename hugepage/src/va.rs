@@ -28,9 +28,13 @@ pub fn can_populate() -> bool {
     unsafe { libc::madvise(std::ptr::null_mut(), 0, libc::MADV_POPULATE_WRITE) == 0 }
 }
 
-/// `e` from mapping or populating `[va, va + len)` (`what`): out of memory when the kernel had
-/// no page to give (`ENOMEM`), an I/O error otherwise.
+/// `e` from mapping or populating `[va, va + len)` (`what`): the area limit when that is what
+/// the kernel ran into (see [`area_limit`]), out of memory when it had no page to give
+/// (`ENOMEM`), an I/O error otherwise.
 fn no_page_or(e: std::io::Error, what: &str, va: u64, len: u64) -> MemError {
+    if let Some(limit) = area_limit(&e, what, va, len) {
+        return limit;
+    }
     if e.raw_os_error() == Some(libc::ENOMEM) {
         MemError::NoMemory {
             what: format!("no page to map at {va:#x} ({len} bytes)"),
@@ -38,6 +42,56 @@ fn no_page_or(e: std::io::Error, what: &str, va: u64, len: u64) -> MemError {
     } else {
         MemError::io(format!("{what} {len} bytes at {va:#x}"), e)
     }
+}
+
+/// The limit on this process's memory areas (`vm.max_map_count`), when a change of mappings
+/// over `[va, va + len)` (`what`) failed with `ENOMEM` because of it: the kernel refuses a change
+/// that would split an area past that count with the same error as a lack of memory. Hugetlb
+/// areas never merge, so a window keeps an area per page boundary it ever opened, and a process
+/// that has used some 30,000 distinct pages reaches the default limit (65,530):
+/// `docs/heap-benchmark.md` section 4. Counted only on this error path, without allocating (the
+/// process may be out of areas for the allocator's own mappings too).
+fn area_limit(e: &std::io::Error, what: &str, va: u64, len: u64) -> Option<MemError> {
+    use std::io::Read;
+    if e.raw_os_error() != Some(libc::ENOMEM) {
+        return None;
+    }
+    let mut buf = [0u8; 4096];
+    let max = {
+        let mut f = std::fs::File::open("/proc/sys/vm/max_map_count").ok()?;
+        let n = f.read(&mut buf).ok()?;
+        std::str::from_utf8(&buf[..n])
+            .ok()?
+            .trim()
+            .parse::<usize>()
+            .ok()?
+    };
+    let mut maps = std::fs::File::open("/proc/self/maps").ok()?;
+    let mut areas = 0usize;
+    loop {
+        match maps.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => areas += buf[..n].iter().filter(|&&b| b == b'\n').count(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    // A change splits an area in three at most: within two of the limit, it is the limit.
+    (areas + 2 >= max).then(|| MemError::LimitExceeded {
+        what: format!(
+            "this process has {areas} memory areas, and vm.max_map_count allows {max}: {what} \
+             {len} bytes at {va:#x} needs more (hugetlb areas never merge; raise \
+             vm.max_map_count)"
+        ),
+    })
+}
+
+/// `e` from a change of mappings over `[va, va + len)` (`what`): the area limit when that is
+/// what the kernel ran into, an I/O error otherwise.
+fn io_or_limit(e: Errno, what: &str, va: u64, len: u64) -> MemError {
+    let e = e.into();
+    area_limit(&e, what, va, len)
+        .unwrap_or_else(|| MemError::io(format!("{what} {len} bytes at {va:#x}"), e))
 }
 
 /// `e` from populating `[va, va + len)`: a page the kernel cannot supply shows as `EFAULT`
@@ -428,7 +482,7 @@ impl Reservation {
                 0,
             )
         }
-        .map_err(|e| MemError::io(format!("map window of {len} bytes at {va:#x}"), e.into()))?;
+        .map_err(|e| io_or_limit(e, "map window of", va, len))?;
         Ok(())
     }
 
@@ -482,7 +536,7 @@ impl Reservation {
         what: &str,
     ) -> Result<(), MemError> {
         self.check(va, len)?;
-        let err = |e: Errno| MemError::io(format!("{what} {len} bytes at {va:#x}"), e.into());
+        let err = |e: Errno| io_or_limit(e, what, va, len);
         match how {
             WindowOp::Protect => {
                 let prot = if open {
@@ -554,7 +608,7 @@ impl Reservation {
                 anon_flags() | MapFlags::FIXED,
             )
         }
-        .map_err(|e| MemError::io(format!("unmap {len} bytes at {va:#x}"), e.into()))?;
+        .map_err(|e| io_or_limit(e, "unmap", va, len))?;
         Ok(())
     }
 }
