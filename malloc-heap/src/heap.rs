@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memplane_core::channel::Channel;
 use memplane_core::txn::{MemRange, TxnStatus};
-use memplane_hugepage::va::MIN_PART;
+use memplane_hugepage::va::Spread;
 use memplane_hugepage::{AllocSpec, HeapHooks, MemError, Memory};
 
 use crate::lock::{Guard, LockError};
@@ -608,8 +608,8 @@ where
     /// or after a shrink, nothing beyond the need; on a growth in a row, for each thread that
     /// may populate it (the CPUs the calling thread may run on, and the memory's
     /// `populate_threads`, up to `AHEAD_PAGES`; nothing if that is one), what one thread
-    /// populates: a page of the smallest size, or whole pages of at least `MIN_PART` bytes (so
-    /// ordinary 4 KiB pages by 2 MiB), at most `AHEAD_MAX` in all.
+    /// populates (a part of `Spread::pages`: a page of the smallest size, or whole pages of at
+    /// least `MIN_PART` bytes, so ordinary 4 KiB pages by 2 MiB), at most `AHEAD_MAX` in all.
     ///
     /// Most of a growth is the kernel clearing the new pages, and the memory layer shares out
     /// the population of several pages between that many threads (see
@@ -639,10 +639,8 @@ where
             // Nobody to clear the extra pages beside the growing thread: no gain in them.
             return Ok(0);
         }
-        let unit = self
-            .shared
-            .min_page
-            .saturating_mul(MIN_PART.div_ceil(self.shared.min_page.max(1)));
+        // What one thread populates: the memory layer's own part size.
+        let unit = Spread::pages(self.shared.min_page, 1).chunk;
         Ok((threads * unit).min(AHEAD_MAX))
     }
 
