@@ -222,24 +222,22 @@ unsafe fn populate(va: u64, len: u64, spread: Spread) -> std::io::Result<()> {
         // Helpers inherit the caller's affinity: no more of them than its CPUs.
         n = n.min(cpus_here());
     }
-    // Whole chunks per part, the caller's part first.
+    // Whole chunks per part, the caller's part first: part k starts after the chunks of the
+    // parts before it (the first `extra` parts take one more), the last ends with the range.
     let (per, extra) = (chunks / n as u64, chunks % n as u64);
     let mut parts: [Part; MAX_POPULATE_THREADS] = std::array::from_fn(|_| Part {
         va: 0,
         len: 0,
         errno: 0,
     });
-    if n == 1 {
-        (parts[0].va, parts[0].len) = (va, len);
-    } else {
-        // Several parts: the chunk is smaller than the range, and part k starts after the
-        // chunks of the parts before it (the first `extra` parts take one more).
-        for (k, p) in parts.iter_mut().enumerate().take(n) {
-            let k = k as u64;
-            let start = (k * per + k.min(extra)) * spread.chunk;
-            let count = per + u64::from(k < extra);
-            (p.va, p.len) = (va + start, (count * spread.chunk).min(len - start));
-        }
+    for (k, p) in parts.iter_mut().enumerate().take(n) {
+        let k = k as u64;
+        let start = (k * per + k.min(extra)).saturating_mul(spread.chunk);
+        let count = per + u64::from(k < extra);
+        (p.va, p.len) = (
+            va + start,
+            count.saturating_mul(spread.chunk).min(len - start),
+        );
     }
     let (own, rest) = parts.split_at_mut(1);
     let mut threads: [Option<libc::pthread_t>; MAX_POPULATE_THREADS] = [None; MAX_POPULATE_THREADS];
